@@ -1,0 +1,140 @@
+"""
+Timestep respacing: run a diffusion process on a subset of its original steps.
+
+As in OpenAI guided-diffusion: `space_timesteps` picks the steps to keep, `SpacedDiffusion`
+rebuilds betas so that alphas_cumprod at the kept steps is unchanged, and `_WrappedModel` maps
+respaced indices back to original timesteps before calling the model.
+"""
+
+import numpy as np
+import torch as th
+
+from .gaussian_diffusion import GaussianDiffusion
+
+
+def space_timesteps(num_timesteps, section_counts):
+    """
+    Choose which steps of an original diffusion process to keep.
+
+    The process is cut into len(section_counts) equal portions (the first
+    num_timesteps % len(section_counts) portions one step longer) and each portion is strided
+    to its count, with fractional strides rounded. E.g. 300 steps with [10, 15, 20]: the first
+    100 steps give 10, the next 100 give 15, the last 100 give 20.
+
+    :param num_timesteps: the number of steps of the original process.
+    :param section_counts: a list of ints, or a string: comma-separated ints ("250,200"), or
+        "ddimN", the fixed integer striding of the DDIM paper (range(0, T, stride) with exactly
+        N elements, smallest such stride).
+    :return: a set of kept step indices of the original process.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired_count = _parse_count(section_counts[len("ddim") :], section_counts)
+            for stride in range(1, num_timesteps + 1):
+                if len(range(0, num_timesteps, stride)) == desired_count:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(
+                f"cannot create exactly {desired_count} steps out of {num_timesteps} "
+                "with an integer stride"
+            )
+        section_counts = [_parse_count(part, section_counts) for part in section_counts.split(",")]
+    if len(section_counts) == 0:
+        raise ValueError("section_counts is empty")
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start_idx = 0
+    all_steps = []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if section_count < 1 or size < section_count:
+            raise ValueError(f"cannot divide a section of {size} steps into {section_count}")
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        start_idx += size
+    return set(all_steps)
+
+
+def _parse_count(text, spec):
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"bad timestep respacing {spec!r}: {text!r} is not an integer "
+            "(use e.g. '100', '250,200' or 'ddim25')"
+        ) from None
+
+
+class SpacedDiffusion(GaussianDiffusion):
+    """
+    A diffusion process which can skip steps in a base diffusion process.
+
+    Step indices of this object (the `t` seen by samplers and step hooks) are respaced indices
+    0..len(use_timesteps)-1; `timestep_map[i]` is the original step of respaced index i, and the
+    model always receives original steps.
+
+    :param use_timesteps: a collection (sequence or set) of original steps to retain.
+    :param kwargs: the kwargs to create the base diffusion process.
+    """
+
+    def __init__(self, use_timesteps, **kwargs):
+        self.use_timesteps = set(use_timesteps)
+        self.timestep_map = []
+        self.original_num_steps = len(kwargs["betas"])
+        if not self.use_timesteps or not self.use_timesteps <= set(range(self.original_num_steps)):
+            raise ValueError(
+                f"use_timesteps must be a non-empty subset of 0..{self.original_num_steps - 1}"
+            )
+
+        base_diffusion = GaussianDiffusion(**kwargs)
+        last_alpha_cumprod = 1.0
+        new_betas = []
+        for i, alpha_cumprod in enumerate(base_diffusion.alphas_cumprod):
+            if i in self.use_timesteps:
+                new_betas.append(1 - alpha_cumprod / last_alpha_cumprod)
+                last_alpha_cumprod = alpha_cumprod
+                self.timestep_map.append(i)
+        kwargs["betas"] = np.array(new_betas)
+        super().__init__(**kwargs)
+
+    def p_mean_variance(self, model, *args, **kwargs):  # pylint: disable=signature-differs
+        return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
+
+    def training_losses(self, model, *args, **kwargs):  # pylint: disable=signature-differs
+        return super().training_losses(self._wrap_model(model), *args, **kwargs)
+
+    def condition_mean(self, cond_fn, *args, **kwargs):
+        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def condition_score(self, cond_fn, *args, **kwargs):
+        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def _wrap_model(self, model):
+        if isinstance(model, _WrappedModel):
+            return model
+        return _WrappedModel(
+            model, self.timestep_map, self.rescale_timesteps, self.original_num_steps
+        )
+
+    def _scale_timesteps(self, t):
+        # Scaling is done by the wrapped model.
+        return t
+
+
+class _WrappedModel:
+    """Call `model` with original timesteps (optionally rescaled to 0..1000)."""
+
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+        self.model = model
+        self.timestep_map = timestep_map
+        self.rescale_timesteps = rescale_timesteps
+        self.original_num_steps = original_num_steps
+
+    def __call__(self, x, ts, **kwargs):
+        map_tensor = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        new_ts = map_tensor[ts]
+        if self.rescale_timesteps:
+            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
+        return self.model(x, new_ts, **kwargs)

@@ -1,0 +1,258 @@
+"""Patch grid, blending weights, padding, and the seam-free PatchedModel."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion.patched_model import PatchedModel, sample_independent_patches
+from guided_diffusion.pet.patches import PatchGrid, pad_to_multiple, unpad
+
+torch.set_num_threads(1)
+
+
+def _coverage_and_weight_sum(grid):
+    coverage = torch.zeros(grid.volume_shape, dtype=torch.int64)
+    weight_sum = torch.zeros(grid.volume_shape, dtype=torch.float64)
+    for i, patch in enumerate(grid.patches):
+        coverage[patch] += 1
+        weight_sum[patch] += grid.weight(i)
+    return coverage, weight_sum
+
+
+@pytest.mark.parametrize(
+    "volume_shape, patch_shape, overlap",
+    [
+        ((37, 53, 101), (16, None, None), 4),
+        ((37, 53, 101), (10, 32, 48), (3, 8, 5)),
+        ((37, 53, 101), (37, 53, 101), 0),
+        ((9, 11, 13), (5, 7, 9), (4, 6, 8)),  # stride 1: up to 5 patches overlap per axis
+    ],
+)
+def test_grid_covers_odd_volume_and_weights_sum_to_one(volume_shape, patch_shape, overlap):
+    grid = PatchGrid(volume_shape, patch_shape, overlap)
+    coverage, weight_sum = _coverage_and_weight_sum(grid)
+    assert coverage.min() >= 1
+    assert torch.allclose(weight_sum, torch.ones_like(weight_sum), atol=1e-12, rtol=0)
+    overlaps = grid.overlap
+    for axis, starts in enumerate(grid.axis_starts):
+        size, length = grid.patch_shape[axis], grid.volume_shape[axis]
+        assert starts[0] == 0 and starts[-1] + size == length
+        steps = np.diff(starts)
+        assert (steps >= 1).all() and (size - steps >= overlaps[axis]).all()
+        assert len(steps) == 0 or steps.max() - steps.min() <= 1
+    # voxels covered by one patch only (also at the borders) get weight exactly 1
+    single = coverage == 1
+    assert single.any() or grid.overlap == (4, 6, 8)
+    for i, patch in enumerate(grid.patches):
+        inside = single[patch]
+        assert torch.equal(grid.weight(i)[inside], torch.ones(int(inside.sum()), dtype=torch.float64))
+
+
+def test_one_dimensional_weights_hand_computed():
+    # length 10, patch 6, overlap 2 -> starts 0 and 4, Hann ramp sin^2(pi/2 * j/3) = 1/4, 3/4
+    grid = PatchGrid((10,), (6,), 2)
+    assert grid.axis_starts == [[0, 4]]
+    expected0 = torch.tensor([1, 1, 1, 1, 0.75, 0.25], dtype=torch.float64)
+    assert torch.allclose(grid.weight(0), expected0, atol=1e-15)
+    assert torch.allclose(grid.weight(1), expected0.flip(0), atol=1e-15)
+
+
+def test_default_grid_is_axial_slabs_of_full_plane():
+    grid = PatchGrid((200, 48, 64), overlap=10)
+    assert grid.patch_shape == (96, 48, 64)
+    assert grid.axis_starts == [[0, 52, 104], [0], [0]]
+    small = PatchGrid((37, 53, 101))
+    assert len(small) == 1 and small.patch_shape == (37, 53, 101)
+    assert torch.equal(small.weight(0), torch.ones(37, 53, 101, dtype=torch.float64))
+
+
+def test_memory_budget_tiles_the_plane_in_multiples_of_16():
+    grid = PatchGrid((20, 64, 64), (8, None, None), (2, 8, 8), max_patch_voxels=8 * 32 * 48)
+    assert grid.patch_shape == (8, 32, 48)
+    assert len(grid.axis_starts[1]) == 3 and len(grid.axis_starts[2]) == 2
+    with pytest.raises(ValueError, match="max_patch_voxels"):
+        PatchGrid((20, 64, 64), (8, None, None), 2, max_patch_voxels=8 * 16 * 15)
+
+
+def test_stitch_of_extracted_patches_returns_input_bit_for_bit():
+    torch.manual_seed(0)
+    volume = torch.randn(2, 3, 37, 53, 41)
+    grid = PatchGrid(volume.shape[2:], (12, 32, 16), (5, 9, 4))
+    stitched = grid.stitch([grid.extract(volume, i) for i in range(len(grid))])
+    assert stitched.dtype == volume.dtype
+    assert torch.equal(stitched, volume)
+
+
+def test_blend_of_patch_constants_has_no_jumps():
+    # each patch outputs its own index: a hard seam would jump by >= 1 between neighbours
+    grid = PatchGrid((60, 8, 8), (16, None, None), 8)
+    stitched = grid.stitch([torch.full(grid.patch_shape, float(i)) for i in range(len(grid))])
+    jumps = stitched.diff(dim=0).abs().max()
+    assert len(grid) >= 4
+    assert 0 < jumps <= math.pi / (2 * (8 + 1)) + 1e-6  # steepest step of the sin^2 ramp
+
+
+def test_grid_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="overlap"):
+        PatchGrid((40, 8, 8), (10, None, None), 10)
+    with pytest.raises(ValueError, match="patch_shape"):
+        PatchGrid((40, 8, 8), (10, None), 2)
+    grid = PatchGrid((40, 8, 8), (10, None, None), 2)
+    with pytest.raises(ValueError, match="volume shape"):
+        grid.extract(torch.zeros(1, 1, 40, 8, 9), 0)
+    with pytest.raises(ValueError, match="patch outputs"):
+        grid.stitch([torch.zeros(10, 8, 8)])
+
+
+@pytest.mark.parametrize("mode, numpy_mode", [("zero", "constant"), ("edge", "edge"), ("reflect", "reflect")])
+def test_pad_to_multiple_matches_numpy_and_unpads_exactly(mode, numpy_mode):
+    torch.manual_seed(1)
+    volume = torch.randn(1, 1, 5, 3, 37)
+    padded, padding = pad_to_multiple(volume, 16, axes=(-2, -1), mode=mode)
+    assert padded.shape == (1, 1, 5, 16, 48)
+    assert padding.widths == ((6, 7), (5, 6))
+    expected = np.pad(volume.numpy(), ((0, 0), (0, 0), (0, 0), (6, 7), (5, 6)), mode=numpy_mode)
+    assert np.array_equal(padded.numpy(), expected)
+    assert torch.equal(unpad(padded, padding), volume)
+    with pytest.raises(ValueError, match="pad mode"):
+        pad_to_multiple(volume, 16, mode="wrap")
+
+
+# --- PatchedModel -------------------------------------------------------------------------
+
+def pointwise_model(x, t, low_res):
+    """Position-independent toy network: eps = 0.1 x + 0.05 low_res, variance value = tanh(x)."""
+    eps = 0.1 * x + 0.05 * low_res
+    var = torch.tanh(x) * (t.float() / 10).view(-1, 1, 1, 1, 1)
+    return torch.cat([eps, var], dim=1)
+
+
+def _volume_and_condition(shape=(1, 1, 23, 16, 16), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator), torch.rand(shape, generator=generator)
+
+
+def test_patched_pointwise_model_equals_whole_volume_model():
+    x, low_res = _volume_and_condition()
+    grid = PatchGrid(x.shape[2:], (8, 16, 16), 3)
+    t = torch.tensor([7])
+    patched = PatchedModel(pointwise_model, grid, batch_size=2)(x, t, low_res=low_res)
+    assert torch.equal(patched, pointwise_model(x, t, low_res))
+
+
+def _tiny_diffusion(steps=6):
+    return gd.GaussianDiffusion(
+        betas=gd.get_named_beta_schedule("cosine", steps),
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE,
+        loss_type=gd.LossType.MSE,
+    )
+
+
+def test_seam_free_sampling_follows_the_whole_volume_trajectory():
+    x_t, low_res = _volume_and_condition(seed=3)
+    grid = PatchGrid(x_t.shape[2:], (8, 16, 16), 3)
+    diffusion = _tiny_diffusion()
+
+    def sample(model):
+        return diffusion.p_sample_loop(
+            model, tuple(x_t.shape), noise=x_t, model_kwargs={"low_res": low_res},
+            generator=torch.Generator().manual_seed(5), clip_denoised=False,
+        )
+
+    whole = sample(pointwise_model)
+    patched = sample(PatchedModel(pointwise_model, grid, batch_size=2))
+    # one trajectory for the whole volume: identical to the unpatched sampler, hence no seams
+    assert torch.allclose(patched, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_fake_two_rank_gather_is_bit_identical_to_one_rank():
+    x, low_res = _volume_and_condition(shape=(2, 1, 30, 16, 16), seed=4)
+    grid = PatchGrid(x.shape[2:], (8, 16, 16), 2)
+    assert len(grid) == 5  # groups [0, 1], [2, 3], [4]: rank 0 gets groups 0 and 2
+    t = torch.tensor([3, 3])
+    single = PatchedModel(pointwise_model, grid, batch_size=2)(x, t, low_res=low_res)
+    rank1 = PatchedModel(pointwise_model, grid, batch_size=2, rank=1, world_size=2,
+                         gather_fn=lambda local: [local])
+    assert rank1.patches_of_rank(0) == [0, 1, 4] and rank1.patches_of_rank(1) == [2, 3]
+    local1 = rank1.compute_local(x, t, low_res=low_res)
+    rank0 = PatchedModel(pointwise_model, grid, batch_size=2, rank=0, world_size=2,
+                         gather_fn=lambda local0: [local0, local1])
+    assert torch.equal(rank0(x, t, low_res=low_res), single)
+    duplicated = PatchedModel(pointwise_model, grid, batch_size=2, rank=0, world_size=2,
+                              gather_fn=lambda local0: [local0, local0])
+    with pytest.raises(ValueError, match="more than once"):
+        duplicated(x, t, low_res=low_res)
+
+
+def test_patched_model_needs_a_gather_for_several_ranks():
+    grid = PatchGrid((10, 16, 16), (4, 16, 16), 1)
+    with pytest.raises(ValueError, match="gather_fn"):
+        PatchedModel(pointwise_model, grid, rank=0, world_size=2)
+
+
+def test_independent_patches_stitch_each_patch_sample():
+    x_t, low_res = _volume_and_condition(seed=6)
+    grid = PatchGrid(x_t.shape[2:], (8, 16, 16), 3)
+    seen_shapes = []
+
+    class FakeDiffusion:
+        def p_sample_loop(self, model, shape, noise, model_kwargs, **kwargs):
+            seen_shapes.append(shape)
+            return 2 * noise + model_kwargs["low_res"]
+
+    result = sample_independent_patches(FakeDiffusion(), pointwise_model, grid, x_t,
+                                        model_kwargs={"low_res": low_res})
+    assert seen_shapes == [(1, 1, 8, 16, 16)] * len(grid)
+    assert torch.allclose(result, 2 * x_t + low_res, atol=1e-6, rtol=0)
+
+
+def test_independent_ddim_equals_seam_free_for_pointwise_model():
+    # with a deterministic sampler (DDIM, eta 0) and a position-independent model the two modes
+    # agree; they differ once the model looks at its neighbourhood (the patch mean here)
+    x_t, low_res = _volume_and_condition(seed=7)
+    grid = PatchGrid(x_t.shape[2:], (8, 16, 16), 3)
+    diffusion = _tiny_diffusion()
+    kwargs = {"model_kwargs": {"low_res": low_res}, "clip_denoised": False}
+
+    def context_model(x, t, low_res):
+        out = pointwise_model(x, t, low_res)
+        return out + torch.cat([x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x), 0 * x], dim=1)
+
+    for model, agree in ((pointwise_model, True), (context_model, False)):
+        seam_free = diffusion.ddim_sample_loop(PatchedModel(model, grid), tuple(x_t.shape),
+                                               noise=x_t, **kwargs)
+        independent = sample_independent_patches(diffusion, model, grid, x_t, use_ddim=True, **kwargs)
+        assert torch.allclose(seam_free, independent, atol=1e-5) == agree
+
+
+def _distributed_worker(rank, world_size, store_path, x, low_res, results):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        grid = PatchGrid(x.shape[2:], (8, 16, 16), 2)
+        model = PatchedModel(pointwise_model, grid, batch_size=2, rank=rank, world_size=world_size)
+        results[rank] = model(x, torch.tensor([3]), low_res=low_res)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_default_gather_over_gloo_with_four_ranks_is_bit_identical(tmp_path):
+    # 5 patches in 3 groups over 4 ranks: uneven shares, and rank 3 computes nothing
+    import torch.multiprocessing as mp
+
+    x, low_res = _volume_and_condition(shape=(1, 1, 30, 16, 16), seed=8)
+    expected = PatchedModel(pointwise_model, PatchGrid(x.shape[2:], (8, 16, 16), 2),
+                            batch_size=2)(x, torch.tensor([3]), low_res=low_res)
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_distributed_worker, args=(4, str(tmp_path / "store"), x, low_res, results), nprocs=4)
+    for rank in range(4):
+        assert torch.equal(results[rank], expected)
