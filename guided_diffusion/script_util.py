@@ -494,6 +494,12 @@ def _has_attention(subs):
 
 
 def _shapes(state_dict):
+    """{key: shape}; ValueError for anything but a flat mapping of tensors."""
+    for key, value in state_dict.items():
+        if not th.is_tensor(value):
+            raise ValueError(
+                f"not a flat state_dict of tensors: key {key!r} holds {type(value).__name__}"
+            )
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
@@ -619,7 +625,10 @@ def describe_state_dict_mismatch(model, state_dict):
         inferred from the checkpoint's shapes.
     """
     expected = _shapes(model.state_dict())
-    found = _shapes(state_dict)
+    try:
+        found = _shapes(state_dict)
+    except ValueError as err:
+        return str(err)
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [

@@ -151,13 +151,13 @@ def test_conditioner_rejects_bad_arguments():
 def _least_squares_recon(projector, image_shape):
     """Linear recon (pseudo-inverse of the dense system matrix): E[recon(Po(ybar))] = recon(ybar)."""
     n_voxels = math.prod(image_shape)
-    columns = projector.forward(torch.eye(n_voxels, dtype=torch.float64).reshape(n_voxels, *image_shape).float())
-    system = columns.reshape(n_voxels, -1).T.double()
+    columns = projector.forward(torch.eye(n_voxels).reshape(n_voxels, *image_shape))
+    pseudo_inverse = torch.linalg.pinv(columns.reshape(n_voxels, -1).T.double())
 
     def recon(counts, projector, mult_factor, additive):
         corrected = (counts - additive).double() / mult_factor
-        flat = torch.linalg.lstsq(system, corrected.reshape(counts.shape[0], -1).T).solution
-        return flat.T.reshape(counts.shape[0], *image_shape).float()
+        flat = corrected.reshape(counts.shape[0], -1) @ pseudo_inverse.T
+        return flat.reshape(counts.shape[0], *image_shape).float()
 
     return recon
 
@@ -169,7 +169,7 @@ def test_poisson_noise_inserter_is_unbiased_around_the_noise_free_recon(model_sh
     additive = torch.full(projector.sinogram_shape, 2.0)
     inserter = PoissonNoiseInserter(
         projector, model_to_activity=lambda x: 16 * x, activity_to_model=lambda a: a / 16,
-        counts_scale=20.0, additive=additive, recon=_least_squares_recon(projector, image_shape),
+        counts_scale=2.0, additive=additive, recon=_least_squares_recon(projector, image_shape),
         generator=torch.Generator().manual_seed(4),
     )
     x = torch.rand(model_shape, generator=torch.Generator().manual_seed(5)) - 0.1
@@ -178,7 +178,7 @@ def test_poisson_noise_inserter_is_unbiased_around_the_noise_free_recon(model_sh
     noise_free = x.clamp_min(0)  # the recon of the noise-free data of the clamped activity
     mean = draws.mean(0)
     standard_error = draws.std(0) / math.sqrt(draws.shape[0])
-    assert draws.std(0).mean() > 0.02  # noise was inserted
+    assert draws.std(0).mean() > 0.01  # noise was inserted
     assert ((mean - noise_free).abs() < 5 * standard_error + 1e-4).all()
     assert float((mean - noise_free).abs().mean()) < 0.15 * float(draws.std(0).mean())
 

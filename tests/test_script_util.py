@@ -135,5 +135,7 @@ def test_load_checkpoint_strict_ddp_prefix_hint_and_success():
     prefixed = {f"module.{k}": v for k, v in state.items()}
     with pytest.raises(ValueError, match="'module.' prefix"):
         su.load_checkpoint_strict(model, prefixed, "ddp.pt")
+    with pytest.raises(ValueError, match="(?s)nested.pt.*key 'model' holds dict"):
+        su.load_checkpoint_strict(model, {"model": state}, "nested.pt")
     su.load_checkpoint_strict(model, state, "ok.pt")
     assert all(th.equal(model.state_dict()[k], v) for k, v in state.items())

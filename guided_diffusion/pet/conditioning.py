@@ -137,7 +137,7 @@ class BidirectionalConditioner:
                 f"sample shape {tuple(x_prev.shape)} differs from y0 {tuple(self.y0.shape)}"
             )
         with torch.no_grad():
-            y = self.diffused_y(t).to(x_prev.dtype)
+            y = self.diffused_y(t).to(device=x_prev.device, dtype=x_prev.dtype)
             # (1-lam)(GF(y) + x' - GF(x')) + lam(y + x' - N(x')) = x' + (1-lam) GF(y - x') + lam (y - N(x'))
             result = x_prev
             if self.lam < 1.0:
@@ -197,15 +197,17 @@ class PoissonNoiseInserter:
         self.recon = recon
         self.generator = generator
 
-    def effective_mult_factor(self):
-        """``counts_scale * mult_factor`` (a float when there is no ``mult_factor``)."""
+    def effective_mult_factor(self, like):
+        """``counts_scale * mult_factor`` as a sinogram-shaped tensor on ``like``'s device."""
         if self.mult_factor is None:
-            return self.counts_scale
-        return self.counts_scale * self.mult_factor
+            return torch.full(tuple(self.projector.sinogram_shape), self.counts_scale,
+                              dtype=like.dtype, device=like.device)
+        return self.counts_scale * self.mult_factor.to(device=like.device, dtype=like.dtype)
 
     def expected_counts(self, activity):
         """``ybar`` for a non-negative activity ``(B, X, Y, Z)``."""
-        ybar = self.effective_mult_factor() * self.projector.forward(activity)
+        projection = self.projector.forward(activity)
+        ybar = self.effective_mult_factor(projection) * projection
         if self.additive is not None:
             ybar = ybar + self.additive
         return ybar
@@ -213,6 +215,6 @@ class PoissonNoiseInserter:
     def __call__(self, x):
         activity = model_to_volume(self.model_to_activity(x)).clamp_min(0)
         counts = torch.poisson(self.expected_counts(activity), generator=self.generator)
-        recon = self.recon(counts, self.projector, mult_factor=self.effective_mult_factor(),
+        recon = self.recon(counts, self.projector, mult_factor=self.effective_mult_factor(counts),
                            additive=self.additive)
         return self.activity_to_model(volume_to_model(recon, x.ndim)).to(x.dtype)

@@ -185,16 +185,13 @@ class GaussianPSF(LinearOperator):
             if sigma == 0:
                 self.kernels.append(None)
                 continue
-            radius = max(1, int(math.ceil(3 * sigma)))
-            grid = torch.arange(-radius, radius + 1, dtype=torch.float64)
-            kernel = torch.exp(-0.5 * (grid / sigma) ** 2)
-            self.kernels.append((kernel / kernel.sum()).to(device=device, dtype=dtype))
+            self.kernels.append(gaussian_kernel(sigma).to(device=device, dtype=dtype))
 
     def forward(self, x):
         self._check_input(x, self.in_shape, "forward")
         for axis, kernel in enumerate(self.kernels):
             if kernel is not None:
-                x = _convolve_axis(x, kernel, axis - 3)
+                x = convolve_axis(x, kernel, axis - 3)
         return x
 
     adjoint = forward  # symmetric kernel + zero padding: the convolution is self-adjoint
@@ -203,7 +200,16 @@ class GaussianPSF(LinearOperator):
         return self
 
 
-def _convolve_axis(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalised 1D Gaussian (float64) with standard deviation ``sigma`` samples, radius 3 sigma."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    grid = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (grid / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def convolve_axis(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+    """Zero-padded 'same' convolution of ``x`` with an odd-length 1D ``kernel`` along ``axis``."""
     moved = x.movedim(axis, -1)
     shape = moved.shape
     flat = moved.reshape(-1, 1, shape[-1])

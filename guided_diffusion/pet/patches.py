@@ -176,13 +176,21 @@ class PatchGrid:
                 f"volume shape {self.volume_shape}"
             )
 
+    def _broadcast_profiles(self, i, device):
+        """Patch ``i``'s per-axis profiles shaped to broadcast over ``patch_shape`` (float64)."""
+        profiles = []
+        for axis, index in enumerate(self._corners[i]):
+            shape = [1] * self.ndim
+            shape[axis] = self.patch_shape[axis]
+            profiles.append(self._axis_profiles[axis][index].to(device).view(shape))
+        return profiles
+
     def weight(self, i, device=None):
         """Blending weight of patch ``i``: float64 tensor of ``patch_shape``."""
-        weight = torch.ones((), dtype=torch.float64)
-        for axis, index in enumerate(self._corners[i]):
-            profile = self._axis_profiles[axis][index]
-            weight = weight.unsqueeze(-1) * profile
-        return weight.to(device)
+        weight = torch.ones(self.patch_shape, dtype=torch.float64, device=device)
+        for profile in self._broadcast_profiles(i, device):
+            weight = weight * profile
+        return weight
 
     def extract(self, volume, i):
         """Patch ``i`` of ``volume`` (any leading axes; trailing axes = ``volume_shape``), a view."""
@@ -209,7 +217,10 @@ class PatchGrid:
                 )
         result = torch.zeros(lead + self.volume_shape, dtype=torch.float64, device=first.device)
         for i, output in enumerate(patch_outputs):
-            result[(Ellipsis,) + self.patches[i]] += self.weight(i, first.device) * output.double()
+            weighted = output.double()
+            for profile in self._broadcast_profiles(i, first.device):
+                weighted = weighted * profile
+            result[(Ellipsis,) + self.patches[i]] += weighted
         return result.to(first.dtype if dtype is None else dtype)
 
 

@@ -159,15 +159,14 @@ class PETProjector(LinearOperator):
         weight = (step_mm / denominator.abs()) * torch.where(tap == 0, 1 - frac, frac)
         x_mm = torch.where(steep, other, along_axis)
         y_mm = torch.where(steep, along_axis, other)
-        along_mm = (-x_mm * sin + y_mm * cos).expand_as(weight)
-        kk = k.long().expand_as(index)
-        cols = torch.where(steep, index * ny + kk, kk * ny + index)
+        along_mm = -x_mm * sin + y_mm * cos                                 # (views, rad, steps, 1)
+        kk = k.long()
         n_step, n_interp = n_step.long(), n_interp.long()
+        cols = torch.where(steep, index * ny + kk, kk * ny + index)
         valid = (index >= 0) & (index < n_interp) & (kk < n_step) & (weight != 0)
-        rows = (torch.arange(stop - start, device=self.device).view(-1, 1, 1, 1) * n_rad
-                + torch.arange(n_rad, device=self.device).view(1, -1, 1, 1)).expand_as(index)
-        return _ViewChunk(rows[valid], cols[valid], weight[valid].to(self.dtype),
-                          along_mm[valid].to(self.dtype), (stop - start) * n_rad, self.n_voxels)
+        keep = valid.flatten().nonzero().squeeze(1)                         # row-major (view, rad, step, tap)
+        return _ViewChunk(keep // (2 * k.numel()), cols.flatten()[keep], weight.flatten()[keep].to(self.dtype),
+                          along_mm.flatten()[keep // 2].to(self.dtype), (stop - start) * n_rad, self.n_voxels)
 
     def _chunks(self):
         """Yield (start, stop, chunk) over the views, caching chunks within ``cache_bytes``."""
@@ -373,3 +372,13 @@ def _check_fov(scanner, image_shape, voxel, mode, axial_offset_mm):
             raise ValueError(
                 f"volume spanning {2 * half_z:.1f} mm at axial offset {axial_offset_mm:.1f} mm exceeds the "
                 f"{scanner.axial_fov_mm:.1f} mm axial FOV of scanner {scanner.name!r}; project it slab by slab")
+
+
+def geometric_projector(operator: LinearOperator) -> PETProjector:
+    """The ``PETProjector`` inside ``operator`` (itself, or the one in a composition)."""
+    if isinstance(operator, PETProjector):
+        return operator
+    found = operator.find(PETProjector) if hasattr(operator, "find") else None
+    if found is None:
+        raise TypeError(f"expected a PET projector (from make_projector), got {type(operator).__name__}")
+    return found
