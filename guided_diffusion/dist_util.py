@@ -41,7 +41,10 @@ def _comm_world():
 
 
 def _local_comm():
-    """The communicator of the ranks that share this node, or None without MPI."""
+    """
+    The communicator of the ranks that share this node, or None without MPI. Its creation
+    is collective over all ranks (done by :func:`setup_dist`).
+    """
     if "local_comm" not in _state:
         comm = _comm_world()
         _state["local_comm"] = (
@@ -74,6 +77,7 @@ def setup_dist(threads=None):
         return
     comm = _comm_world()
     size = comm.Get_size() if comm is not None else 1
+    _local_comm()  # collective on first use: every rank builds it here
     _select_device()
     backend = "cpu:gloo,cuda:nccl" if th.cuda.is_available() else "gloo"
     if size > 1:

@@ -19,6 +19,7 @@ scanner axis, axially centred at ``axial_offset_mm``); sinograms ``(radial, view
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from . import geometry
 from .linear_operator import GaussianPSF, LinearOperator, compose
 
-DEFAULT_CHUNK_NNZ = 1 << 23          # transaxial matrix entries built at once
+DEFAULT_CHUNK_NNZ = 1 << 21          # transaxial matrix entries built at once
 DEFAULT_GATHER_ELEMENTS = 1 << 22    # (entry, plane) samples processed at once for oblique LORs
 DEFAULT_CACHE_BYTES = 1 << 30        # cached transaxial matrices per projector
 
@@ -52,25 +53,31 @@ def _csr(rows, cols, values, n_rows, n_cols):
     counts = torch.bincount(rows, minlength=n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.cumsum(counts, 0)
-    return torch.sparse_csr_tensor(crow.to(index_dtype), cols.to(index_dtype), values, (n_rows, n_cols))
+    with warnings.catch_warnings():   # "sparse CSR support is in beta" is not actionable here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow.to(index_dtype), cols.to(index_dtype), values, (n_rows, n_cols),
+                                       check_invariants=False)
 
 
 class _ViewChunk:
     """Joseph weights of a chunk of views: COO entries, CSR matrix and its transpose."""
 
-    def __init__(self, rows, cols, weights, along_mm, n_rows, n_voxels):
-        self.rows, self.cols, self.weights, self.along_mm = rows, cols, weights, along_mm
+    def __init__(self, rows, cols, weights, along_mm, n_rows, n_voxels, keep_entries):
         self.n_rows = n_rows
         self.matrix = _csr(rows, cols, weights, n_rows, n_voxels)
         order = torch.argsort(cols, stable=True)
         self.transpose = _csr(cols[order], rows[order], weights[order], n_voxels, n_rows)
+        # COO entries (with the distance along the LOR) are only needed for oblique segments
+        entries = (rows, cols, weights, along_mm) if keep_entries else (None,) * 4
+        self.rows, self.cols, self.weights, self.along_mm = entries
 
     @property
     def nbytes(self) -> int:
-        return sum(int(t.numel() * t.element_size()) for t in (
-            self.rows, self.cols, self.weights, self.along_mm,
-            self.matrix.values(), self.matrix.col_indices(), self.matrix.crow_indices(),
-            self.transpose.values(), self.transpose.col_indices(), self.transpose.crow_indices()))
+        tensors = [self.matrix.values(), self.matrix.col_indices(), self.matrix.crow_indices(),
+                   self.transpose.values(), self.transpose.col_indices(), self.transpose.crow_indices()]
+        if self.rows is not None:
+            tensors += [self.rows, self.cols, self.weights, self.along_mm]
+        return sum(int(t.numel() * t.element_size()) for t in tensors)
 
 
 class PETProjector(LinearOperator):
@@ -166,7 +173,8 @@ class PETProjector(LinearOperator):
         valid = (index >= 0) & (index < n_interp) & (kk < n_step) & (weight != 0)
         keep = valid.flatten().nonzero().squeeze(1)                         # row-major (view, rad, step, tap)
         return _ViewChunk(keep // (2 * k.numel()), cols.flatten()[keep], weight.flatten()[keep].to(self.dtype),
-                          along_mm.flatten()[keep // 2].to(self.dtype), (stop - start) * n_rad, self.n_voxels)
+                          along_mm.flatten()[keep // 2].to(self.dtype), (stop - start) * n_rad, self.n_voxels,
+                          keep_entries=any(plan["oblique"] for plan in self._segment_plans))
 
     def _chunks(self):
         """Yield (start, stop, chunk) over the views, caching chunks within ``cache_bytes``."""

@@ -109,8 +109,14 @@ def osem(sinogram: torch.Tensor, projector: LinearOperator, n_iter: int, n_subse
             x = torch.where(sens > 0, x * op.adjoint(mults[k] * ratio) / sens.clamp(min=1e-30),
                             torch.zeros_like(x))
     if post_filter_fwhm_mm is not None:
-        x = GaussianPSF(projector.image_shape, geometric.voxel_size_mm, post_filter_fwhm_mm).forward(x)
+        x = post_filter(x, geometric.voxel_size_mm, post_filter_fwhm_mm)
     return x
+
+
+def post_filter(image: torch.Tensor, voxel_size_mm, fwhm_mm) -> torch.Tensor:
+    """Gaussian smoothing normalised at the volume borders (uniform regions keep their value)."""
+    blur = GaussianPSF(image.shape[-3:], voxel_size_mm, fwhm_mm, device=image.device, dtype=image.dtype)
+    return blur.forward(image) / blur.forward(torch.ones_like(image))
 
 
 def mlem(sinogram: torch.Tensor, projector: LinearOperator, n_iter: int, **kwargs) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""
+Train a 3D diffusion model on PET volume patches.
+
+  --cond paired  the published 3D DDPM: SuperResModel conditioned on the low-dose patch
+                 (``sr_model_and_diffusion_defaults``), trained on low/full-dose pairs.
+  --cond none    an unconditional prior p(x) for BC-DPM (``model_and_diffusion_defaults``
+                 with dims=3, in_channels=1), trained on full-dose volumes only.
+
+Launch with ``python scripts/train.py ...`` or ``mpiexec -n N python scripts/train.py ...``
+(data-parallel: each rank reads its share of the files; gradients are averaged by DDP).
+Checkpoints (``modelNNNNNN.pt``, ``ema_RATE_NNNNNN.pt``, ``optNNNNNN.pt``, ``stateNNNNNN.pt``)
+and ``modelNNNNNN.json`` (flags, normalisation, voxel size, training data) go to --log_dir,
+with ``progress.csv`` and ``loss_curve.png``. Rerunning with the same --log_dir resumes from
+its latest checkpoint exactly. --image_size / --large_size / --small_size 0 (default) mean
+the patch's X size.
+Data layout: see ``guided_diffusion.image_datasets``.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch as th
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.image_datasets import list_volume_sources, load_data, resolve_normalisation  # noqa: E402
+from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+    str2bool,
+)
+from guided_diffusion.train_util import TrainLoop  # noqa: E402
+
+PUBLISHED_VOXEL_MM = 1.65
+
+
+def model_defaults(cond):
+    """Model and diffusion flag defaults for ``cond`` ("paired" or "none")."""
+    if cond == "paired":
+        defaults = sr_model_and_diffusion_defaults()
+        defaults.update(large_size=0, small_size=0)
+    else:
+        defaults = model_and_diffusion_defaults()
+        defaults.update(dims=3, in_channels=1, image_size=0)
+    return defaults
+
+
+def create_argparser(argv=None):
+    """The parser; its model flags and their defaults depend on ``--cond`` in ``argv``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--cond", choices=("paired", "none"), default="paired")
+    cond = pre.parse_known_args(argv)[0].cond
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cond", choices=("paired", "none"), default="paired",
+                        help="paired: condition on low-dose patches; none: unconditional prior")
+    parser.add_argument("--data_dir", required=True, help="directory of .npz / NIfTI volumes")
+    parser.add_argument("--log_dir", required=True, help="checkpoints, logs, progress.csv")
+    parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96],
+                        metavar=("Z", "X", "Y"), help="training patch size in voxels")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="auto: follow --use_fp16 (fp16 on CUDA, bf16 elsewhere), else fp32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per rank (default: cores / ranks per node)")
+    parser.add_argument("--voxel_mm", type=float, default=None,
+                        help="voxel size of the data in mm (default: data_dir/manifest.json, "
+                             f"else {PUBLISHED_VOXEL_MM})")
+    parser.add_argument("--clip_suv", type=float, default=16.0, help="SUV clipping level")
+    parser.add_argument("--scale_suv", type=float, default=16.0, help="SUV divisor")
+    parser.add_argument("--intensity_jitter", type=float, default=0.0,
+                        help="random SUV scaling U(1-j, 1+j), same for low and full dose")
+    parser.add_argument("--random_flip", type=str2bool, default=True,
+                        help="random left-right (X) flips")
+    parser.add_argument("--max_steps", type=int, default=0, help="stop after this step (0: never)")
+    parser.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    defaults = dict(
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.01,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        fp16_scale_growth=1e-3,
+    )
+    defaults.update(model_defaults(cond))
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+def read_voxel_mm(data_dir, flag):
+    """Voxel size: the flag, else ``voxel_mm`` / ``voxel_size_mm`` of data_dir/manifest.json."""
+    if flag is not None:
+        return flag
+    manifest = os.path.join(data_dir, "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            content = json.load(f)
+        for key in ("voxel_mm", "voxel_size_mm"):
+            if key in content:
+                return content[key]
+    logger.warn(f"voxel size unknown (no --voxel_mm, no manifest): assuming {PUBLISHED_VOXEL_MM} mm")
+    return PUBLISHED_VOXEL_MM
+
+
+def main(argv=None):
+    args = create_argparser(argv).parse_args(argv)
+    paired = args.cond == "paired"
+    for size_flag in ("large_size", "small_size") if paired else ("image_size",):
+        if getattr(args, size_flag) == 0:
+            setattr(args, size_flag, args.patch_size[1])
+
+    dist_util.setup_dist(threads=args.threads)
+    logger.configure(dir=args.log_dir)
+
+    th.manual_seed(args.seed)  # same initial weights everywhere (rank 0's are broadcast)
+    flag_names = model_defaults(args.cond).keys()
+    flags = args_to_dict(args, flag_names)
+    create = sr_create_model_and_diffusion if paired else create_model_and_diffusion
+    logger.log(f"creating {'paired' if paired else 'unconditional'} model and diffusion...")
+    model, diffusion = create(**flags)
+    model.to(dist_util.dev())
+    logger.log(f"{sum(p.numel() for p in model.parameters())} parameters")
+
+    rank_seed = args.seed + 1_000_003 * dist_util.rank()  # own noise stream per rank
+    th.manual_seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    random.seed(rank_seed)
+
+    normalisation = resolve_normalisation(dict(clip=args.clip_suv, scale=args.scale_suv))
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        patch_size=args.patch_size,
+        paired=paired,
+        random_flip=args.random_flip,
+        intensity_jitter=args.intensity_jitter,
+        normalisation=normalisation,
+        seed=args.seed,
+    )
+    metadata = dict(
+        flags=flags,
+        cond=args.cond,
+        normalisation=normalisation,
+        voxel_mm=read_voxel_mm(args.data_dir, args.voxel_mm),
+        patch_size_zxy=list(args.patch_size),
+        tensor_layout="(B, C, Z, X, Y)",
+        training_data=dict(
+            data_dir=os.path.abspath(args.data_dir),
+            files=len(list_volume_sources(args.data_dir, paired)),
+        ),
+        training=dict(
+            lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+            world_size=dist_util.world_size(), ema_rate=args.ema_rate, seed=args.seed,
+            precision=args.precision, grad_clip=args.grad_clip,
+            schedule_sampler=args.schedule_sampler,
+        ),
+    )
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        precision=None if args.precision == "auto" else args.precision,
+        grad_clip=args.grad_clip,
+        max_steps=args.max_steps,
+        metadata=metadata,
+        save_dir=args.log_dir,
+    ).run_loop()
+    logger.log("training done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch as th
+
+from guided_diffusion.image_datasets import (
+    VolumePatchDataset,
+    list_volume_sources,
+    load_data,
+    model_to_suv,
+    suv_to_model,
+)
+
+SHAPE = (20, 18, 12)  # (X, Y, Z)
+PATCH = (8, 10, 6)  # (Z, X, Y)
+
+
+def coordinate_volume(shape=SHAPE):
+    """SUV that encodes its own position: 1e-3 * (400 x + 20 y + z) (max < 8)."""
+    x, y, z = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    return (1e-3 * (400 * x + 20 * y + z)).astype(np.float32)
+
+
+def write_pair_npz(path, full, low_factor=0.5):
+    np.savez(path, np.stack([low_factor * full, full]))
+
+
+def test_normalisation_round_trip_and_clipping():
+    suv = np.array([0.0, 1.0, 8.0, 16.0, 20.0, -1.0])
+    model = suv_to_model(suv)
+    np.testing.assert_allclose(model, [-1.0, -0.875, 0.0, 1.0, 1.0, -1.0])
+    np.testing.assert_allclose(model_to_suv(model), [0.0, 1.0, 8.0, 16.0, 16.0, 0.0])
+    published = dict(clip=16, scale=16, range=(0, 1))
+    np.testing.assert_allclose(suv_to_model(suv, published), [0, 1 / 16, 0.5, 1, 1, 0])
+    t = th.linspace(0, 16, 33, dtype=th.float64)
+    assert th.allclose(model_to_suv(suv_to_model(t)), t, atol=1e-12)
+    with pytest.raises(ValueError, match="normalisation"):
+        suv_to_model(suv, dict(range=(1, -1)))
+
+
+def test_paired_patches_are_blocks_of_the_volumes_in_model_order(tmp_path):
+    full = coordinate_volume()
+    write_pair_npz(tmp_path / "a.npz", full)
+    data = load_data(
+        data_dir=str(tmp_path), batch_size=3, patch_size=PATCH, paired=True,
+        random_flip=False, shard=0, num_shards=1,
+    )
+    batch, kwargs = next(data)
+    assert batch.shape == (3, 1) + PATCH and batch.dtype == th.float32
+    assert kwargs["low_res"].shape == batch.shape
+    pz, px, py = PATCH
+    for high, low in zip(batch, kwargs["low_res"]):
+        code = int(round(model_to_suv(high[0, 0, 0, 0].double()).item() * 1000))
+        x0, y0, z0 = code // 400, (code % 400) // 20, code % 20
+        block = full[x0 : x0 + px, y0 : y0 + py, z0 : z0 + pz].transpose(2, 0, 1)
+        assert th.allclose(high[0], th.from_numpy(suv_to_model(block)), atol=1e-6)
+        assert th.allclose(low[0], th.from_numpy(suv_to_model(0.5 * block)), atol=1e-6)
+
+
+def test_flip_and_jitter_apply_the_same_to_low_and_full(tmp_path):
+    full = coordinate_volume()
+    write_pair_npz(tmp_path / "a.npz", full)
+    data = load_data(
+        data_dir=str(tmp_path), batch_size=16, patch_size=PATCH, paired=True,
+        random_flip=True, intensity_jitter=0.1, shard=0, num_shards=1,
+    )
+    batch, kwargs = next(data)
+    high, low = model_to_suv(batch.double()), model_to_suv(kwargs["low_res"].double())
+    assert th.allclose(low, 0.5 * high, atol=1e-5)
+    # X (axis 2 of (B, 1, Z, X, Y)) runs up or down: flipped patches run down.
+    dx = high[:, 0, 0, 1, 0] - high[:, 0, 0, 0, 0]
+    ratio = dx.abs() / 0.4  # 0.4 SUV per X voxel times the jitter factor
+    assert ((ratio > 0.9 - 1e-6) & (ratio < 1.1 + 1e-6)).all()
+    assert (dx > 0).any() and (dx < 0).any()
+
+
+def test_small_volumes_are_zero_padded_and_patches_prefer_the_body(tmp_path):
+    full = np.zeros((30, 30, 4), np.float32)
+    full[:6, :6, :] = 2.0  # the "body": 4 % of the transaxial area
+    np.savez(tmp_path / "single.npz", full)  # a single 3D volume: unpaired only
+    ds = VolumePatchDataset(
+        list_volume_sources(str(tmp_path), paired=False), (6, 6, 6), paired=False,
+        random_flip=False,
+    )
+    patches = th.stack([ds[k][0] for k in range(400)])
+    assert patches.shape == (400, 1, 6, 6, 6)
+    assert (patches[:, :, 4:] == -1.0).all()  # Z padded from 4 to 6 with SUV 0
+    in_body = (model_to_suv(patches).mean(dim=(1, 2, 3, 4)) >= 0.05).double().mean().item()
+    # Uniform corners hit the body with probability p; a background draw is kept with
+    # probability 0.1, else redrawn (10 draws at most): P(body) = p * sum_i ((1-p) 0.9)^i.
+    padded = np.pad(full, ((0, 0), (0, 0), (0, 2)))
+    p = np.mean([padded[x : x + 6, y : y + 6].mean() >= 0.05 for x in range(25) for y in range(25)])
+    expected = p * sum(((1 - p) * 0.9) ** i for i in range(10))
+    assert expected > 5 * p
+    assert abs(in_body - expected) < 0.08  # ~3.5 binomial standard deviations
+    with pytest.raises(ValueError, match="single.npz"):
+        VolumePatchDataset(list_volume_sources(str(tmp_path), paired=True), PATCH, paired=True)[0]
+
+
+def test_sharding_is_disjoint_and_covers_all_files(tmp_path):
+    for i in range(5):
+        write_pair_npz(tmp_path / f"s{i}.npz", coordinate_volume() * (i + 1) / 5)
+    shards = [
+        load_data(data_dir=str(tmp_path), batch_size=1, patch_size=PATCH, paired=True,
+                  shard=r, num_shards=2).dataset.sources
+        for r in range(2)
+    ]
+    names = [{s[1] for s in shard} for shard in shards]
+    assert names[0].isdisjoint(names[1])
+    assert len(names[0]) == 3 and len(names[1]) == 2
+    assert names[0] | names[1] == {str(tmp_path / f"s{i}.npz") for i in range(5)}
+
+
+def test_iterator_state_resumes_exactly(tmp_path):
+    write_pair_npz(tmp_path / "a.npz", coordinate_volume())
+    write_pair_npz(tmp_path / "b.npz", coordinate_volume()[::-1].copy())
+
+    def make():
+        return load_data(data_dir=str(tmp_path), batch_size=2, patch_size=PATCH, paired=True,
+                         intensity_jitter=0.05, seed=3, shard=0, num_shards=1)
+
+    straight = make()
+    next(straight)
+    state = straight.state_dict()
+    expected, _ = next(straight)
+    resumed = make()
+    resumed.load_state_dict(state)
+    got, _ = next(resumed)
+    assert th.equal(got, expected)
+    other_seed = load_data(data_dir=str(tmp_path), batch_size=2, patch_size=PATCH, paired=True,
+                           seed=4, shard=0, num_shards=1)
+    with pytest.raises(ValueError, match="seed"):
+        other_seed.load_state_dict(state)
+
+
+def test_nifti_pairs_share_the_full_dose_volume(tmp_path):
+    full = coordinate_volume()
+    for name, vol in [("sub01_full", full), ("sub01_low_drf4", 0.25 * full), ("sub01_low_drf10", 0.1 * full)]:
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    sources = list_volume_sources(str(tmp_path), paired=True)
+    assert sorted((s[0].rsplit("/", 1)[1], s[1].rsplit("/", 1)[1]) for s in sources) == [
+        ("sub01_low_drf10.nii.gz", "sub01_full.nii.gz"),
+        ("sub01_low_drf4.nii.gz", "sub01_full.nii.gz"),
+    ]
+    assert [s[1].rsplit("/", 1)[1] for s in list_volume_sources(str(tmp_path), paired=False)] == [
+        "sub01_full.nii.gz"
+    ]
+    ds = VolumePatchDataset(sources, PATCH, paired=True, random_flip=False)
+    high, kwargs = ds[0]
+    ratio = model_to_suv(kwargs["low_res"].double()) / model_to_suv(high.double()).clamp_min(1e-9)
+    assert {round(r, 3) for r in ratio[high > -1].tolist()} <= {0.25, 0.1}
+    (tmp_path / "sub01_full.nii.gz").unlink()
+    with pytest.raises(ValueError, match="sub01_low_drf10"):
+        list_volume_sources(str(tmp_path), paired=True)
+
+
+def test_empty_directory_raises(tmp_path):
+    with pytest.raises(ValueError, match="no .npz or NIfTI"):
+        list_volume_sources(str(tmp_path), paired=False)
