@@ -127,8 +127,8 @@ class TrainLoop:
         self.opt = th.optim.AdamW(
             self.mp_trainer.master_params, lr=lr, betas=tuple(betas), weight_decay=weight_decay
         )
-        self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
         dist_util.sync_params(self.model.parameters())
+        self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
         checkpoint = resume_checkpoint or find_resume_checkpoint(self.save_dir, self.ema_rate)
         if checkpoint:
             self._resume(checkpoint)

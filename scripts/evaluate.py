@@ -26,19 +26,19 @@ import math
 import os
 import re
 import sys
+import zipfile
 
+import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.pet import metrics  # noqa: E402
+from guided_diffusion.pet import metrics, volumes  # noqa: E402
 from guided_diffusion.pet.baselines import write_atomic  # noqa: E402
-from guided_diffusion.pet.volumes import list_inputs, load_volume  # noqa: E402
 
 SCALAR_KEYS = ("rmse", "nrmse", "psnr", "ssim")
 SUMMARY_KEYS = ("lesion_suvmean_bias_pct", "lesion_suvmax_bias_pct", "lesion_tlm_bias_pct",
                 "lesion_crc", "lesion_bv_den", "organ_suvmean_bias_pct")
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".npz", ".npy")
 DRF_PATTERN = re.compile(r"drf(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
@@ -70,32 +70,43 @@ def create_argparser():
 
 def volume_stem(path):
     name = os.path.basename(path)
-    for suffix in VOLUME_SUFFIXES:
+    for suffix in volumes.VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return os.path.splitext(name)[0]
 
 
-def read_volume(path, index):
-    """``(array (X, Y, Z) float64, voxel_mm)``; a 4D ``.npz`` array gives ``arr_0[index]``."""
+def stack_size(path):
+    """Number of volumes stacked in ``path`` (1 for a 3D file), read from the header only."""
     try:
-        array, affine = load_volume(path)
-    except (OSError, ValueError, KeyError) as error:
+        if path.lower().endswith(".npz"):
+            with zipfile.ZipFile(path) as archive, archive.open(volumes.NPZ_KEY + ".npy") as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape = read_header(member)[0]
+        elif path.lower().endswith((".nii", ".nii.gz")):
+            shape = nib.load(path).shape
+            shape = (shape[3],) + shape[:3] if len(shape) == 4 else shape
+        else:
+            return 1
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, nib.filebasedimages.ImageFileError):
+        return 1  # unreadable: load_volume reports the problem, naming the file
+    return shape[0] if len(shape) == 4 else 1
+
+
+def read_volume(path, index):
+    """``(array (X, Y, Z) float32, voxel_mm)``: ``index`` selects within a stacked file only."""
+    try:
+        array, affine = volumes.load_volume(path, index=index if stack_size(path) > 1 else 0)
+    except OSError as error:
         raise ValueError(f"cannot read {path}: {error}") from error
-    array = np.asarray(array)
-    if array.ndim == 4:
-        if not -array.shape[0] <= index < array.shape[0]:
-            raise ValueError(f"{path} holds {array.shape[0]} volumes, no index {index}")
-        array = array[index]
-    if array.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D (X, Y, Z) volume, got shape {array.shape}")
-    voxel_mm = tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-    return array.astype(np.float64), voxel_mm
+    return array, tuple(float(v) for v in volumes.voxel_sizes(affine))
 
 
 def expand(path, what):
     try:
-        files = list_inputs(path)
+        files = volumes.list_inputs(path)
     except OSError as error:
         raise ValueError(f"cannot list {what} input {path}: {error}") from error
     if not files:

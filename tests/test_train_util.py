@@ -38,10 +38,13 @@ def seed_everything(seed):
 
 @pytest.fixture
 def log_dir(tmp_path):
-    dist_util.setup_dist(threads=th.get_num_threads())
+    threads = th.get_num_threads()
+    dist_util.setup_dist(threads=threads)
+    th.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared machine
     logger.configure(str(tmp_path / "log"), format_strs=["csv"])
     yield tmp_path / "log"
     logger.reset()
+    th.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -215,7 +218,8 @@ def write_script_data(directory, files=2):
 
 
 TINY_FLAGS = ["--patch_size", "8", "16", "16", "--num_channels", "8", "--channel_mult", "1,2",
-              "--num_res_blocks", "1", "--num_head_channels", "-1", "--diffusion_steps", "50",
+              "--num_res_blocks", "1", "--num_head_channels", "-1", "--attention_resolutions", "1000",
+              "--diffusion_steps", "50",
               "--batch_size", "2", "--save_interval", "2", "--log_interval", "1", "--threads", "1"]
 
 

@@ -1,0 +1,401 @@
+"""Volume I/O, validation, resampling and model-space normalisation.
+
+Every reader returns ``(array, affine)``: a float32 ``(X, Y, Z)`` array in SUV (g/mL) and a 4x4
+voxel-index -> mm matrix; every writer takes the same pair. Writes are atomic: the data go to a
+temporary file in the destination directory which then replaces the destination, so an error
+never leaves a partial file behind.
+
+Formats: the published ``.npz`` layout (key ``arr_0``; ``(2, X, Y, Z)`` with low dose at index 0
+and full dose at index 1, ``(1, X, Y, Z)`` or ``(X, Y, Z)`` with low dose only; optional
+``affine`` key), NIfTI ``.nii`` / ``.nii.gz`` (affine as nibabel gives it, RAS+), and DICOM PET
+series directories (converted to SUV body weight; affine converted from DICOM LPS to RAS+ the way
+NIfTI converters do, slices ordered feet -> head).
+"""
+
+import os
+import tempfile
+
+import numpy as np
+from scipy import ndimage
+
+PUBLISHED_VOXEL_MM = 1.65
+NPZ_KEY = "arr_0"
+VOLUME_SUFFIXES = (".npz", ".nii", ".nii.gz")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+SUV_CLIP = 16.0
+SUV_SCALE = 16.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+def check_volume(arr, path):
+    """Return ``arr`` as float32 if it is a finite, non-empty 3D volume, else raise ValueError
+    naming ``path`` and the problem."""
+    arr = np.asarray(arr)
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D (X, Y, Z) volume, got an array of shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{path}: the volume is empty (shape {arr.shape})")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{path}: expected real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"{path}: {int(np.isnan(arr).sum())} NaN and {int(np.isinf(arr).sum())} "
+                         f"infinite voxels")
+    return arr
+
+
+def _check_affine(affine, path):
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError(f"{path}: the affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    return affine
+
+
+def voxel_sizes(affine):
+    """Voxel edge lengths (mm) along the array axes: the column norms of the affine."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+def _suffix(path):
+    name = os.fspath(path).lower()
+    for suffix in (".nii.gz",) + VOLUME_SUFFIXES + LIST_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return os.path.splitext(name)[1]
+
+
+def load_volume(path, key=None, index=0, voxel_mm=PUBLISHED_VOXEL_MM):
+    """Read one volume: ``(float32 (X, Y, Z) SUV, 4x4 affine in mm)``.
+
+    path: ``.npz`` (published layout), ``.nii``/``.nii.gz``, or a DICOM PET series directory.
+    key: npz key (default ``arr_0``). index: which volume of a stacked file (npz: 0 = low dose,
+    1 = full dose; 4D NIfTI: index along the 4th axis). voxel_mm: voxel size for the identity
+    affine of an npz file without an ``affine`` key (published data: 1.65 mm).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return load_dicom_series(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes)")
+    suffix = _suffix(path)
+    if suffix == ".npz":
+        return _load_npz(path, key, index, voxel_mm)
+    if suffix in (".nii", ".nii.gz"):
+        return _load_nifti(path, index)
+    raise ValueError(f"{path}: unsupported file type; expected one of {VOLUME_SUFFIXES} "
+                     f"or a DICOM series directory")
+
+
+def _pick(stack, index, path, what):
+    if stack.ndim == 4:
+        if not -stack.shape[0] <= index < stack.shape[0]:
+            raise ValueError(f"{path}: {what} holds {stack.shape[0]} volume(s); index {index} is out of range")
+        return stack[index]
+    if stack.ndim == 3 and index != 0:
+        raise ValueError(f"{path}: {what} holds a single volume; index {index} is out of range")
+    return stack
+
+
+def _load_npz(path, key, index, voxel_mm):
+    key = NPZ_KEY if key is None else key
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = list(data.files)
+            stack = data[key] if key in keys else None
+            affine = data["affine"] if "affine" in keys else None
+    except Exception as error:  # zip, pickle and format errors all mean the same to the user
+        raise ValueError(f"{path}: unreadable npz file ({type(error).__name__}: {error})") from None
+    if stack is None:
+        raise ValueError(f"{path}: missing key {key!r} (keys present: {keys})")
+    arr = check_volume(_pick(stack, index, path, f"key {key!r}"), path)
+    if affine is None:
+        affine = np.diag(np.append(np.broadcast_to(np.asarray(voxel_mm, float), (3,)), 1.0))
+    return arr, _check_affine(affine, path)
+
+
+def _load_nifti(path, index):
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:
+        raise ValueError(f"{path}: unreadable NIfTI file ({type(error).__name__}: {error})") from None
+    while data.ndim > 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        data = np.moveaxis(data, 3, 0)
+    return check_volume(_pick(data, index, path, "the NIfTI file"), path), _check_affine(image.affine, path)
+
+
+def _dicom_seconds(value):
+    """Seconds since midnight of a DICOM TM (``HHMMSS.FFFFFF``) or DT (``YYYYMMDDHHMMSS``) value."""
+    text = str(value).strip().replace(":", "")
+    if len(text) >= 14 and text[:8].isdigit() and "." not in text[:8]:
+        text = text[8:]
+    hours, minutes = int(text[0:2]), int(text[2:4] or 0)
+    seconds = float(text[4:] or 0.0)
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _required(ds, name, path):
+    value = getattr(ds, name, None)
+    if value is None or value == "":
+        raise ValueError(f"{path}: DICOM field {name} is missing; cannot convert to SUV")
+    return value
+
+
+def dicom_suv_factor(ds, path):
+    """Factor converting the series' rescaled pixel values to SUV body weight.
+
+    Units BQML: SUV = value * weight_g / dose_Bq, with the injected dose decayed from the
+    radiopharmaceutical start time to the series time (or the acquisition time) when the images
+    are decay corrected to the scan start (DecayCorrection START, the default). Units GML: 1.
+    """
+    units = str(getattr(ds, "Units", "BQML")).upper()
+    if units == "GML":
+        return 1.0
+    if units != "BQML":
+        raise ValueError(f"{path}: DICOM Units {units!r} cannot be converted to SUV (need BQML or GML)")
+    weight_kg = float(_required(ds, "PatientWeight", path))
+    if weight_kg <= 0:
+        raise ValueError(f"{path}: DICOM field PatientWeight is {weight_kg}, must be positive")
+    sequence = _required(ds, "RadiopharmaceuticalInformationSequence", path)
+    if len(sequence) == 0:
+        raise ValueError(f"{path}: DICOM field RadiopharmaceuticalInformationSequence is empty")
+    info = sequence[0]
+    dose_bq = float(_required(info, "RadionuclideTotalDose", path))
+    half_life_s = float(_required(info, "RadionuclideHalfLife", path))
+    decay_correction = str(getattr(ds, "DecayCorrection", "START")).upper()
+    if decay_correction == "START":
+        start = getattr(info, "RadiopharmaceuticalStartDateTime", None) or getattr(
+            info, "RadiopharmaceuticalStartTime", None)
+        if not start:
+            raise ValueError(f"{path}: DICOM field RadiopharmaceuticalStartTime is missing; "
+                             f"cannot decay-correct the dose")
+        scan = getattr(ds, "SeriesTime", None) or getattr(ds, "AcquisitionTime", None)
+        if not scan:
+            raise ValueError(f"{path}: DICOM fields SeriesTime and AcquisitionTime are missing; "
+                             f"cannot decay-correct the dose")
+        elapsed = _dicom_seconds(scan) - _dicom_seconds(start)
+        if elapsed < 0:  # injected before midnight, scanned after
+            elapsed += 24 * 3600
+        dose_bq *= 2.0 ** (-elapsed / half_life_s)
+    return weight_kg * 1000.0 / dose_bq
+
+
+def load_dicom_series(directory):
+    """Read a DICOM PET series directory as ``(float32 (X, Y, Z) SUV, 4x4 RAS affine)``.
+
+    X follows the image columns, Y the rows, Z the slices sorted along the slice normal
+    (feet -> head for axial images). Each slice's RescaleSlope/Intercept is applied.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    slices = []
+    for name in sorted(os.listdir(directory)):
+        file_path = os.path.join(directory, name)
+        if not os.path.isfile(file_path):
+            continue
+        try:
+            ds = pydicom.dcmread(file_path)
+        except (InvalidDicomError, OSError, EOFError):
+            continue
+        if "PixelData" in ds:
+            slices.append(ds)
+    if not slices:
+        raise ValueError(f"{directory}: no DICOM images found")
+    for name in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+        _required(slices[0], name, directory)
+    orientation = np.array(slices[0].ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    slices.sort(key=lambda ds: float(np.dot(np.array(ds.ImagePositionPatient, float), normal)))
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in slices}
+    if len(shapes) != 1:
+        raise ValueError(f"{directory}: slices have different sizes {sorted(shapes)}")
+    volume = np.stack([
+        ds.pixel_array.astype(np.float64).T * float(getattr(ds, "RescaleSlope", 1.0))
+        + float(getattr(ds, "RescaleIntercept", 0.0)) for ds in slices], axis=-1)
+    volume *= dicom_suv_factor(slices[0], directory)
+
+    row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
+    first = np.array(slices[0].ImagePositionPatient, dtype=float)
+    if len(slices) > 1:
+        step = (np.array(slices[-1].ImagePositionPatient, float) - first) / (len(slices) - 1)
+    else:
+        step = normal * float(getattr(slices[0], "SliceThickness", 1.0) or 1.0)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * col_spacing
+    affine_lps[:3, 1] = col_dir * row_spacing
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = first
+    return check_volume(volume, directory), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+
+
+def list_inputs(path):
+    """Input volumes named by ``path``: a volume file, a DICOM series directory, a directory of
+    volume files (sorted), or a text list of paths (one a line, ``#`` comments, relative to
+    the list's directory). Raises ValueError naming what is missing."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        entries = sorted(os.listdir(path))
+        volumes = [os.path.join(path, e) for e in entries
+                   if _suffix(e) in VOLUME_SUFFIXES and os.path.isfile(os.path.join(path, e))]
+        if volumes:
+            return volumes
+        if any(_is_dicom(os.path.join(path, e)) for e in entries):
+            return [path]
+        raise ValueError(f"{path}: directory holds no {', '.join(VOLUME_SUFFIXES)} files or DICOM images")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if _suffix(path) in LIST_SUFFIXES:
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8") as handle:
+            names = [line.strip() for line in handle]
+        listed = [os.path.join(base, n) for n in names if n and not n.startswith("#")]
+        missing = [p for p in listed if not os.path.exists(p)]
+        if missing:
+            raise ValueError(f"{path}: listed inputs do not exist: {missing}")
+        if not listed:
+            raise ValueError(f"{path}: the list names no inputs")
+        return listed
+    if _suffix(path) in VOLUME_SUFFIXES:
+        return [path]
+    raise ValueError(f"{path}: not a volume ({', '.join(VOLUME_SUFFIXES)}), a directory, "
+                     f"or a list file ({', '.join(LIST_SUFFIXES)})")
+
+
+def _is_dicom(path):
+    if not os.path.isfile(path):
+        return False
+    if path.lower().endswith(".dcm"):
+        return True
+    with open(path, "rb") as handle:
+        header = handle.read(132)
+    return header[128:132] == b"DICM"
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing (atomic)
+# ----------------------------------------------------------------------------------------------
+
+def _atomic_write(path, write, suffix):
+    """Call ``write(temporary_path)`` then move the result onto ``path``; clean up on error."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                         suffix=".tmp" + suffix, dir=directory)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def save_npz(path, low, full=None, affine=None):
+    """Write the published layout: ``arr_0`` = ``(2, X, Y, Z)`` [low, full] or ``(1, X, Y, Z)``
+    [low], float32 SUV, plus ``affine`` (4x4 mm) when given. Atomic."""
+    low = check_volume(low, path)
+    stack = [low]
+    if full is not None:
+        full = check_volume(full, path)
+        if full.shape != low.shape:
+            raise ValueError(f"{path}: low-dose shape {low.shape} differs from full-dose shape {full.shape}")
+        stack.append(full)
+    arrays = {NPZ_KEY: np.stack(stack)}
+    if affine is not None:
+        arrays["affine"] = _check_affine(affine, path)
+
+    def write(temporary):
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    _atomic_write(path, write, ".npz")
+
+
+def save_nifti(path, arr, affine):
+    """Write a float32 NIfTI (``.nii`` or ``.nii.gz``) with ``affine`` as qform and sform. Atomic."""
+    import nibabel as nib
+
+    arr = check_volume(arr, path)
+    affine = _check_affine(affine, path)
+    suffix = _suffix(path)
+    if suffix not in (".nii", ".nii.gz"):
+        raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
+    image = nib.Nifti1Image(arr, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    _atomic_write(path, lambda temporary: nib.save(image, temporary), suffix)
+
+
+def save_volume(path, arr, affine):
+    """Write one volume by file type: ``.npz`` (published layout, low dose only) or NIfTI."""
+    if _suffix(path) == ".npz":
+        save_npz(path, arr, affine=affine)
+    else:
+        save_nifti(path, arr, affine)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resampling and normalisation
+# ----------------------------------------------------------------------------------------------
+
+def resample_to_grid(arr, affine, shape, target_affine, order=1):
+    """Resample ``arr`` (on ``affine``) onto the grid ``shape``/``target_affine`` by spline
+    interpolation of ``order``; points outside take the nearest edge value. Returns float32."""
+    arr = np.asarray(arr, dtype=np.float32)
+    index_map = np.linalg.solve(np.asarray(affine, float), np.asarray(target_affine, float))
+    return ndimage.affine_transform(arr, index_map[:3, :3], offset=index_map[:3, 3],
+                                    output_shape=tuple(int(n) for n in shape), order=order,
+                                    mode="nearest").astype(np.float32)
+
+
+def resample_to_voxel(arr, affine, voxel_mm, order=1):
+    """Resample to isotropic (scalar) or per-axis ``voxel_mm``, keeping the field of view
+    centred: returns ``(array, affine)``. The new size is ``round(n * old / new)`` per axis."""
+    arr = np.asarray(arr)
+    affine = np.asarray(affine, dtype=np.float64)
+    old = voxel_sizes(affine)
+    new = np.broadcast_to(np.asarray(voxel_mm, dtype=np.float64), (3,))
+    if np.any(new <= 0):
+        raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
+    shape = np.maximum(np.round(np.array(arr.shape) * old / new).astype(int), 1)
+    step = new / old
+    start = (np.array(arr.shape) - 1) / 2.0 - (shape - 1) / 2.0 * step
+    index_map = np.eye(4)
+    index_map[:3, :3] = np.diag(step)
+    index_map[:3, 3] = start
+    target_affine = affine @ index_map
+    return resample_to_grid(arr, affine, shape, target_affine, order), target_affine
+
+
+def resample_like(arr, affine, reference_shape, reference_affine, order=1):
+    """Resample back onto a reference grid (e.g. the input's, after :func:`resample_to_voxel`)."""
+    return resample_to_grid(arr, affine, reference_shape, reference_affine, order)
+
+
+def suv_to_model(arr, clip=SUV_CLIP, scale=SUV_SCALE):
+    """Published normalisation: SUV clipped above at ``clip``, divided by ``scale``.
+    Works on numpy arrays and torch tensors alike."""
+    return arr.clip(max=clip) / scale
+
+
+def model_to_suv(arr, scale=SUV_SCALE):
+    """Inverse of :func:`suv_to_model` (below the clip): model values times ``scale``."""
+    return arr * scale
