@@ -225,6 +225,15 @@ def load_state_dict(path, **kwargs):
     return th.load(io.BytesIO(data), weights_only=True, **kwargs)
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank; all ranks must call."""
+    if world_size() == 1:
+        return obj
+    holder = [obj if is_main() else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def sync_params(params):
     """Overwrite a sequence of tensors on every rank with rank 0's values."""
     if world_size() == 1:

@@ -245,10 +245,12 @@ def log(*args, level=INFO):
 
 
 def warn(*args):
+    """``log`` at warning level."""
     log(*args, level=WARN)
 
 
 def set_level(level):
+    """Drop ``log`` calls below ``level`` (DEBUG, INFO, WARN, ERROR)."""
     get_current().level = level
 
 

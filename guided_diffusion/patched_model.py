@@ -156,9 +156,9 @@ class PatchedModel:
         ]
 
 
-def sample_independent_patches(diffusion, model, grid, noise, *, model_kwargs=None,
-                               use_ddim=False, **sample_kwargs):
-    """Comparison mode: one reverse diffusion per patch, stitched once at the end.
+def sample_patches_independently(diffusion, model, grid, noise, indices, *, model_kwargs=None,
+                                 use_ddim=False, **sample_kwargs):
+    """Comparison mode: one reverse diffusion per patch, for the patches ``indices``.
 
     :param diffusion: a ``GaussianDiffusion`` (or ``SpacedDiffusion``); its ``p_sample_loop``
         (or ``ddim_sample_loop`` with ``use_ddim``) runs on each patch in turn.
@@ -166,24 +166,32 @@ def sample_independent_patches(diffusion, model, grid, noise, *, model_kwargs=No
     :param grid: the :class:`~guided_diffusion.pet.patches.PatchGrid`.
     :param noise: whole-volume start noise ``(N, C, *volume_shape)``; patch ``i`` starts from
         its cut-out, so the two modes can be compared from the same ``x_T``.
+    :param indices: the patches to sample (e.g. one rank's share).
     :param model_kwargs: whole-volume kwargs, cut per patch like :class:`PatchedModel` does.
-    :param sample_kwargs: passed to the sampling loop (``clip_denoised``, ``progress``, ...).
-        A ``step_hook`` that acts on whole volumes does not fit this mode.
-    :return: the stitched sample ``(N, C, *volume_shape)``.
+    :param sample_kwargs: passed to the sampling loop (``clip_denoised``, ``progress``,
+        ``generator``, ...). A ``step_hook`` that acts on whole volumes does not fit this mode.
+    :return: ``{patch_index: sample (N, C, *patch_shape)}``; stitch them with ``grid.stitch``.
     """
     if not _is_spatial(noise, grid):
         raise ValueError(
             f"noise has shape {tuple(noise.shape)}; expected (N, C, *{grid.volume_shape})"
         )
     loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
-    samples = []
-    for i in range(len(grid)):
+    samples = {}
+    for i in indices:
         patch_noise = grid.extract(noise, i).contiguous()
-        samples.append(loop(
+        samples[i] = loop(
             model,
             tuple(patch_noise.shape),
             noise=patch_noise,
             model_kwargs=_split_model_kwargs(grid, model_kwargs or {}, [i], noise.shape[0]),
             **sample_kwargs,
-        ))
-    return grid.stitch(samples)
+        )
+    return samples
+
+
+def sample_independent_patches(diffusion, model, grid, noise, **kwargs):
+    """All patches of :func:`sample_patches_independently`, stitched once at the end (seams can
+    appear where the independent trajectories disagree). Returns ``(N, C, *volume_shape)``."""
+    samples = sample_patches_independently(diffusion, model, grid, noise, range(len(grid)), **kwargs)
+    return grid.stitch([samples[i] for i in range(len(grid))])

@@ -129,7 +129,10 @@ class TrainLoop:
         )
         dist_util.sync_params(self.model.parameters())
         self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
-        checkpoint = resume_checkpoint or find_resume_checkpoint(self.save_dir, self.ema_rate)
+        # Rank 0's view of the file system decides (other nodes may not share it).
+        checkpoint = dist_util.broadcast_object(
+            resume_checkpoint or find_resume_checkpoint(self.save_dir, self.ema_rate)
+        )
         if checkpoint:
             self._resume(checkpoint)
 
@@ -154,24 +157,26 @@ class TrainLoop:
         self.model.load_state_dict(
             dist_util.load_state_dict(checkpoint, map_location=dist_util.dev())
         )
-        for rate, params in zip(self.ema_rate, self.ema_params):
-            path = os.path.join(directory, ema_filename(rate, self.step))
-            source = path if os.path.exists(path) else checkpoint
-            if source is checkpoint:
+        ema_paths = [os.path.join(directory, ema_filename(r, self.step)) for r in self.ema_rate]
+        opt_path = os.path.join(directory, f"opt{self.step:06d}.pt")
+        state_path = os.path.join(directory, f"state{self.step:06d}.pt")
+        paths = ema_paths + [opt_path, state_path]
+        exists = dict(zip(paths, dist_util.broadcast_object([os.path.exists(p) for p in paths])))
+        for rate, params, path in zip(self.ema_rate, self.ema_params, ema_paths):
+            if not exists[path]:
                 logger.log(f"no {path}: EMA {rate} starts from the model weights")
+            source = path if exists[path] else checkpoint
             state = dist_util.load_state_dict(source, map_location=dist_util.dev())
             with th.no_grad():
                 for p, value in zip(params, self.mp_trainer.state_dict_to_master_params(state)):
                     p.copy_(value)
-        opt_path = os.path.join(directory, f"opt{self.step:06d}.pt")
-        if os.path.exists(opt_path):
+        if exists[opt_path]:
             self.opt.load_state_dict(
                 dist_util.load_state_dict(opt_path, map_location=dist_util.dev())
             )
         else:
             logger.log(f"no {opt_path}: optimiser starts fresh")
-        state_path = os.path.join(directory, f"state{self.step:06d}.pt")
-        if os.path.exists(state_path):
+        if exists[state_path]:
             self._load_training_state(dist_util.load_state_dict(state_path, map_location="cpu"))
         else:
             logger.log(f"no {state_path}: RNG and data position not restored")

@@ -126,6 +126,8 @@ def main(argv=None):
         if getattr(args, size_flag) == 0:
             setattr(args, size_flag, args.patch_size[1])
 
+    num_files = len(list_volume_sources(args.data_dir, paired))  # fail early on bad data
+
     dist_util.setup_dist(threads=args.threads)
     logger.configure(dir=args.log_dir)
 
@@ -163,7 +165,7 @@ def main(argv=None):
         tensor_layout="(B, C, Z, X, Y)",
         training_data=dict(
             data_dir=os.path.abspath(args.data_dir),
-            files=len(list_volume_sources(args.data_dir, paired)),
+            files=num_files,
         ),
         training=dict(
             lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,

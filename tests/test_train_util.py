@@ -310,3 +310,20 @@ print("RESULT " + json.dumps(dict(rank=dist_util.rank(), world=dist_util.world_s
     state = dist_util.load_state_dict(str(log / "state000002.pt"))
     assert len(state["ranks"]) == 2
     assert state["ranks"][0]["data"]["shard"] == 0 and state["ranks"][1]["data"]["shard"] == 1
+
+
+def test_logger_csv_adds_columns_and_averages(tmp_path):
+    logger.configure(str(tmp_path), format_strs=["csv"])
+    try:
+        logger.logkv("step", 1)
+        logger.logkv_mean("loss", 1.0)
+        logger.logkv_mean("loss", 2.0)
+        assert logger.dumpkvs() == {"step": 1, "loss": 1.5}
+        logger.logkv("step", 2)
+        logger.logkv("psnr", 30.0)
+        logger.dumpkvs()
+    finally:
+        logger.reset()
+    assert (tmp_path / "progress.csv").read_text().splitlines() == [
+        "loss,step,psnr", "1.5,1,", ",2,30.0",
+    ]

@@ -68,7 +68,7 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        volumes._atomic_write(path, failing_write, ".npz")
+        volumes.atomic_write(path, failing_write, ".npz")
     assert os.listdir(tmp_path) == []
     # an invalid volume is refused before anything is written, and an old file survives
     volumes.save_npz(path, _volume())

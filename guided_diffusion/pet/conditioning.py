@@ -17,9 +17,14 @@ slices, the paper's protocol); the PET operators use the volume layout ``(B, X, 
 
 import math
 import numbers
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from .normalisation import model_to_suv, suv_to_model
+from .projector import make_projector
+from .recon import osem
 
 
 def _symmetric_indices(length, radius, device):
@@ -218,3 +223,75 @@ class PoissonNoiseInserter:
         recon = self.recon(counts, self.projector, mult_factor=self.effective_mult_factor(counts),
                            additive=self.additive)
         return self.activity_to_model(volume_to_model(recon, x.ndim)).to(x.dtype)
+
+
+class BCDPMFactory:
+    """Builds the BC-DPM hook for one volume and ensemble member (used by ``scripts/test.py``).
+
+    The noise-insertion condition simulates the low-dose acquisition of the current sample:
+    projector of scanner ``scanner`` on the model grid (``mode``, default ``"2d"``: one
+    sinogram per transaxial slice, so volumes longer than the scanner's axial FOV work),
+    expected trues scaled so the low-dose volume itself would give ``total_counts`` counts
+    including uniform randoms of ``randoms_fraction`` x trues, Poisson noise, and
+    ``recon_iters`` x ``recon_subsets`` OSEM as ``P^+``. Attenuation and scatter are not
+    modelled here (no attenuation map is needed); the noise level is set by the count level.
+
+    :param num_steps_l, lam: BC-DPM's ``l`` and ``lambda``.
+    :param sigma_mm: Gaussian-filter condition sigma in mm.
+    :param normalisation: the checkpoint's model-space normalisation.
+    :param voxel_mm: model voxel size (scalar or ``(x, y, z)``, mm).
+    """
+
+    def __init__(self, *, num_steps_l, lam, sigma_mm, scanner, total_counts, randoms_fraction,
+                 recon_iters, recon_subsets, normalisation, voxel_mm, mode="2d"):
+        if not total_counts > 0:
+            raise ValueError(f"total_counts must be > 0, got {total_counts}")
+        self.num_steps_l = int(num_steps_l)
+        self.lam = float(lam)
+        self.sigma_mm = float(sigma_mm)
+        self.scanner = scanner
+        self.total_counts = float(total_counts)
+        self.randoms_fraction = float(randoms_fraction)
+        self.recon_iters = int(recon_iters)
+        self.recon_subsets = int(recon_subsets)
+        self.normalisation = normalisation
+        self.voxel_mm = tuple(float(v) for v in torch.as_tensor(voxel_mm, dtype=torch.float64)
+                              .expand(3).tolist())
+        self.mode = mode
+        self._projectors = {}
+
+    def projector(self, image_shape, device):
+        """The (cached) projector for an ``(X, Y, Z)`` model grid."""
+        key = (tuple(image_shape), str(device))
+        if key not in self._projectors:
+            self._projectors[key] = make_projector(self.scanner, image_shape, self.voxel_mm,
+                                                   mode=self.mode, device=device)
+        return self._projectors[key]
+
+    def __call__(self, y0, diffusion, generator, prepared=None):
+        """The hook for low-dose ``y0`` ``(1, 1, Z, X, Y)`` (model space) and one member's
+        ``generator``; ``diffusion`` supplies the (respaced) ``alphas_cumprod``."""
+        norm = self.normalisation
+        activity = model_to_volume(model_to_suv(y0, norm)).clamp_min(0)
+        projector = self.projector(tuple(activity.shape[1:]), y0.device)
+        trues_per_unit = float(projector.forward(activity).sum())
+        if trues_per_unit <= 0:
+            raise ValueError("the low-dose volume is empty: nothing to condition on")
+        trues = self.total_counts / (1.0 + self.randoms_fraction)
+        n_bins = float(torch.tensor(projector.sinogram_shape).prod())
+        additive = torch.full(tuple(projector.sinogram_shape), self.randoms_fraction * trues / n_bins,
+                              dtype=y0.dtype, device=y0.device)
+        inserter = PoissonNoiseInserter(
+            projector,
+            model_to_activity=lambda x: model_to_suv(x, norm),
+            activity_to_model=lambda a: suv_to_model(a, norm),
+            counts_scale=trues / trues_per_unit,
+            additive=additive,
+            recon=partial(osem, n_iter=self.recon_iters, n_subsets=self.recon_subsets),
+            generator=generator,
+        )
+        vx, vy, vz = self.voxel_mm
+        sigma_vox = (self.sigma_mm / vz, self.sigma_mm / vx, self.sigma_mm / vy)
+        return BidirectionalConditioner(
+            y0, diffusion.alphas_cumprod, num_steps_l=self.num_steps_l, lam=self.lam,
+            gaussian_sigma_vox=sigma_vox, noise_inserter=inserter, generator=generator)

@@ -390,7 +390,7 @@ class _Subject:
 
 
 def _body(s):
-    """Outer body surface and the list of arm axes (for the arm bones)."""
+    """Outer body surface, the head ellipsoid and the arm axes (for the arm bones)."""
     belly = s.belly * np.array([0, 0, 0, 0, 0, 0, 0.3, 0.9, 1.0, 0.7, 0.3, 0, 0])
     d = [190, 250, 275, 300, 330, 400, 480, 560, 640, 720, 790, 850, 905]
     torso = s.profile(
@@ -413,7 +413,7 @@ def _body(s):
                           s.organ((side * 205, -5, 930), (16, 40, 75), jitter_mm=2.0, size_sd=0.05)]
             arm_axes += [(shoulder, elbow), (elbow, wrist)]
         body = Union([body] + arm_parts, smooth=12.0)
-    return body, arm_axes
+    return body, head, arm_axes
 
 
 def _skeleton(s, arm_axes):
@@ -439,7 +439,7 @@ def _skeleton(s, arm_axes):
     for side in (-1, 1):
         layers += [
             ("bone", s.organ((side * 90, 40, 745), (55, 8, 50), degrees=(0, 0, side * 35), jitter_mm=2.0)),
-            ("bone", s.capsule((side * 15, -45, 880), (side * 80, 5, 855), 9)),
+            ("bone", s.capsule((side * 15, -60, 892), (side * 80, 5, 862), 9)),
             ("bone", s.organ((side * 88, 5, 858), (23, 23, 23), jitter_mm=1.5, size_sd=0.04)),
             ("bone", s.capsule((side * 88, 5, 858), (side * 110, 10, 900), 14)),
             ("bone", s.capsule((side * 110, 10, 900), (side * 100, 15, 1400), 14)),
@@ -449,11 +449,15 @@ def _skeleton(s, arm_axes):
     return layers
 
 
-def _brain(s):
-    brain_center, brain_radii = (0, 0, 90), np.array([60, 80, 68])
-    cereb_center, cereb_radii = (0, 45, 150), np.array([48, 28, 22])
-    brain = s.organ(brain_center, brain_radii, jitter_mm=1.5, size_sd=0.04, angle_sd=2.0)
-    cerebellum = s.organ(cereb_center, cereb_radii, jitter_mm=1.5, size_sd=0.05, angle_sd=3.0)
+def _brain(s, head):
+    """Brain, cerebellum and skull placed inside the head ellipsoid, plus the salivary glands."""
+    def inner(offset_xyz, scale_xyz, size_sd):
+        offset = np.array(offset_xyz) * [s.sw, s.sap, s.sh]
+        radii = head.radii * np.array(scale_xyz) * np.exp(s.rng.normal(0, size_sd, 3))
+        return Ellipsoid(head.center + offset, radii, head.rotation)
+
+    brain = inner((0, 0, 25), (57 / 72, 77 / 92, 68 / 112), 0.02)
+    cerebellum = inner((0, 45, -35), (46 / 72, 27 / 92, 22 / 112), 0.04)
     skull = Shell(Union([Ellipsoid(brain.center, brain.radii + 8, brain.rotation),
                          Ellipsoid(cerebellum.center, cerebellum.radii + 8, cerebellum.rotation)],
                         smooth=15.0), 7.0)
@@ -471,7 +475,7 @@ def _thorax_abdomen(s):
     lv = s.organ((38, -38, 485), (36, 32, 46), degrees=(20, 0, -30), jitter_mm=3.0, size_sd=0.06)
     liver = Intersection([s.organ((-45, -5, 565), (85, 85, 78), degrees=(0, 0, 15), surface_mm=4.0),
                           HalfSpace(s.point(30, 0, 600), (0.75, 0, -0.66))])
-    bladder_r = rng.uniform(22, 45)
+    bladder_r = rng.uniform(22, 42)
     aorta_d = [385, 450, 550, 650, 740]
     layers = [
         ("lung", s.organ((-72, 8, 430), (55, 75, 125), surface_mm=3.0)),
@@ -485,7 +489,7 @@ def _thorax_abdomen(s):
         kidney = s.organ((side * 68, 58, d), (28, 24, 55), degrees=(0, side * 15, side * 25), size_sd=0.06)
         layers += [("kidney_cortex", kidney), ("kidney_medulla", Offset(kidney, -rng.uniform(7, 9)))]
     layers += [
-        ("bladder", s.organ((0, -35, 855), (bladder_r, 0.85 * bladder_r, 0.8 * bladder_r), size_sd=0.05)),
+        ("bladder", s.organ((0, -30, 840), (bladder_r, 0.85 * bladder_r, 0.8 * bladder_r), size_sd=0.05)),
         ("blood_pool", s.organ((20, -35, 470), (55, 45, 58), degrees=(20, 0, -30), size_sd=0.06)),
         ("myocardium", lv),
         ("blood_pool", Offset(lv, -rng.uniform(9, 12))),
@@ -514,13 +518,29 @@ def _smooth_field(rng, grid, correlation_mm):
     return (field / max(field.std(), 1e-12)).astype(np.float32)
 
 
-def _paint(volumes, fraction_box, suv_value, mu_value, label):
-    """Blend one layer into (activity, mu, labels) with its partial-volume fraction."""
+def _paint(volumes, fraction_box, envelope, suv_value, mu_value, label):
+    """Blend one layer into (activity, mu, labels) with its partial-volume fraction.
+
+    activity and mu hold tissue means per unit of body fraction (``envelope``), so a layer
+    covering the fraction ``f`` of a voxel replaces the part ``f / envelope`` of its tissue;
+    labels take the layer where it covers at least half the voxel.
+    """
     activity, mu, labels = volumes
-    (slices, f) = fraction_box
-    activity[slices] += f * (suv_value - activity[slices])
-    mu[slices] += f * (mu_value - mu[slices])
+    slices, f = fraction_box
+    body = envelope[slices]
+    share = np.divide(f, body, out=np.zeros_like(f), where=body > 0)
+    activity[slices] += share * (suv_value - activity[slices])
+    mu[slices] += share * (mu_value - mu[slices])
     labels[slices][f >= 0.5] = label
+
+
+def _fraction_in_body(shape, grid, supersample, envelope):
+    """``voxel_fraction`` of a shape, limited to the body's own fraction ``envelope``."""
+    box = voxel_fraction(shape, grid, supersample)
+    if box is None:
+        return None
+    slices, fraction = box
+    return slices, np.minimum(fraction, envelope[slices])
 
 
 def _grid_for(shape, voxel_mm, fov_mm):
@@ -596,9 +616,9 @@ def make_phantom(seed, shape=None, voxel_mm=DEFAULT_VOXEL_MM, tracer="FDG", fov_
     z_top = grid.origin[2] + fov[2] - grid.voxel[2] / 2 - anatomy_rng.uniform(5.0, 25.0)
     subject = _Subject(anatomy_rng, fov, z_top, arms)
 
-    body, arm_axes = _body(subject)
+    body, head, arm_axes = _body(subject)
     layers = [("fat", body), ("muscle", Offset(body, -subject.fat_mm))]
-    layers += _thorax_abdomen(subject) + _brain(subject) + _skeleton(subject, arm_axes)
+    layers += _thorax_abdomen(subject) + _brain(subject, head) + _skeleton(subject, arm_axes)
 
     uptake = tracer.draw_uptake(np.random.default_rng(uptake_seq))
     texture_rng = np.random.default_rng(texture_seq)
@@ -608,30 +628,37 @@ def make_phantom(seed, shape=None, voxel_mm=DEFAULT_VOXEL_MM, tracer="FDG", fov_
     activity = np.zeros(grid.shape, np.float32)
     mu = np.zeros(grid.shape, np.float32)
     labels = np.zeros(grid.shape, np.int16)
+    envelope = np.zeros(grid.shape, np.float32)  # the body's fraction: nothing inside exceeds it
+    body_box = voxel_fraction(body, grid, int(supersample))
+    if body_box is None:
+        raise ValueError(f"the field of view {tuple(fov)} mm misses the body")
+    envelope[body_box[0]] = body_box[1]
     for organ, organ_shape in layers:
-        box = voxel_fraction(organ_shape, grid, int(supersample))
+        box = _fraction_in_body(organ_shape, grid, int(supersample), envelope)
         if box is None:
             continue
         field = bowel_texture if organ == "bowel" else texture
         amplitude = TEXTURE_AMPLITUDE.get(organ, DEFAULT_TEXTURE_AMPLITUDE)
         value = np.maximum(uptake[organ] * (1.0 + amplitude * field[box[0]]), 0.0)
-        _paint((activity, mu, labels), box, value, ATTENUATION_PER_MM[organ], ORGAN_LABELS[organ])
+        _paint((activity, mu, labels), box, envelope, value, ATTENUATION_PER_MM[organ], ORGAN_LABELS[organ])
 
     lesion_labels = np.zeros(grid.shape, np.int16)
     lesions = []
     placed = _draw_lesions(np.random.default_rng(lesion_seq), tracer, grid, labels, subject)
     for site, host, lesion_shape, suv in placed:
-        box = voxel_fraction(lesion_shape, grid, 2 * int(supersample))  # small: sample finer
+        box = _fraction_in_body(lesion_shape, grid, 2 * int(supersample), envelope)  # small: finer
         if box is None:
             continue
         lesion_id = len(lesions) + 1
         slices, f = box
-        _paint((activity, mu, lesion_labels), box, suv, LESION_ATTENUATION_PER_MM, lesion_id)
+        _paint((activity, mu, lesion_labels), box, envelope, suv, LESION_ATTENUATION_PER_MM, lesion_id)
         if not (f >= 0.5).any():  # smaller than a voxel: label the voxel it covers most
             lesion_labels[slices][np.unravel_index(np.argmax(f), f.shape)] = lesion_id
         lesions.append({"id": lesion_id, "organ": site, "host": host,
                         "center_mm": [float(c) for c in lesion_shape.center],
                         "radii_mm": [float(r) for r in lesion_shape.radii], "suv": suv})
+    activity *= envelope  # tissue means -> voxel values (air holds neither activity nor mu)
+    mu *= envelope
     voxel_ml = float(np.prod(grid.voxel)) / 1000.0
     for lesion in lesions:
         inside = lesion_labels == lesion["id"]

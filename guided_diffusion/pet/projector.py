@@ -103,14 +103,13 @@ class PETProjector(LinearOperator):
         self._cache, self._cached_bytes, self._subsets = {}, 0, {}
 
         nx, ny, nz = self.in_shape
-        vx, vy, vz = self.voxel_size_mm
         self.n_voxels = nx * ny
         tensor = dict(device=self.device, dtype=torch.float64)
         self._radial = torch.as_tensor(self.scanner.radial_positions_mm(), **tensor)
         self._angles = torch.as_tensor(self.scanner.view_angles()[list(layout.view_indices)], **tensor)
         steps = max(nx, ny) * 2 * self.scanner.num_radial
         self._views_per_chunk = max(1, min(layout.n_views, chunk_nnz // steps))
-        self._slice_z = self.axial_offset_mm + (np.arange(nz) - (nz - 1) / 2) * vz
+        self._slice_z = self.axial_offset_mm + (np.arange(nz) - (nz - 1) / 2) * self.voxel_size_mm[2]
         self._segment_plans = [self._plan_segment(seg) for seg in layout.segments]
 
     # ----------------------------------------------------------------- set-up
@@ -256,8 +255,7 @@ class PETProjector(LinearOperator):
             yield lo, min(lo + block, chunk.rows.numel())
 
     def _forward_oblique(self, vol, chunk, plan, n_chunk_views):
-        batch, nz = vol.shape[0], self.in_shape[2]
-        n_planes = plan["planes"].numel()
+        batch, n_planes = vol.shape[0], plan["planes"].numel()
         padded = torch.nn.functional.pad(vol, (1, 1)).reshape(batch, -1)   # (B, XY*(Z+2))
         sino = vol.new_zeros(batch, chunk.n_rows, n_planes)
         for lo, hi in self._entry_blocks(chunk, n_planes):
@@ -268,8 +266,7 @@ class PETProjector(LinearOperator):
         return sino.permute(0, 2, 1, 3)
 
     def _adjoint_oblique(self, part, chunk, plan):
-        batch, _, n_views, n_planes = part.shape
-        nz = self.in_shape[2]
+        batch, n_planes, nz = part.shape[0], part.shape[3], self.in_shape[2]
         rays = part.permute(0, 2, 1, 3).reshape(batch, -1, n_planes)        # (B, views*rad, P)
         padded = part.new_zeros(batch, self.n_voxels * (nz + 2))
         for lo, hi in self._entry_blocks(chunk, n_planes):

@@ -291,7 +291,7 @@ def _is_dicom(path):
 # Writing (atomic)
 # ----------------------------------------------------------------------------------------------
 
-def _atomic_write(path, write, suffix):
+def atomic_write(path, write, suffix):
     """Call ``write(temporary_path)`` then move the result onto ``path``; clean up on error."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -325,14 +325,31 @@ def save_npz(path, low, full=None, affine=None):
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
 
-    _atomic_write(path, write, ".npz")
+    atomic_write(path, write, ".npz")
 
 
-def save_nifti(path, arr, affine):
-    """Write a float32 NIfTI (``.nii`` or ``.nii.gz``) with ``affine`` as qform and sform. Atomic."""
+def save_stack(path, stack, affine=None):
+    """Write ``arr_0`` = ``(K, X, Y, Z)`` float32 (e.g. ensemble members) plus ``affine``. Atomic."""
+    stack = np.asarray(stack, dtype=np.float32)
+    if stack.ndim != 4 or not np.isfinite(stack).all():
+        raise ValueError(f"{path}: expected a finite (K, X, Y, Z) stack, got shape {stack.shape}")
+    arrays = {NPZ_KEY: stack}
+    if affine is not None:
+        arrays["affine"] = _check_affine(affine, path)
+
+    def write(temporary):
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write, ".npz")
+
+
+def save_nifti(path, arr, affine, dtype=np.float32):
+    """Write a NIfTI (``.nii`` or ``.nii.gz``) with ``affine`` as qform and sform. Atomic.
+    ``dtype``: stored type (float32; an integer type such as int16 for label volumes)."""
     import nibabel as nib
 
-    arr = check_volume(arr, path)
+    arr = check_volume(arr, path).astype(dtype)
     affine = _check_affine(affine, path)
     suffix = _suffix(path)
     if suffix not in (".nii", ".nii.gz"):
@@ -341,7 +358,7 @@ def save_nifti(path, arr, affine):
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    _atomic_write(path, lambda temporary: nib.save(image, temporary), suffix)
+    atomic_write(path, lambda temporary: nib.save(image, temporary), suffix)
 
 
 def save_volume(path, arr, affine):

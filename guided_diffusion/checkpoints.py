@@ -1,0 +1,129 @@
+"""
+Checkpoint files: weights as a plain ``state_dict`` ``.pt`` plus a JSON sidecar ``NAME.json``.
+
+The sidecar (written by :class:`~guided_diffusion.train_util.TrainLoop`, or by hand for weights
+trained elsewhere) holds what is needed to use the weights:
+
+``flags``          architecture and diffusion flags (``script_util`` names)
+``cond``           ``"paired"`` (low-dose volume as an input channel) or ``"none"`` (unconditional)
+``normalisation``  ``{"clip": SUV, "scale": SUV, "range": [lo, hi]}``: model value =
+                   ``lo + (hi - lo) * min(max(suv, 0), clip) / scale``
+``voxel_mm``       voxel size the model was trained at (scalar or ``[x, y, z]``, mm)
+``patch_size_zxy`` training patch size in the model layout ``(Z, X, Y)``
+``sha256``         hash of the weights file (checked when present)
+
+A bare ``.pt`` without sidecar is accepted: flags are inferred from tensor shapes
+(:func:`~guided_diffusion.script_util.infer_flags_from_state_dict`); the published 3D DDPM's
+conventions (normalisation to ``[0, 1]``, 1.65 mm voxels) are then assumed for the rest.
+"""
+
+import hashlib
+import json
+import os
+
+from . import dist_util
+from .pet.normalisation import PUBLISHED_NORMALISATION
+from .script_util import (
+    create_model_and_diffusion,
+    infer_flags_from_state_dict,
+    load_checkpoint_strict,
+    model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+
+#: Conventions of the published 3D DDPM (Yu, Gong et al. 2025), used for a bare ``.pt``.
+PUBLISHED_CONVENTIONS = dict(
+    cond="paired",
+    normalisation=PUBLISHED_NORMALISATION,
+    voxel_mm=1.65,
+    patch_size_zxy=[96, 192, 288],
+)
+
+
+def sidecar_path(model_path):
+    """``checkpoint/NAME.pt`` -> ``checkpoint/NAME.json``."""
+    return os.path.splitext(os.fspath(model_path))[0] + ".json"
+
+
+def sha256_file(path, chunk_bytes=1 << 20):
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def flag_names(cond):
+    """The script_util flag names that build a model for ``cond`` ("paired" or "none")."""
+    defaults = sr_model_and_diffusion_defaults() if cond == "paired" else model_and_diffusion_defaults()
+    return list(defaults)
+
+
+def read_metadata(model_path):
+    """The sidecar of ``model_path`` as a dict, or ``None`` when there is none.
+
+    Raises ValueError naming the file when the sidecar is not valid JSON or lacks ``flags`` /
+    ``cond``.
+    """
+    path = sidecar_path(model_path)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metadata = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the checkpoint metadata ({error})") from None
+    for key in ("flags", "cond"):
+        if key not in metadata:
+            raise ValueError(f"{path}: checkpoint metadata lacks the key {key!r}")
+    if metadata["cond"] not in ("paired", "none"):
+        raise ValueError(f"{path}: 'cond' must be 'paired' or 'none', got {metadata['cond']!r}")
+    return metadata
+
+
+def _model_builder(cond):
+    return sr_create_model_and_diffusion if cond == "paired" else create_model_and_diffusion
+
+
+def load_model_and_diffusion(model_path, overrides=None, device=None, verify_hash=True):
+    """Build the model and diffusion of a checkpoint and load its weights strictly.
+
+    :param model_path: the ``.pt`` file (plain state_dict).
+    :param overrides: flags that replace the sidecar's (e.g. command-line ``timestep_respacing``).
+    :param device: where the model goes (default ``dist_util.dev()``).
+    :param verify_hash: compare the file's SHA-256 with the sidecar's ``sha256`` when present.
+    :return: ``(model, diffusion, metadata)``; ``metadata`` is the sidecar with the flags
+        actually used (``flags``), and ``sha256`` of the weights file.
+    """
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"{model_path}: checkpoint not found")
+    metadata = read_metadata(model_path)
+    state_dict = dist_util.load_state_dict(model_path, map_location="cpu")
+    digest = sha256_file(model_path)
+    if metadata is None:
+        inferred = infer_flags_from_state_dict(state_dict)
+        cond = "paired" if inferred.pop("paired") else "none"
+        base = dict(PUBLISHED_CONVENTIONS, cond=cond)
+        defaults = (sr_model_and_diffusion_defaults() if cond == "paired"
+                    else model_and_diffusion_defaults())
+        metadata = dict(base, flags=dict(defaults, **{k: v for k, v in inferred.items() if k in defaults}))
+    elif verify_hash and metadata.get("sha256") and metadata["sha256"] != digest:
+        raise ValueError(
+            f"{model_path}: sha256 {digest} does not match {metadata['sha256']} in "
+            f"{sidecar_path(model_path)} (corrupt or replaced weights)"
+        )
+    cond = metadata["cond"]
+    names = flag_names(cond)
+    flags = {k: v for k, v in metadata["flags"].items() if k in names}
+    flags.update({k: v for k, v in (overrides or {}).items() if k in names})
+    missing = [k for k in names if k not in flags]
+    if missing:
+        defaults = sr_model_and_diffusion_defaults() if cond == "paired" else model_and_diffusion_defaults()
+        flags.update({k: defaults[k] for k in missing})
+    model, diffusion = _model_builder(cond)(**flags)
+    load_checkpoint_strict(model, state_dict, model_path)
+    model.to(device if device is not None else dist_util.dev())
+    model.eval()
+    return model, diffusion, dict(metadata, flags=flags, sha256=digest)

@@ -1,0 +1,268 @@
+"""
+Denoise whole PET volumes with a patch-trained diffusion model.
+
+:class:`VolumeDenoiser` takes a low-dose volume ``(X, Y, Z)`` in SUV on any grid and returns the
+denoised volume on the same grid:
+
+1. negative values (FBP images have them) are clipped to 0, the volume is resampled to the
+   model's voxel size, X and Y are zero-padded (air) to the multiple the UNet needs;
+2. SUV -> model space with the checkpoint's normalisation, layout ``(1, 1, Z, X, Y)``;
+3. the reverse diffusion runs on the whole volume: a :class:`~guided_diffusion.patched_model.PatchedModel`
+   blends overlapping patch predictions at every step (seam-free), or, for comparison, every
+   patch runs its own chain and the samples are stitched at the end (``stitch="independent"``);
+4. conditioning: ``paired`` feeds the low-dose volume as the model's ``low_res`` channel; a
+   ``conditioner_factory`` adds a per-step hook (BC-DPM's bidirectional block); ``start_t``
+   starts from the diffused low-dose volume instead of pure noise;
+5. model space -> SUV, padding removed, resampled back to the input grid.
+
+Every ensemble member has its own seed and a ``torch.Generator`` that makes every random draw
+(start noise, per-step noise, conditioning noise), so a member's result does not depend on the
+number of ranks: all ranks hold the same trajectory and share only the network evaluations.
+"""
+
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import fp16_util
+from .pet.normalisation import model_to_suv, suv_to_model
+from .patched_model import PatchedModel, sample_patches_independently
+from .pet import volumes
+from .pet.patches import PatchGrid
+
+STITCH_MODES = ("seamfree", "independent")
+
+
+@dataclass
+class SamplingSettings:
+    """How a volume is sampled.
+
+    :param use_ddim: DDIM (``eta``) instead of ancestral sampling.
+    :param patch_z: axial slab depth in voxels (model grid); ``None``: the checkpoint's
+        training patch depth.
+    :param overlap: overlap between neighbouring patches in voxels (Z, X, Y or scalar).
+    :param max_patch_voxels: tile the transaxial plane too when a slab exceeds this many voxels.
+    :param batch_size: patches per network call.
+    :param stitch: ``"seamfree"`` (blend every step) or ``"independent"`` (blend once at the end).
+    :param start_t: start the chain at this (respaced) step index from ``q_sample(low_dose)``.
+    :param precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) for the network.
+    :param progress: tqdm bar for the reverse steps (rank 0).
+    """
+
+    use_ddim: bool = False
+    eta: float = 0.0
+    clip_denoised: bool = True
+    patch_z: int = None
+    overlap: int = 8
+    max_patch_voxels: int = None
+    batch_size: int = 1
+    stitch: str = "seamfree"
+    start_t: int = None
+    precision: str = "fp32"
+    progress: bool = True
+
+
+def member_seed(seed, name, member):
+    """Deterministic 63-bit seed for ensemble member ``member`` of the input called ``name``."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7919 + int(member)) % (2**63 - 1)
+
+
+class _PrecisionModel:
+    """The network under autocast (bf16/fp16) and channels-last 3D; output back in float32."""
+
+    def __init__(self, model, precision):
+        self.model = model
+        self.precision = precision
+        self.device = next(model.parameters()).device
+        if precision != "fp32" and getattr(model, "dims", 2) == 3:
+            model.to(memory_format=torch.channels_last_3d)
+
+    def __call__(self, x, t, **kwargs):
+        with torch.no_grad(), fp16_util.autocast(self.device, self.precision):
+            return self.model(x, t, **kwargs).float()
+
+
+class VolumeDenoiser:
+    """Denoise volumes with one model and diffusion (see module docstring).
+
+    :param model: the UNet (``SuperResModel`` for ``paired``), on its device, in eval mode.
+    :param diffusion: a (spaced) ``GaussianDiffusion``.
+    :param metadata: checkpoint metadata (``normalisation``, ``voxel_mm``, ``patch_size_zxy``,
+        ``cond``), see :mod:`guided_diffusion.checkpoints`.
+    :param settings: :class:`SamplingSettings`.
+    :param conditioner_factory: optional ``factory(y0, diffusion, generator, prepared)`` returning
+        a sampler ``step_hook`` (e.g. BC-DPM's block) for one member; ``y0`` is the low-dose
+        volume in model space ``(1, 1, Z, X, Y)``.
+    :param rank, world_size: this process's share of the network evaluations.
+    """
+
+    def __init__(self, model, diffusion, metadata, settings, *, conditioner_factory=None,
+                 rank=0, world_size=1):
+        if settings.stitch not in STITCH_MODES:
+            raise ValueError(f"stitch must be one of {STITCH_MODES}, got {settings.stitch!r}")
+        if settings.stitch == "independent" and conditioner_factory is not None:
+            raise ValueError("the BC-DPM conditioning acts on whole volumes: use stitch='seamfree'")
+        self.model = model
+        self.network = _PrecisionModel(model, settings.precision)
+        self.diffusion = diffusion
+        self.metadata = metadata
+        self.settings = settings
+        self.conditioner_factory = conditioner_factory
+        self.rank = rank
+        self.world_size = world_size
+        self.paired = metadata["cond"] == "paired"
+        self.normalisation = metadata["normalisation"]
+        self.voxel_mm = np.broadcast_to(np.asarray(metadata["voxel_mm"], dtype=float), (3,))
+        self.multiple = 2 ** (len(model.channel_mult) - 1)
+        self.device = self.network.device
+
+    # ------------------------------------------------------------------ grid and space changes
+
+    def prepare(self, suv, affine):
+        """Low-dose SUV volume ``(X, Y, Z)`` -> dict with the model-space tensor ``y0``
+        ``(1, 1, Z, X', Y')`` and what :meth:`finish` needs to undo every step."""
+        suv = np.asarray(suv, dtype=np.float32)
+        affine = np.asarray(affine, dtype=np.float64)
+        negative = float((suv < 0).mean())
+        suv = np.clip(suv, 0.0, None)
+        input_voxel = volumes.voxel_sizes(affine)
+        resampled = not np.allclose(input_voxel, self.voxel_mm, rtol=0.01)
+        model_grid_affine = affine
+        if resampled:
+            suv, model_grid_affine = volumes.resample_to_voxel(suv, affine, self.voxel_mm)
+        pads = [(0, 0)]
+        for n in suv.shape[:2]:
+            total = -n % self.multiple
+            pads.append((total // 2, total - total // 2))
+        pads = [pads[1], pads[2], (0, 0)]
+        padded = np.pad(suv, pads)
+        y0 = suv_to_model(torch.from_numpy(padded).permute(2, 0, 1)[None, None], self.normalisation)
+        return dict(
+            y0=y0.to(self.device, torch.float32).contiguous(),
+            pads=pads,
+            model_shape=tuple(suv.shape),
+            model_grid_affine=model_grid_affine,
+            input_affine=affine,
+            resampled=resampled,
+            negative_fraction=negative,
+            padded_suv=padded,
+        )
+
+    def finish(self, sample, prepared, input_shape):
+        """Model-space sample ``(1, 1, Z, X', Y')`` -> SUV ``(X, Y, Z)`` on the input grid."""
+        suv = model_to_suv(sample[0, 0].permute(1, 2, 0).float().cpu(), self.normalisation).numpy()
+        (x0, x1), (y0, y1), _ = prepared["pads"]
+        suv = suv[x0:suv.shape[0] - x1, y0:suv.shape[1] - y1, :]
+        if prepared["resampled"]:
+            suv = volumes.resample_like(suv, prepared["model_grid_affine"], input_shape,
+                                        prepared["input_affine"])
+        return np.clip(suv, 0.0, None).astype(np.float32)
+
+    def grid_for(self, prepared):
+        """The patch grid over the padded model-space volume ``(Z, X', Y')``."""
+        shape = tuple(prepared["y0"].shape[2:])
+        patch_z = self.settings.patch_z or int(self.metadata.get("patch_size_zxy", [96])[0])
+        return PatchGrid(shape, (patch_z, None, None), self.settings.overlap,
+                         max_patch_voxels=self.settings.max_patch_voxels,
+                         transaxial_multiple=self.multiple)
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self, prepared, seed):
+        """One ensemble member: a model-space sample ``(1, 1, Z, X', Y')``.
+
+        :param seed: the member's seed (see :func:`member_seed`).
+        :return: ``(sample, info)`` with the number of network evaluations and seconds.
+        """
+        settings = self.settings
+        y0 = prepared["y0"]
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        grid = self.grid_for(prepared)
+        noise = torch.randn(y0.shape, generator=generator).to(self.device)
+        start_t = settings.start_t
+        if start_t is not None:
+            if not 0 <= start_t < self.diffusion.num_timesteps:
+                raise ValueError(f"start_t={start_t} outside [0, {self.diffusion.num_timesteps})")
+            t = torch.full((y0.shape[0],), start_t, device=self.device, dtype=torch.long)
+            noise = self.diffusion.q_sample(y0, t, noise=noise)
+        model_kwargs = {"low_res": y0} if self.paired else {}
+        hook = None
+        if self.conditioner_factory is not None:
+            hook = self.conditioner_factory(y0, self.diffusion, generator, prepared)
+        loop_kwargs = dict(
+            noise=noise, clip_denoised=settings.clip_denoised, model_kwargs=model_kwargs,
+            progress=settings.progress and self.rank == 0, generator=generator,
+            start_t=start_t, step_hook=hook,
+        )
+        if settings.use_ddim:
+            loop_kwargs["eta"] = settings.eta
+        steps = self.diffusion.num_timesteps if start_t is None else start_t + 1
+        begin = time.perf_counter()
+        if settings.stitch == "seamfree":
+            patched = PatchedModel(self.network, grid, settings.batch_size, self.rank, self.world_size)
+            loop = self.diffusion.ddim_sample_loop if settings.use_ddim else self.diffusion.p_sample_loop
+            sample = loop(patched, tuple(y0.shape), **loop_kwargs)
+        else:
+            sample = self._sample_independent(grid, loop_kwargs)
+        info = dict(network_evaluations_per_patch=steps, patches=len(grid),
+                    seconds=time.perf_counter() - begin)
+        return sample, info
+
+    def _sample_independent(self, grid, loop_kwargs):
+        """Independent chains per patch, patches split over ranks, stitched once."""
+        noise = loop_kwargs.pop("noise")
+        loop_kwargs.pop("step_hook")
+        start_t = loop_kwargs.pop("start_t")
+        generator = loop_kwargs.pop("generator")
+        mine = list(range(self.rank, len(grid), self.world_size))
+        samples = {}
+        for i in mine:
+            # one generator per patch, so a patch's chain does not depend on the rank layout
+            patch_generator = torch.Generator(device="cpu").manual_seed(
+                (generator.initial_seed() * 131 + i) % (2**63 - 1))
+            samples.update(sample_patches_independently(
+                self.diffusion, self.network, grid, noise, [i], use_ddim=self.settings.use_ddim,
+                generator=patch_generator, start_t=start_t, **loop_kwargs))
+        if self.world_size > 1:
+            shares = [None] * self.world_size
+            dist.all_gather_object(shares, {i: s.cpu() for i, s in samples.items()})
+            samples = {i: s.to(self.device) for share in shares for i, s in share.items()}
+        return grid.stitch([samples[i] for i in range(len(grid))])
+
+    def denoise(self, suv, affine, seeds, on_member=None, skip=None):
+        """Run the ensemble on one volume.
+
+        :param suv, affine: low-dose volume ``(X, Y, Z)`` in SUV and its 4x4 affine (mm).
+        :param seeds: one seed per ensemble member.
+        :param on_member: optional ``callback(member, suv_volume, info)`` after each member
+            (used to save finished members, so an interrupted run can resume).
+        :param skip: optional ``{member: suv_volume}`` of members already done (not re-run).
+        :return: ``(mean, std, members, infos)``: SUV volumes ``(X, Y, Z)`` on the input grid
+            (``std`` is the voxel-wise ensemble standard deviation, zero for one member).
+        """
+        prepared = self.prepare(suv, affine)
+        input_shape = np.shape(suv)
+        members, infos = [], []
+        for k, seed in enumerate(seeds):
+            if skip and k in skip:
+                members.append(np.asarray(skip[k], dtype=np.float32))
+                infos.append(dict(member=k, seed=int(seed), resumed=True))
+                continue
+            sample, info = self.sample(prepared, seed)
+            volume = self.finish(sample, prepared, input_shape)
+            info = dict(info, member=k, seed=int(seed))
+            if on_member is not None:
+                on_member(k, volume, info)
+            members.append(volume)
+            infos.append(info)
+        stack = np.stack(members)
+        mean = stack.mean(axis=0).astype(np.float32)
+        std = stack.std(axis=0).astype(np.float32) if len(members) > 1 else np.zeros_like(mean)
+        return mean, std, members, dict(members=infos, negative_fraction=prepared["negative_fraction"],
+                                        resampled=prepared["resampled"],
+                                        model_shape_zxy=list(prepared["y0"].shape[2:]))
+
