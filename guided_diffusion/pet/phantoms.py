@@ -543,7 +543,9 @@ def _fraction_in_body(shape, grid, supersample, envelope):
     return slices, np.minimum(fraction, envelope[slices])
 
 
-def _grid_for(shape, voxel_mm, fov_mm):
+def phantom_grid(shape=None, voxel_mm=DEFAULT_VOXEL_MM, fov_mm=None):
+    """The VoxelGrid of a phantom: ``shape`` (X, Y, Z) or ``fov_mm`` (default the whole-body FOV)
+    at ``voxel_mm``, centred transaxially, z = 0 at the centre of the bottom slice."""
     voxel = np.broadcast_to(np.asarray(voxel_mm, dtype=float), (3,)).copy()
     if np.any(voxel <= 0):
         raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
@@ -609,7 +611,7 @@ def make_phantom(seed, shape=None, voxel_mm=DEFAULT_VOXEL_MM, tracer="FDG", fov_
     tracer = get_tracer(tracer)
     if int(supersample) < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
-    grid = _grid_for(shape, voxel_mm, fov_mm)
+    grid = phantom_grid(shape, voxel_mm, fov_mm)
     anatomy_seq, uptake_seq, texture_seq, lesion_seq = np.random.SeedSequence(int(seed)).spawn(4)
     anatomy_rng = np.random.default_rng(anatomy_seq)
     fov = np.array(grid.shape) * grid.voxel
