@@ -33,41 +33,14 @@ import numpy as np
 import torch as th
 
 from . import dist_util, logger
-
-DEFAULT_NORMALISATION = dict(clip=16.0, scale=16.0, range=(-1.0, 1.0))
+from .pet.normalisation import (  # noqa: F401  (re-exported: the one SUV <-> model mapping)
+    DEFAULT_NORMALISATION,
+    model_to_suv,
+    resolve_normalisation,
+    suv_to_model,
+)
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-def resolve_normalisation(normalisation=None):
-    """Fill missing keys of ``normalisation`` from :data:`DEFAULT_NORMALISATION` and check it."""
-    norm = dict(DEFAULT_NORMALISATION, **(normalisation or {}))
-    lo, hi = (float(v) for v in norm["range"])
-    if not (norm["clip"] > 0 and norm["scale"] > 0 and hi > lo):
-        raise ValueError(f"invalid normalisation {norm}: need clip > 0, scale > 0, range[1] > range[0]")
-    return dict(clip=float(norm["clip"]), scale=float(norm["scale"]), range=[lo, hi])
-
-
-def suv_to_model(suv, normalisation=None):
-    """
-    Map SUV (g/mL) to model space: ``lo + (hi - lo) * clip(suv, 0, clip) / scale``.
-
-    Works on numpy arrays and torch tensors of any shape; returns the same kind.
-    """
-    norm = resolve_normalisation(normalisation)
-    lo, hi = norm["range"]
-    if isinstance(suv, th.Tensor):
-        clipped = suv.clamp(0.0, norm["clip"])
-    else:
-        clipped = np.clip(suv, 0.0, norm["clip"])
-    return lo + (hi - lo) * (clipped / norm["scale"])
-
-
-def model_to_suv(x, normalisation=None):
-    """Inverse of :func:`suv_to_model` (exact for SUV in ``[0, clip]``)."""
-    norm = resolve_normalisation(normalisation)
-    lo, hi = norm["range"]
-    return (x - lo) / (hi - lo) * norm["scale"]
 
 
 # ----------------------------------------------------------------------------- sources

@@ -116,7 +116,8 @@ def create_argparser(metadata=None, argv=None):
                         help="blend overlapping patches at every step, or stitch independent "
                              "chains at the end (the published code's behaviour)")
     parser.add_argument("--bc_steps", type=int, default=None,
-                        help="BC-DPM: condition the last l reverse steps (default from --bc_noise)")
+                        help="BC-DPM: condition the last l reverse steps (default from --bc_noise; "
+                             "0 samples the prior alone)")
     parser.add_argument("--bc_noise", choices=tuple(BC_STEPS_BY_NOISE), default="medium",
                         help="BC-DPM paper defaults l = 5 / 10 / 15 for light / medium / heavy noise")
     parser.add_argument("--bc_lambda", type=float, default=0.2, help="BC-DPM balance lambda")
@@ -297,8 +298,9 @@ def main(argv=None):
     if args.bc_steps is None:
         args.bc_steps = BC_STEPS_BY_NOISE[args.bc_noise]
     if mode in ("bcdpm", "hybrid") or args.bc_start:
-        if not 0 < args.bc_steps <= diffusion.num_timesteps:
-            raise InputError(f"--bc_steps {args.bc_steps} must lie in [1, {diffusion.num_timesteps}]")
+        if not 0 <= args.bc_steps <= diffusion.num_timesteps or (args.bc_start and not args.bc_steps):
+            raise InputError(f"--bc_steps {args.bc_steps} must lie in [{int(args.bc_start)}, "
+                             f"{diffusion.num_timesteps}]")
     settings = SamplingSettings(
         use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
         patch_z=args.patch_z, overlap=args.patch_overlap, max_patch_voxels=args.max_patch_voxels,

@@ -1,0 +1,219 @@
+"""scripts/test.py end to end on tiny random checkpoints: outputs, MPI invariance, conditioning,
+resume after a kill, and the one-line errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion.script_util import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+from tests.mpi_helpers import REPO, mpiexec_path
+
+SCRIPT = REPO / "scripts" / "test.py"
+TINY = dict(num_channels=16, channel_mult="1,2", num_res_blocks=1, num_heads=1,
+            num_head_channels=-1, diffusion_steps=50, noise_schedule="cosine", learn_sigma=True)
+AFFINE = np.array([[4.0, 0, 0, -40], [0, 4.0, 0, -44], [0, 0, 4.0, 10], [0, 0, 0, 1]])
+
+
+def _save_checkpoint(path, cond, respacing="ddim5"):
+    torch.manual_seed(0)
+    if cond == "paired":
+        flags = dict(sr_model_and_diffusion_defaults(), large_size=16, small_size=16, **TINY)
+        model, _ = sr_create_model_and_diffusion(**flags)
+    else:
+        flags = dict(model_and_diffusion_defaults(), image_size=16, dims=3, in_channels=1,
+                     attention_resolutions="", **TINY)
+        model, _ = create_model_and_diffusion(**flags)
+    # non-zero output layer so the samples depend on the network
+    with torch.no_grad():
+        model.out[-1].weight.normal_(0, 0.02)
+    torch.save(model.state_dict(), path)
+    meta = dict(flags=flags, cond=cond, normalisation=dict(clip=16, scale=16, range=[-1, 1]),
+                voxel_mm=4.0, patch_size_zxy=[8, 16, 16], sampling=dict(timestep_respacing=respacing))
+    Path(path).with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("denoise")
+    _save_checkpoint(root / "paired.pt", "paired")
+    _save_checkpoint(root / "prior.pt", "none", respacing="10")
+    rng = np.random.default_rng(0)
+    low = np.abs(rng.normal(1.0, 0.5, (20, 22, 19))).astype(np.float32)
+    low[5:9, 6:10, 4:8] += 6.0
+    np.savez(root / "subject.npz", arr_0=low[None], affine=AFFINE)
+    return root
+
+
+def run_script(*args, mpi=0, check=True, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
+    if mpi:
+        if mpiexec_path() is None:
+            pytest.skip("mpiexec not found")
+        cmd = [mpiexec_path(), "-n", str(mpi)] + cmd
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+COMMON = ("--patch_z", 8, "--patch_overlap", 2, "--seed", 3)
+
+
+def test_paired_outputs_keep_grid_and_affine(workdir):
+    out = workdir / "out_paired"
+    run_script("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
+               "--save_dir", out, "--num_ensemble", 2, *COMMON)
+    names = sorted(os.listdir(out))
+    for suffix in ("_denoised.nii.gz", "_denoised.npz", "_uncertainty.nii.gz",
+                   "_uncertainty.npz", ".png", ".json"):
+        assert "subject" + suffix in names
+    image = nib.load(out / "subject_denoised.nii.gz")
+    np.testing.assert_allclose(image.affine, AFFINE)
+    assert image.shape == (20, 22, 19)
+    denoised = np.load(out / "subject_denoised.npz")["arr_0"]
+    assert denoised.shape == (1, 20, 22, 19) and np.isfinite(denoised).all()
+    uncertainty = np.load(out / "subject_uncertainty.npz")["arr_0"][0]
+    assert (uncertainty >= 0).all() and uncertainty.max() > 0  # two distinct members
+    report = json.loads((out / "subject.json").read_text())
+    assert report["cond_mode"] == "paired" and len(report["seeds"]) == 2
+    assert len(set(report["seeds"])) == 2
+    assert not (out / ".partial" / "subject").exists()
+    # a re-run skips the finished input
+    proc = run_script("--model_path", workdir / "paired.pt", "--base_samples",
+                      workdir / "subject.npz", "--save_dir", out, *COMMON)
+    assert "skipped" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_two_ranks_equal_one_rank(workdir):
+    # bit-identity needs the same kernels: the same torch threads per rank (conv reductions
+    # are blocked by thread count)
+    outputs = {}
+    for n in (1, 2):
+        out = workdir / f"out_n{n}"
+        args = ("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
+                "--save_dir", out, "--threads", 1, *COMMON)
+        run_script(*args, mpi=n)
+        outputs[n] = np.load(out / "subject_denoised.npz")["arr_0"]
+    np.testing.assert_array_equal(outputs[1], outputs[2])
+
+
+def test_independent_stitching_runs_and_differs_from_seamfree(workdir):
+    results = {}
+    for stitch in ("seamfree", "independent"):
+        out = workdir / f"out_{stitch}"
+        run_script("--model_path", workdir / "paired.pt", "--base_samples",
+                   workdir / "subject.npz", "--save_dir", out, "--stitch", stitch, *COMMON)
+        results[stitch] = np.load(out / "subject_denoised.npz")["arr_0"]
+    assert results["seamfree"].shape == results["independent"].shape
+    assert not np.array_equal(results["seamfree"], results["independent"])
+
+
+def test_bcdpm_moves_prior_sample_toward_low_dose(workdir):
+    low = np.load(workdir / "subject.npz")["arr_0"][0]
+    outputs = {}
+    for steps in (0, 4):  # 0: the prior alone, no conditioning
+        out = workdir / f"out_bc{steps}"
+        run_script("--model_path", workdir / "prior.pt", "--base_samples", workdir / "subject.npz",
+                   "--save_dir", out, "--cond_mode", "bcdpm", "--bc_scanner", "demo",
+                   "--bc_counts", 2e6, "--bc_recon_iters", 1, "--bc_recon_subsets", 2,
+                   "--bc_steps", steps, *COMMON)
+        outputs[steps] = np.load(out / "subject_denoised.npz")["arr_0"][0]
+    from scipy.ndimage import gaussian_filter
+
+    smooth = gaussian_filter(low, 2.0)
+    err_unconditioned = np.abs(gaussian_filter(outputs[0], 2.0) - smooth).mean()
+    err_conditioned = np.abs(gaussian_filter(outputs[4], 2.0) - smooth).mean()
+    assert err_conditioned < 0.5 * err_unconditioned
+
+
+def test_interrupted_run_resumes_to_the_same_result(workdir):
+    common = ("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
+              "--num_ensemble", 3, "--timestep_respacing", "50", "--use_ddim", "False", *COMMON)
+    reference = workdir / "out_reference"
+    run_script(*common, "--save_dir", reference)
+
+    out = workdir / "out_killed"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, common), "--save_dir", str(out)],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / ".partial" / "subject"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if partial.is_dir() and any(partial.iterdir()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    if not (partial.is_dir() and any(partial.iterdir())):
+        pytest.skip("the run finished before it could be interrupted")
+    assert not (out / "subject.json").exists()
+    proc = run_script(*common, "--save_dir", out)
+    assert "resuming" in proc.stdout
+    np.testing.assert_array_equal(np.load(out / "subject_denoised.npz")["arr_0"],
+                                  np.load(reference / "subject_denoised.npz")["arr_0"])
+
+
+def _bad_npz(path, **arrays):
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case", ["nan", "2d", "empty", "missing_key", "garbage"])
+def test_bad_inputs_exit_with_one_line_naming_the_file(workdir, case):
+    bad = workdir / f"bad_{case}.npz"
+    if case == "nan":
+        volume = np.ones((1, 16, 16, 8), np.float32)
+        volume[0, 1, 1, 1] = np.nan
+        _bad_npz(bad, arr_0=volume)
+    elif case == "2d":
+        _bad_npz(bad, arr_0=np.ones((16, 16), np.float32))
+    elif case == "empty":
+        bad.write_bytes(b"")
+    elif case == "missing_key":
+        _bad_npz(bad, volume=np.ones((16, 16, 8), np.float32))
+    else:
+        bad.write_bytes(b"this is not a zip file")
+    out = workdir / f"out_bad_{case}"
+    proc = run_script("--model_path", workdir / "paired.pt", "--base_samples", bad,
+                      "--save_dir", out, *COMMON, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and str(bad.name) in lines[-1]
+    assert not [n for n in os.listdir(out) if not n.startswith(".")]
+
+
+def test_unwritable_save_dir_and_mismatched_checkpoint(workdir):
+    blocker = workdir / "a_file"
+    blocker.write_text("x")
+    proc = run_script("--model_path", workdir / "paired.pt", "--base_samples",
+                      workdir / "subject.npz", "--save_dir", blocker / "sub", *COMMON, check=False)
+    assert proc.returncode == 2 and "not writable" in proc.stderr
+    proc = run_script("--model_path", workdir / "paired.pt", "--base_samples",
+                      workdir / "subject.npz", "--save_dir", workdir / "out_mismatch",
+                      "--num_channels", 32, *COMMON, check=False)
+    assert proc.returncode == 2
+    assert "paired.pt" in proc.stderr and "error:" in proc.stderr
+    proc = run_script("--model_path", workdir / "prior.pt", "--cond_mode", "paired",
+                      "--base_samples", workdir / "subject.npz", "--save_dir",
+                      workdir / "out_wrong_mode", *COMMON, check=False)
+    assert proc.returncode == 2 and "unconditional" in proc.stderr
