@@ -59,6 +59,16 @@ def test_nifti_round_trip_exact_with_affine(tmp_path, name):
     np.testing.assert_allclose(affine, _affine(), rtol=0, atol=1e-5)  # stored as float32
 
 
+def test_label_nifti_keeps_integers(tmp_path):
+    import nibabel as nib
+
+    labels = np.random.default_rng(0).integers(0, 300, (5, 4, 3)).astype(np.int16)
+    path = tmp_path / "labels.nii.gz"
+    volumes.save_nifti(path, labels, _affine(), dtype=np.int16)
+    assert nib.load(path).get_data_dtype() == np.int16
+    np.testing.assert_array_equal(volumes.load_volume(path)[0], labels)
+
+
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
     path = tmp_path / "out.npz"
 
@@ -119,7 +129,6 @@ def test_list_inputs(tmp_path):
 def _write_pet_series(directory, pixels, slope, intercept, weight_kg, dose_bq, half_life_s,
                       injection_time, series_time, drop=None):
     """A tiny axial PET series (X = columns, Y = rows), slices written in reverse z order."""
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

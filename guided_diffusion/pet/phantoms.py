@@ -261,6 +261,9 @@ class VoxelGrid:
         return tuple(slices)
 
 
+_CHUNK_POINTS = 1 << 21  # SDF evaluations per block (bounds the temporaries' memory)
+
+
 def voxel_fraction(shape, grid, supersample=2):
     """Fraction of each voxel inside ``shape``: returns ``(slices, fraction float32)`` over the
     shape's bounding box in ``grid``, or None when the shape misses the grid."""
@@ -269,21 +272,31 @@ def voxel_fraction(shape, grid, supersample=2):
     if slices is None:
         return None
     x, y, z = (grid.axes[i][slices[i]] for i in range(3))
-    h = float(grid.voxel.mean())
-    d = np.broadcast_to(shape.sdf(x[:, None, None], y[None, :, None], z[None, None, :]),
-                        tuple(len(v) for v in (x, y, z)))
-    fraction = np.clip(0.5 - d / h, 0.0, 1.0)
-    if supersample > 1:
-        near = np.nonzero(np.abs(d) < 0.75 * diagonal)
-        if near[0].size:
-            steps = (np.arange(supersample) + 0.5) / supersample - 0.5
-            offsets = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3) * grid.voxel
-            fine = shape.sdf(x[near[0]][:, None] + offsets[:, 0], y[near[1]][:, None] + offsets[:, 1],
-                             z[near[2]][:, None] + offsets[:, 2])
-            fraction[near] = np.clip(0.5 - fine * (supersample / h), 0.0, 1.0).mean(axis=1)
+    fraction = np.empty((len(x), len(y), len(z)), np.float32)
+    step = max(1, _CHUNK_POINTS // (len(x) * len(y)))
+    for k in range(0, len(z), step):
+        fraction[..., k:k + step] = _fraction_block(shape, x, y, z[k:k + step], grid.voxel, supersample)
     if not fraction.any():
         return None
-    return slices, fraction.astype(np.float32)
+    return slices, fraction
+
+
+def _fraction_block(shape, x, y, z, voxel, supersample):
+    h = float(voxel.mean())
+    d = np.broadcast_to(shape.sdf(x[:, None, None], y[None, :, None], z[None, None, :]),
+                        (len(x), len(y), len(z)))
+    fraction = np.clip(0.5 - d / h, 0.0, 1.0)
+    if supersample > 1:
+        near = np.nonzero(np.abs(d) < 0.75 * float(np.linalg.norm(voxel)))
+        steps = (np.arange(supersample) + 0.5) / supersample - 0.5
+        offsets = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3) * voxel
+        per_block = max(1, _CHUNK_POINTS // len(offsets))
+        for start in range(0, near[0].size, per_block):
+            i, j, k = (axis[start:start + per_block] for axis in near)
+            fine = shape.sdf(x[i][:, None] + offsets[:, 0], y[j][:, None] + offsets[:, 1],
+                             z[k][:, None] + offsets[:, 2])
+            fraction[i, j, k] = np.clip(0.5 - fine * (supersample / h), 0.0, 1.0).mean(axis=1)
+    return fraction
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ NIfTI converters do, slices ordered feet -> head).
 """
 
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -140,7 +141,7 @@ def _load_nifti(path, index):
 
 def _dicom_seconds(value):
     """Seconds since midnight of a DICOM TM (``HHMMSS.FFFFFF``) or DT (``YYYYMMDDHHMMSS``) value."""
-    text = str(value).strip().replace(":", "")
+    text = re.split(r"[+-]", str(value).strip().replace(":", ""))[0]  # drop a UTC offset
     if len(text) >= 14 and text[:8].isdigit() and "." not in text[:8]:
         text = text[8:]
     hours, minutes = int(text[0:2]), int(text[2:4] or 0)
@@ -300,11 +301,18 @@ def atomic_write(path, write, suffix):
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_npz(path, low, full=None, affine=None):
