@@ -57,6 +57,11 @@ def list_volume_sources(data_dir, paired):
     """
     Find the sample sources under ``data_dir``.
 
+    Datasets from ``scripts/make_dataset.py`` carry split lists: when ``train.txt`` files exist
+    under ``data_dir``, only the volumes they list (paths relative to each list) are used, so
+    validation/test subjects and the phantom truth, attenuation and label volumes never enter
+    training. Otherwise every ``.npz`` and NIfTI file below ``data_dir`` is a candidate.
+
     :return: sorted list of ``(low_path, full_path, npz)`` tuples: for ``.npz`` both paths
         are the file and ``npz`` is True; for NIfTI ``low_path`` is None in unpaired mode.
     """
@@ -65,6 +70,14 @@ def list_volume_sources(data_dir, paired):
     files = sorted(
         os.path.join(root, f) for root, _, names in os.walk(data_dir) for f in names
     )
+    split_lists = [f for f in files if os.path.basename(f) == "train.txt"]
+    if split_lists:
+        listed = []
+        for split_list in split_lists:
+            base = os.path.dirname(split_list)
+            with open(split_list, encoding="utf-8") as handle:
+                listed += [os.path.join(base, line.strip()) for line in handle if line.strip()]
+        files = sorted(listed)
     existing = set(files)
     sources = []
     for path in files:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduce the shipped demo checkpoints (checkpoint/demo_paired.pt, checkpoint/demo_prior.pt):
+# simulate the training data, then train both models side by side (one core each).
+#   bash checkpoint/train_demo_checkpoints.sh [DATA_DIR] [RUN_DIR] [MAX_MINUTES]
+# The shipped weights come from the run documented in checkpoint/README.md (same commands).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+bash scripts/setup_env.sh
+export PATH="$repo/.venv/bin:$PATH"
+data="${1:-data/demo_train}"
+runs="${2:-runs/demo}"
+minutes="${3:-55}"
+
+# Training subjects (train split only; seeds differ from the demo / validation / test subjects).
+mpiexec -n 2 python scripts/make_dataset.py --out "$data/train_fdg" --subjects 16 --seed 100 \
+  --tracers FDG --split 1 0 0
+mpiexec -n 2 python scripts/make_dataset.py --out "$data/train_mix" --subjects 6 --seed 200 \
+  --tracers PSMA DOTATATE FAPI --split 1 0 0
+
+# Small 3D UNet, published block layout (scale-shift norm, res-block up/down-sampling, X/Y-only
+# resampling, no attention), x0-prediction for few-step sampling, full-plane axial slabs.
+common=(--data_dir "$data" --voxel_mm 3.3 --patch_size 10 160 100 --batch_size 1
+        --num_channels 24 --channel_mult 1,2,4 --num_res_blocks 1 --attention_resolutions ""
+        --use_scale_shift_norm True --resblock_updown True --learn_sigma False
+        --predict_xstart True --diffusion_steps 1000 --noise_schedule linear
+        --lr 2e-4 --grad_clip 1.0 --ema_rate 0.999 --precision bf16 --threads 1
+        --save_interval 250 --log_interval 50 --max_steps 100000 --seed 0)
+timeout "${minutes}m" python scripts/train.py --cond paired --log_dir "$runs/paired" "${common[@]}" &
+paired=$!
+timeout "${minutes}m" python scripts/train.py --cond none --dims 3 --in_channels 1 --log_dir "$runs/prior" "${common[@]}" &
+prior=$!
+wait $paired || true
+wait $prior || true
+echo "latest checkpoints:"; ls -1t "$runs"/paired/ema_*.pt | head -1; ls -1t "$runs"/prior/ema_*.pt | head -1
