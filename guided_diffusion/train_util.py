@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import dist_util, logger
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
+from .pet.volumes import atomic_write, atomic_write_bytes
 from .resample import LossAwareSampler, UniformSampler
 
 
@@ -321,10 +322,8 @@ class TrainLoop:
         path = os.path.join(self.save_dir, filename)
         digest = _atomic_save(state_dict, path)
         sidecar = dict(self.metadata, step=self.step, weights=filename, ema_rate=rate, sha256=digest)
-        _atomic_write_bytes(
-            (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode(),
-            os.path.splitext(path)[0] + ".json",
-        )
+        atomic_write_bytes(os.path.splitext(path)[0] + ".json",
+                           json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -370,21 +369,12 @@ def log_loss_dict(diffusion, ts, losses):
             logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
 
 
-def _atomic_write_bytes(data, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_save(obj, path):
     """``torch.save`` to ``path`` atomically; returns the sha256 of the written bytes."""
     buffer = io.BytesIO()
     th.save(obj, buffer)
     data = buffer.getvalue()
-    _atomic_write_bytes(data, path)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -443,5 +433,7 @@ def plot_loss_curve(progress_csv, out_png):
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(out_png, lambda temporary: fig.savefig(temporary, dpi=100, format="png"), ".png")
+    finally:
+        plt.close(fig)

@@ -34,7 +34,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion.pet import metrics, volumes  # noqa: E402
-from guided_diffusion.pet.baselines import write_atomic  # noqa: E402
 
 SCALAR_KEYS = ("rmse", "nrmse", "psnr", "ssim")
 SUMMARY_KEYS = ("lesion_suvmean_bias_pct", "lesion_suvmax_bias_pct", "lesion_tlm_bias_pct",
@@ -358,7 +357,7 @@ def main(argv=None):
                    (args.plot, lambda: to_png(records))]
         for path, render in outputs:
             if path:
-                write_atomic(path, render())
+                volumes.atomic_write_bytes(path, render())
     except (OSError, ValueError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2

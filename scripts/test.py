@@ -30,14 +30,13 @@ import time
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata  # noqa: E402
 from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, member_seed  # noqa: E402
 from guided_diffusion.fp16_util import resolve_precision  # noqa: E402
-from guided_diffusion.pet import conditioning, volumes  # noqa: E402
+from guided_diffusion.pet import conditioning, dataset_manifest, volumes  # noqa: E402
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
@@ -124,9 +123,15 @@ def create_argparser(metadata=None, argv=None):
     parser.add_argument("--bc_sigma_mm", type=float, default=4.0,
                         help="BC-DPM Gaussian-filter condition: sigma in mm")
     parser.add_argument("--bc_scanner", default="quadra", help="scanner preset of the projector")
+    parser.add_argument("--bc_view_mashing", type=int, default=None,
+                        help="view mashing of the projector (default: the preset's; "
+                             "make_dataset.py's demo data: ecat921_2d with 2)")
+    parser.add_argument("--bc_psf_fwhm_mm", type=float, default=None,
+                        help="image-space Gaussian PSF of the projector, FWHM in mm (default: "
+                             "none; make_dataset.py's demo data: 4.5)")
     parser.add_argument("--bc_counts", type=float, default=None,
-                        help="total counts of the low-dose acquisition (default: from the "
-                             "input's manifest JSON, else --bc_drf)")
+                        help="total counts of the low-dose acquisition (default: the input's "
+                             "entry in its make_dataset.py subject manifest, else --bc_drf)")
     parser.add_argument("--bc_drf", type=float, default=None,
                         help="dose reduction factor, with --bc_full_counts")
     parser.add_argument("--bc_full_counts", type=float, default=None,
@@ -201,20 +206,19 @@ def resolve_cond_mode(args, metadata):
 
 
 def acquisition_counts(args, item):
-    """Total low-dose counts for BC-DPM's noise insertion: flag, manifest beside the input, or
+    """Total low-dose counts for BC-DPM's noise insertion: ``--bc_counts``, the input's entry
+    (``counts``) in its make_dataset.py subject manifest ``DIR/sNNNN/manifest.json``, or
     ``--bc_full_counts / --bc_drf``."""
     if args.bc_counts is not None:
         return float(args.bc_counts), "--bc_counts"
-    manifest = os.path.join(os.path.dirname(item["path"]), item["name"] + ".json")
-    if os.path.exists(manifest):
-        with open(manifest) as handle:
-            info = json.load(handle)
-        if "low_dose_counts" in info:
-            return float(info["low_dose_counts"]), manifest
+    description = dataset_manifest.describe_file(item["path"]) if os.path.isfile(item["path"]) else None
+    if description is not None and description["counts"] is not None:
+        return float(description["counts"]), dataset_manifest.subject_manifest_path(item["path"])
     if args.bc_drf is not None and args.bc_full_counts is not None:
         return float(args.bc_full_counts) / float(args.bc_drf), "--bc_full_counts / --bc_drf"
     raise InputError(f"{item['path']}: BC-DPM needs the low-dose count level: give --bc_counts, or "
-                     f"--bc_full_counts with --bc_drf, or a manifest JSON with 'low_dose_counts'")
+                     f"--bc_full_counts with --bc_drf, or a make_dataset.py subject manifest "
+                     f"listing the file's counts")
 
 
 def output_paths(save_dir, name):
@@ -227,11 +231,7 @@ def output_paths(save_dir, name):
 
 
 def _write_json(path, content):
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(content, handle, indent=2, sort_keys=True, default=float)
-        handle.write("\n")
-    os.replace(temporary, path)
+    volumes.atomic_write_bytes(path, json.dumps(content, indent=2, sort_keys=True, default=float) + "\n")
 
 
 class MemberStore:
@@ -269,7 +269,7 @@ def run_signature(args):
 
     keys = ("model_path", "seed", "cond_mode", "timestep_respacing", "use_ddim", "eta", "patch_z",
             "patch_overlap", "max_patch_voxels", "stitch", "bc_steps", "bc_lambda", "bc_sigma_mm",
-            "bc_scanner", "bc_counts", "bc_start", "precision", "batch_size")
+            "bc_scanner", "bc_view_mashing", "bc_psf_fwhm_mm", "bc_counts", "bc_start", "precision", "batch_size")
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -332,7 +332,8 @@ def main(argv=None):
                 scanner=args.bc_scanner, total_counts=counts,
                 randoms_fraction=args.bc_randoms_fraction, recon_iters=args.bc_recon_iters,
                 recon_subsets=args.bc_recon_subsets, normalisation=metadata["normalisation"],
-                voxel_mm=metadata["voxel_mm"])
+                voxel_mm=metadata["voxel_mm"], view_mashing=args.bc_view_mashing,
+                psf_fwhm_mm=args.bc_psf_fwhm_mm)
         denoiser = VolumeDenoiser(model, diffusion, metadata, settings,
                                   conditioner_factory=factory, rank=rank, world_size=world)
         seeds = [member_seed(args.seed, item["name"], k) for k in range(args.num_ensemble)]

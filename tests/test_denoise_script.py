@@ -7,51 +7,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from guided_diffusion.script_util import (
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
-)
 from tests.mpi_helpers import REPO, mpiexec_path
 
 SCRIPT = REPO / "scripts" / "test.py"
-TINY = dict(num_channels=16, channel_mult="1,2", num_res_blocks=1, num_heads=1,
-            num_head_channels=-1, diffusion_steps=50, noise_schedule="cosine", learn_sigma=True)
 AFFINE = np.array([[4.0, 0, 0, -40], [0, 4.0, 0, -44], [0, 0, 4.0, 10], [0, 0, 0, 1]])
 
 
-def _save_checkpoint(path, cond, respacing="ddim5"):
-    torch.manual_seed(0)
-    if cond == "paired":
-        flags = dict(sr_model_and_diffusion_defaults(), large_size=16, small_size=16, **TINY)
-        model, _ = sr_create_model_and_diffusion(**flags)
-    else:
-        flags = dict(model_and_diffusion_defaults(), image_size=16, dims=3, in_channels=1,
-                     attention_resolutions="", **TINY)
-        model, _ = create_model_and_diffusion(**flags)
-    # non-zero output layer so the samples depend on the network
-    with torch.no_grad():
-        model.out[-1].weight.normal_(0, 0.02)
-    torch.save(model.state_dict(), path)
-    meta = dict(flags=flags, cond=cond, normalisation=dict(clip=16, scale=16, range=[-1, 1]),
-                voxel_mm=4.0, patch_size_zxy=[8, 16, 16], sampling=dict(timestep_respacing=respacing))
-    Path(path).with_suffix(".json").write_text(json.dumps(meta))
-    return path
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, make_tiny_checkpoint):
     root = tmp_path_factory.mktemp("denoise")
-    _save_checkpoint(root / "paired.pt", "paired")
-    _save_checkpoint(root / "prior.pt", "none", respacing="10")
+    make_tiny_checkpoint(root / "paired.pt", "paired")
+    make_tiny_checkpoint(root / "prior.pt", "none", respacing="10")
     rng = np.random.default_rng(0)
     low = np.abs(rng.normal(1.0, 0.5, (20, 22, 19))).astype(np.float32)
     low[5:9, 6:10, 4:8] += 6.0

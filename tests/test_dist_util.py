@@ -7,7 +7,7 @@ import torch as th
 import torch.distributed as dist
 
 from guided_diffusion import dist_util
-from mpi_helpers import REPO, run_mpi
+from tests.mpi_helpers import REPO, run_mpi
 
 
 @pytest.fixture(scope="module")

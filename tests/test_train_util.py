@@ -17,7 +17,7 @@ from guided_diffusion.train_util import (
     find_resume_checkpoint,
     parse_resume_step_from_filename,
 )
-from mpi_helpers import REPO, run_mpi
+from tests.mpi_helpers import REPO, run_mpi
 
 PATCH = (8, 16, 16)  # (Z, X, Y)
 

@@ -89,6 +89,18 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     assert os.listdir(tmp_path) == ["out.npz"]
 
 
+def test_atomic_write_bytes_mode_and_missing_directory(tmp_path):
+    path = tmp_path / "new" / "dir" / "table.json"
+    volumes.atomic_write_bytes(path, '{"a": 1}\n')
+    assert path.read_text() == '{"a": 1}\n'
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+    volumes.atomic_write_bytes(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert os.listdir(path.parent) == ["table.json"]
+
+
 def test_bad_inputs_name_the_file(tmp_path):
     nan = _volume()
     nan[1, 1, 1] = np.nan
@@ -212,9 +224,15 @@ def test_resample_to_voxel_and_back():
     np.testing.assert_allclose(back[interior], arr[interior], atol=1e-5)
 
 
-def test_suv_model_normalisation():
-    suv = np.array([0.0, 2.0, 16.0, 40.0])
-    np.testing.assert_allclose(volumes.suv_to_model(suv), [0.0, 0.125, 1.0, 1.0])
-    np.testing.assert_allclose(volumes.model_to_suv(volumes.suv_to_model(suv)), [0.0, 2.0, 16.0, 16.0])
+def test_published_normalisation():
+    """The published [0, 1] mapping (SUV clipped at 16, divided by 16) via the one SUV <-> model
+    module, on numpy arrays and torch tensors."""
+    from guided_diffusion.pet.normalisation import PUBLISHED_NORMALISATION, model_to_suv, suv_to_model
+
+    suv = np.array([-1.0, 0.0, 2.0, 16.0, 40.0])
+    model = suv_to_model(suv, PUBLISHED_NORMALISATION)
+    np.testing.assert_allclose(model, [0.0, 0.0, 0.125, 1.0, 1.0])
+    np.testing.assert_allclose(model_to_suv(model, PUBLISHED_NORMALISATION), [0.0, 0.0, 2.0, 16.0, 16.0])
     torch = pytest.importorskip("torch")
-    np.testing.assert_allclose(volumes.suv_to_model(torch.tensor(suv)).numpy(), [0.0, 0.125, 1.0, 1.0])
+    np.testing.assert_allclose(suv_to_model(torch.tensor(suv), PUBLISHED_NORMALISATION).numpy(),
+                               [0.0, 0.0, 0.125, 1.0, 1.0])

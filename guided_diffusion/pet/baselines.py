@@ -26,8 +26,6 @@ Call any of them as ``denoise(name, volume, **params)`` with ``name`` in :data:`
 import itertools
 import json
 import math
-import os
-import tempfile
 
 import numpy as np
 from bm3d import bm3d as bm3d_2d
@@ -36,6 +34,7 @@ from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
 from . import metrics
+from .volumes import atomic_write_bytes
 
 MODES = ("slice", "volume")
 
@@ -186,23 +185,6 @@ def drf_key(drf):
     return str(int(value)) if value.is_integer() else repr(value)
 
 
-def write_atomic(path, data):
-    """Write ``data`` (bytes or str) to ``path`` via a temporary file and an atomic rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def save_params(path, params):
     """Save ``{method: {drf: {param: value}}}`` as JSON (atomic write); DRF keys via :func:`drf_key`."""
     table = {}
@@ -212,7 +194,7 @@ def save_params(path, params):
         if not isinstance(by_drf, dict):
             raise ValueError(f"parameters of {method!r} must be a dict keyed by DRF")
         table[method] = {drf_key(drf): dict(values) for drf, values in by_drf.items()}
-    write_atomic(path, json.dumps(table, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, json.dumps(table, indent=2, sort_keys=True) + "\n")
 
 
 def load_params(path, method=None, drf=None):

@@ -240,10 +240,14 @@ class BCDPMFactory:
     :param sigma_mm: Gaussian-filter condition sigma in mm.
     :param normalisation: the checkpoint's model-space normalisation.
     :param voxel_mm: model voxel size (scalar or ``(x, y, z)``, mm).
+    :param view_mashing: optional view mashing of the projector (default: the preset's).
+    :param psf_fwhm_mm: optional image-space Gaussian resolution model of the projector (FWHM in
+        mm, scalar or ``(x, y, z)``; default: none), as in the acquisition being simulated.
     """
 
     def __init__(self, *, num_steps_l, lam, sigma_mm, scanner, total_counts, randoms_fraction,
-                 recon_iters, recon_subsets, normalisation, voxel_mm, mode="2d"):
+                 recon_iters, recon_subsets, normalisation, voxel_mm, mode="2d", view_mashing=None,
+                 psf_fwhm_mm=None):
         if not total_counts > 0:
             raise ValueError(f"total_counts must be > 0, got {total_counts}")
         self.num_steps_l = int(num_steps_l)
@@ -258,6 +262,8 @@ class BCDPMFactory:
         self.voxel_mm = tuple(float(v) for v in torch.as_tensor(voxel_mm, dtype=torch.float64)
                               .expand(3).tolist())
         self.mode = mode
+        self.view_mashing = None if view_mashing is None else int(view_mashing)
+        self.psf_fwhm_mm = psf_fwhm_mm
         self._projectors = {}
 
     def projector(self, image_shape, device):
@@ -265,7 +271,9 @@ class BCDPMFactory:
         key = (tuple(image_shape), str(device))
         if key not in self._projectors:
             self._projectors[key] = make_projector(self.scanner, image_shape, self.voxel_mm,
-                                                   mode=self.mode, device=device)
+                                                   mode=self.mode, device=device,
+                                                   view_mashing=self.view_mashing,
+                                                   psf_fwhm_mm=self.psf_fwhm_mm)
         return self._projectors[key]
 
     def __call__(self, y0, diffusion, generator, prepared=None):

@@ -5,10 +5,9 @@ Volumes are ``(X, Y, Z)`` arrays (Z axial, feet -> head) in SUV; the figures sho
 (head at the top) with the true aspect ratio from the voxel size in mm.
 """
 
-import os
-import tempfile
-
 import numpy as np
+
+from .volumes import atomic_write
 
 
 def _views(volume):
@@ -56,13 +55,7 @@ def save_volume_panels(path, panels, voxel_mm, title=None):
         fig.colorbar(shown, ax=axes[row, :].tolist(), shrink=0.8, label="SUV")
     if title:
         fig.suptitle(title, fontsize=10)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".figure.", suffix=".png", dir=directory)
-    os.close(handle)
     try:
-        fig.savefig(temporary, dpi=110)
-        os.replace(temporary, path)
+        atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"), ".png")
     finally:
         plt.close(fig)
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -34,8 +34,10 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
+from .normalisation import PUBLISHED_NORMALISATION
+
 CONVENTIONS = ("udpet", "published")
-PUBLISHED_SUV_CLIP = 16.0
+PUBLISHED_SUV_CLIP = PUBLISHED_NORMALISATION["clip"]
 PUBLISHED_IDENTICAL_PSNR = 100.0
 DEFAULT_VOXEL_MM = (1.65, 1.65, 1.65)
 SSIM_WIN_SIZE = 7

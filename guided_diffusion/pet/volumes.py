@@ -1,4 +1,4 @@
-"""Volume I/O, validation, resampling and model-space normalisation.
+"""Volume I/O, validation, resampling, and the toolkit's one atomic file writer.
 
 Every reader returns ``(array, affine)``: a float32 ``(X, Y, Z)`` array in SUV (g/mL) and a 4x4
 voxel-index -> mm matrix; every writer takes the same pair. Writes are atomic: the data go to a
@@ -23,8 +23,6 @@ PUBLISHED_VOXEL_MM = 1.65
 NPZ_KEY = "arr_0"
 VOLUME_SUFFIXES = (".npz", ".nii", ".nii.gz")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-SUV_CLIP = 16.0
-SUV_SCALE = 16.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,20 +291,44 @@ def _is_dicom(path):
 # ----------------------------------------------------------------------------------------------
 
 def atomic_write(path, write, suffix):
-    """Call ``write(temporary_path)`` then move the result onto ``path``; clean up on error."""
+    """Call ``write(temporary_path)``, then move the result onto ``path``.
+
+    The temporary file lies in the destination directory (created when missing), so the final
+    ``os.replace`` is atomic: readers see the old file or the complete new one, never a partial
+    one. The data are flushed to disk before the rename, and the file gets the usual mode
+    (``0o666`` less the umask) instead of ``mkstemp``'s ``0o600``. On any error, including
+    KeyboardInterrupt, the temporary file is removed and the error propagates.
+
+    :param suffix: file-name ending of the temporary file (e.g. ``".nii.gz"``), for writers
+        that pick the format from the name.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
                                          suffix=".tmp" + suffix, dir=directory)
     os.close(handle)
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` (bytes, or str as UTF-8) to ``path`` with :func:`atomic_write`."""
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+
+    def write(temporary):
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+
+    atomic_write(path, write, os.path.splitext(os.fspath(path))[1])
 
 
 def _umask():
@@ -378,7 +400,7 @@ def save_volume(path, arr, affine):
 
 
 # ----------------------------------------------------------------------------------------------
-# Resampling and normalisation
+# Resampling
 # ----------------------------------------------------------------------------------------------
 
 def resample_to_grid(arr, affine, shape, target_affine, order=1):
@@ -413,14 +435,3 @@ def resample_to_voxel(arr, affine, voxel_mm, order=1):
 def resample_like(arr, affine, reference_shape, reference_affine, order=1):
     """Resample back onto a reference grid (e.g. the input's, after :func:`resample_to_voxel`)."""
     return resample_to_grid(arr, affine, reference_shape, reference_affine, order)
-
-
-def suv_to_model(arr, clip=SUV_CLIP, scale=SUV_SCALE):
-    """Published normalisation: SUV clipped above at ``clip``, divided by ``scale``.
-    Works on numpy arrays and torch tensors alike."""
-    return arr.clip(max=clip) / scale
-
-
-def model_to_suv(arr, scale=SUV_SCALE):
-    """Inverse of :func:`suv_to_model` (below the clip): model values times ``scale``."""
-    return arr * scale
