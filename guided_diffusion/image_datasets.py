@@ -24,6 +24,11 @@ Sampling
     Patches are biased toward the body: a patch whose full-dose mean is below
     ``body_threshold_suv`` is redrawn with probability ``1 - background_keep_prob``.
     Volumes smaller than the patch are zero-padded (at the high-index end of each axis).
+
+2D models (``dims=2``)
+    A 2D prior (the BC-DPM paper's protocol) trains on single slices: patch size ``(1, X, Y)``
+    and ``dims=2`` make every item ``(1, X, Y)`` (the Z axis of size 1 dropped), so batches are
+    ``(B, 1, X, Y)`` as a 2D UNet expects. Slice files are ordinary ``(X, Y, 1)`` volumes.
 """
 
 import collections
@@ -156,7 +161,8 @@ class VolumePatchDataset(th.utils.data.Dataset):
     Random 3D patches from a list of sources; item ``k`` is deterministic in ``(seed, shard, k)``.
 
     ``dataset[k]`` returns ``(full, kwargs)``: ``full`` a float32 tensor ``(1, Z, X, Y)`` in
-    model space, ``kwargs`` holding ``low_res`` of the same shape when ``paired``.
+    model space (``(1, X, Y)`` with ``dims=2``), ``kwargs`` holding ``low_res`` of the same shape
+    when ``paired``.
 
     :param patch_size: ``(Z, X, Y)`` patch size in voxels (model axis order).
     :param random_flip: flip low and full together along X (left-right) with probability 1/2.
@@ -164,6 +170,8 @@ class VolumePatchDataset(th.utils.data.Dataset):
         ``U(1 - j, 1 + j)`` before normalisation.
     :param length: ``len(dataset)`` for ``DataLoader`` use (items beyond are valid too).
     :param cache_volumes: number of decoded sources kept in memory (least recently used out).
+    :param dims: 3 (volume patches) or 2 (single slices for a 2D model: needs ``Z == 1`` in
+        ``patch_size``; the Z axis is dropped from every item).
     """
 
     def __init__(
@@ -182,9 +190,14 @@ class VolumePatchDataset(th.utils.data.Dataset):
         max_redraws=10,
         length=10**6,
         cache_volumes=8,
+        dims=3,
     ):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be three positive ints (Z, X, Y), got {patch_size}")
+        if dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {dims}")
+        if dims == 2 and patch_size[0] != 1:
+            raise ValueError(f"dims=2 trains on single slices: patch_size must be (1, X, Y), got {patch_size}")
         if not 0.0 <= intensity_jitter < 1.0:
             raise ValueError(f"intensity_jitter must be in [0, 1), got {intensity_jitter}")
         if not sources:
@@ -202,6 +215,7 @@ class VolumePatchDataset(th.utils.data.Dataset):
         self.max_redraws = max_redraws
         self.length = length
         self.cache_volumes = cache_volumes
+        self.dims = dims
         self._cache = collections.OrderedDict()
 
     def __len__(self):
@@ -248,6 +262,8 @@ class VolumePatchDataset(th.utils.data.Dataset):
             if flip:
                 block = block[:, ::-1, :]
             model = suv_to_model(np.ascontiguousarray(block), self.normalisation)
+            if self.dims == 2:
+                model = model[0]  # (1, X, Y) -> (X, Y): one slice
             return th.from_numpy(model.astype(np.float32))[None]
 
         kwargs = {"low_res": to_tensor(low)} if self.paired else {}
@@ -325,8 +341,8 @@ def load_data(
     """
     Endless generator of ``(batch, kwargs)`` for training.
 
-    ``batch``: float32 tensor ``(B, 1, Z, X, Y)``, full-dose patches in model space
-    (:func:`suv_to_model`); ``kwargs["low_res"]``: the low-dose patches, same shape and
+    ``batch``: float32 tensor ``(B, 1, Z, X, Y)`` (``(B, 1, X, Y)`` with ``dims=2``), full-dose
+    patches in model space (:func:`suv_to_model`); ``kwargs["low_res"]``: the low-dose patches, same shape and
     normalisation, when ``paired``. Rank ``r`` of ``N`` uses files ``r::N`` (default rank and
     size from :mod:`dist_util`) and its own random stream. ``deterministic=True`` visits the
     rank's files in cyclic order instead of at random. Extra keyword arguments go to

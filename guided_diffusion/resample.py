@@ -15,17 +15,26 @@ import torch.distributed as dist
 
 def create_named_schedule_sampler(name, diffusion):
     """
-    Create a ScheduleSampler by name: "uniform" or "loss-second-moment".
+    Create a ScheduleSampler by name: "uniform", "uniform:N" (uniform over the first N steps
+    only) or "loss-second-moment".
 
     :param name: the name of the sampler.
     :param diffusion: the diffusion object to sample for.
     """
     if name == "uniform":
         return UniformSampler(diffusion)
+    if name.startswith("uniform:"):
+        try:
+            max_t = int(name.split(":", 1)[1])
+        except ValueError:
+            max_t = 0
+        if not 0 < max_t <= diffusion.num_timesteps:
+            raise ValueError(f"schedule sampler {name!r}: N must be in [1, {diffusion.num_timesteps}]")
+        return UniformSampler(diffusion, max_t)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(diffusion)
     raise ValueError(
-        f"unknown schedule sampler: {name!r} (use 'uniform' or 'loss-second-moment')"
+        f"unknown schedule sampler: {name!r} (use 'uniform', 'uniform:N' or 'loss-second-moment')"
     )
 
 
@@ -62,9 +71,17 @@ class ScheduleSampler(ABC):
 
 
 class UniformSampler(ScheduleSampler):
-    def __init__(self, diffusion):
+    """Uniform over all steps, or over the first ``max_t`` steps only.
+
+    The truncated form trains a model for the low-noise end of the chain alone (e.g. a prior
+    used only in BC-DPM's last ``l`` steps with ``--bc_start``); its importance weights are the
+    constant ``max_t / T``.
+    """
+
+    def __init__(self, diffusion, max_t=None):
         self.diffusion = diffusion
-        self._weights = np.ones([diffusion.num_timesteps])
+        self._weights = np.zeros([diffusion.num_timesteps])
+        self._weights[: max_t or diffusion.num_timesteps] = 1.0
 
     def weights(self):
         return self._weights

@@ -226,22 +226,23 @@ def load_denoiser(model_path, cond, respacing, device):
     return model, diffusion, metadata
 
 
-def sampling_settings(args, respacing, start_t=None):
-    """SamplingSettings of the report's flags for one timestep respacing."""
+def sampling_settings(args, respacing, start_t=None, stitch="seamfree"):
+    """SamplingSettings from ``args.patch_z / patch_overlap / batch_size / precision`` for one
+    timestep respacing (``"ddimN"``: DDIM)."""
     return SamplingSettings(use_ddim=respacing.startswith("ddim"), clip_denoised=True,
                             patch_z=args.patch_z, overlap=args.patch_overlap,
-                            batch_size=args.batch_size, stitch="seamfree", start_t=start_t,
+                            batch_size=args.batch_size, stitch=stitch, start_t=start_t,
                             precision=args.precision, progress=False)
 
 
-def bcdpm_factory(description, metadata, *, bc_steps, bc_lambda, bc_sigma_mm, recon_iters,
+def bcdpm_factory(acquisition, metadata, *, bc_steps, bc_lambda, bc_sigma_mm, recon_iters,
                   recon_subsets):
-    """BC-DPM's block simulating the acquisition of a dataset file (scanner settings and
-    low-dose counts from its subject manifest) on the checkpoint's grid."""
+    """BC-DPM's block on the checkpoint's grid simulating ``acquisition`` (scanner, counts...:
+    ``dataset_manifest.bcdpm_acquisition`` of a dataset file)."""
     return BCDPMFactory(num_steps_l=bc_steps, lam=bc_lambda, sigma_mm=bc_sigma_mm,
                         recon_iters=recon_iters, recon_subsets=recon_subsets,
                         normalisation=metadata["normalisation"], voxel_mm=metadata["voxel_mm"],
-                        **dataset_manifest.bcdpm_acquisition(description))
+                        **acquisition)
 
 
 class DiffusionMethods:
@@ -272,7 +273,7 @@ class DiffusionMethods:
         if method == "bcdpm":
             settings = sampling_settings(args, args.bc_respacing or args.steps,
                                          args.bc_steps - 1 if args.bc_start else None)
-            factory = bcdpm_factory(case, metadata, bc_steps=args.bc_steps, bc_lambda=args.bc_lambda,
+            factory = bcdpm_factory(dataset_manifest.bcdpm_acquisition(case), metadata, bc_steps=args.bc_steps, bc_lambda=args.bc_lambda,
                                     bc_sigma_mm=args.bc_sigma_mm, recon_iters=args.bc_recon_iters,
                                     recon_subsets=args.bc_recon_subsets)
         else:

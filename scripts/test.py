@@ -140,9 +140,10 @@ def create_argparser(metadata=None, argv=None):
                         help="randoms as a fraction of trues (paper: 0.2)")
     parser.add_argument("--bc_recon_iters", type=int, default=2, help="OSEM iterations of P^+")
     parser.add_argument("--bc_recon_subsets", type=int, default=8, help="OSEM subsets of P^+")
-    parser.add_argument("--bc_start", action="store_true",
+    parser.add_argument("--bc_start", type=str2bool, nargs="?", const=True, default=False,
                         help="start the reverse process at step l from the diffused low-dose "
-                             "volume instead of pure noise (skips the T-l unconditioned steps)")
+                             "volume instead of pure noise (skips the T-l unconditioned steps; "
+                             "default: the checkpoint's recommendation)")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs with outputs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -152,7 +153,8 @@ def create_argparser(metadata=None, argv=None):
         flags.update(metadata["flags"])
     add_dict_to_argparser(parser, flags)
     sampling = (metadata or {}).get("sampling", {})
-    parser.set_defaults(**{k: v for k, v in sampling.items() if k in ("timestep_respacing", "use_ddim")})
+    parser.set_defaults(**{k: v for k, v in sampling.items()
+                           if k in ("timestep_respacing", "use_ddim", "bc_start", "bc_steps")})
     return parser
 
 
@@ -295,6 +297,10 @@ def main(argv=None):
         raise InputError(str(error).splitlines()[0] + " (run with the checkpoint's flags)") from None
     mode = resolve_cond_mode(args, metadata)
     args.cond_mode = mode
+    trained_t = metadata.get("sampling", {}).get("trained_max_t")
+    if trained_t and not args.bc_start:
+        logger.warn(f"{args.model_path} was trained only for t < {trained_t}: sampling from pure "
+                    f"noise leaves its training range (use --bc_start)")
     if args.bc_steps is None:
         args.bc_steps = BC_STEPS_BY_NOISE[args.bc_noise]
     if mode in ("bcdpm", "hybrid") or args.bc_start:

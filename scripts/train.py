@@ -5,6 +5,8 @@ Train a 3D diffusion model on PET volume patches.
                  (``sr_model_and_diffusion_defaults``), trained on low/full-dose pairs.
   --cond none    an unconditional prior p(x) for BC-DPM (``model_and_diffusion_defaults``
                  with dims=3, in_channels=1), trained on full-dose volumes only.
+  --dims 2       a 2D model on single slices: give --patch_size 1 X Y; batches are (B, 1, X, Y)
+                 (the 2D prior of the BC-DPM paper's protocol, see scripts/bcdpm_protocol.py).
 
 Launch with ``python scripts/train.py ...`` or ``mpiexec -n N python scripts/train.py ...``
 (data-parallel: each rank reads its share of the files; gradients are averaged by DDP).
@@ -155,6 +157,7 @@ def main(argv=None):
         intensity_jitter=args.intensity_jitter,
         normalisation=normalisation,
         seed=args.seed,
+        dims=args.dims,
     )
     metadata = dict(
         flags=flags,
@@ -162,7 +165,7 @@ def main(argv=None):
         normalisation=normalisation,
         voxel_mm=read_voxel_mm(args.data_dir, args.voxel_mm),
         patch_size_zxy=list(args.patch_size),
-        tensor_layout="(B, C, Z, X, Y)",
+        tensor_layout="(B, C, X, Y)" if args.dims == 2 else "(B, C, Z, X, Y)",
         training_data=dict(
             data_dir=os.path.abspath(args.data_dir),
             files=num_files,

@@ -157,3 +157,18 @@ def test_nifti_pairs_share_the_full_dose_volume(tmp_path):
 def test_empty_directory_raises(tmp_path):
     with pytest.raises(ValueError, match="no .npz or NIfTI"):
         list_volume_sources(str(tmp_path), paired=False)
+
+
+def test_dims2_yields_whole_slices_without_the_z_axis(tmp_path):
+    """A (X, Y, 1) slice volume with patch (1, X, Y) and dims=2 gives (B, 1, X, Y) batches."""
+    slice_volume = coordinate_volume((16, 12, 1))
+    np.savez(tmp_path / "slice.npz", slice_volume)
+    data = load_data(data_dir=str(tmp_path), batch_size=2, patch_size=(1, 16, 12), paired=False,
+                     random_flip=False, shard=0, num_shards=1, dims=2)
+    batch, kwargs = next(data)
+    assert batch.shape == (2, 1, 16, 12) and kwargs == {}
+    expected = th.from_numpy(suv_to_model(slice_volume[:, :, 0]))
+    assert th.allclose(batch[0, 0], expected, atol=1e-6) and th.allclose(batch[1, 0], expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"patch_size must be \(1, X, Y\)"):
+        load_data(data_dir=str(tmp_path), batch_size=1, patch_size=(2, 16, 12), paired=False,
+                  shard=0, num_shards=1, dims=2)
