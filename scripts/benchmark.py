@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from guided_diffusion.denoise import VolumeDenoiser  # noqa: E402
 from guided_diffusion.pet import dataset_manifest, metrics, volumes  # noqa: E402
 
 import benchmark_unet  # noqa: E402
@@ -64,6 +65,7 @@ DEFAULT_MODES = ("paired:100", "paired:ddim25", "paired:ddim10", "bcdpm:100:l10"
 FULL_CHAIN_MODE = "paired:full"
 SEAM_HALF_WIDTH = 2  # slices on each side of a slab boundary
 RESULT_PREFIX = "RESULT "
+DEFAULT_RANDOMS_FRACTION = 0.2  # BC-DPM paper (scripts/test.py --bc_randoms_fraction)
 PUBLISHED_UNET = next(name for name in benchmark_unet.CONFIGS if name.startswith("published"))
 
 
@@ -164,7 +166,7 @@ def acquisition_of(spec):
     if spec["bc_counts"] is None:
         raise ValueError(f"{spec['input']}: no make_dataset.py manifest beside it; give --bc_counts")
     return dict(scanner=spec["bc_scanner"], mode="2d", total_counts=spec["bc_counts"],
-                randoms_fraction=0.2)
+                randoms_fraction=DEFAULT_RANDOMS_FRACTION)
 
 
 def run_configuration(spec):
@@ -184,8 +186,6 @@ def run_configuration(spec):
         factory = bcdpm_factory(acquisition_of(spec), metadata, bc_steps=mode["bc_steps"],
                                 bc_lambda=spec["bc_lambda"], bc_sigma_mm=spec["bc_sigma_mm"],
                                 recon_iters=spec["bc_recon_iters"], recon_subsets=spec["bc_recon_subsets"])
-    from guided_diffusion.denoise import VolumeDenoiser
-
     denoiser = VolumeDenoiser(model, diffusion, metadata, settings, conditioner_factory=factory)
     low, affine = volumes.load_volume(spec["input"], index=0)
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -331,9 +331,9 @@ def run_scaling(args):
             stem = os.path.splitext(os.path.basename(args.input))[0]
             with open(os.path.join(save_dir, stem + ".json"), encoding="utf-8") as handle:
                 report = json.load(handle)
+            descendants_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             rows.append(dict(ranks=ranks, threads_per_rank=threads, wall_s=wall,
-                             denoise_s=report["seconds"],
-                             max_rss_descendants_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0))
+                             denoise_s=report["seconds"], max_rss_descendants_mb=descendants_kib / 1024.0))
     for row in rows:
         row["speedup"] = rows[0]["denoise_s"] / row["denoise_s"]
     return rows
@@ -380,17 +380,19 @@ def markdown(results):
                          f"{_fmt(r.get('psnr_near_seams'))} | {_fmt(r.get('psnr_elsewhere'))} |")
         lines.append("")
     if results.get("seams"):
-        lines += ["| stitching | median s | PSNR near seams (+-2 slices) | PSNR elsewhere |", "|---|---|---|---|"]
+        lines += ["| stitching | median s | PSNR near seams (+-2 slices) | PSNR elsewhere |",
+                  "|---|---|---|---|"]
         for r in results["seams"]:
             lines.append(f"| {r['stitch']} ({r['mode']}) | {_fmt(r['median_s'])} | "
                          f"{_fmt(r.get('psnr_near_seams'))} | {_fmt(r.get('psnr_elsewhere'))} |")
         lines.append("")
     if results.get("scaling"):
-        lines += ["| ranks x threads | scripts/test.py wall s | denoise s | speedup | max RSS of descendants so far MB |",
-                  "|---|---|---|---|---|"]
+        lines += ["| ranks x threads | scripts/test.py wall s | denoise s | speedup | "
+                  "max RSS of descendants so far MB |", "|---|---|---|---|---|"]
         for r in results["scaling"]:
             lines.append(f"| {r['ranks']} x {r['threads_per_rank']} | {_fmt(r['wall_s'])} | "
-                         f"{_fmt(r['denoise_s'])} | {_fmt(r['speedup'])} | {_fmt(r['max_rss_descendants_mb'], 0)} |")
+                         f"{_fmt(r['denoise_s'])} | {_fmt(r['speedup'])} | "
+                         f"{_fmt(r['max_rss_descendants_mb'], 0)} |")
         lines.append("")
     if results.get("unet"):
         unet = results["unet"]
@@ -398,7 +400,7 @@ def markdown(results):
         for r in unet["rows"]:
             lines.append(f"| {r['config']} at {r['size']}^3 | {r['precision']} | {r['memory_format']} | "
                          f"{_fmt(r['median_s'], 4)} | {_fmt(r['min_s'], 4)} |")
-        lines += ["", f"published setting (fp32, contiguous) {unet['published_s']:.4f} s; fastest "
+        lines += ["", f"fp32 contiguous (the published code's setting) {unet['published_s']:.4f} s; fastest "
                       f"({unet['fastest']['precision']}, {unet['fastest']['memory_format']}) "
                       f"{unet['fastest']['median_s']:.4f} s: x{unet['speedup']:.2f}", ""]
     return "\n".join(lines)

@@ -48,6 +48,7 @@ from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, member_se
 from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes  # noqa: E402
 from guided_diffusion.pet.conditioning import BCDPMFactory  # noqa: E402
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
+from guided_diffusion.script_util import str2bool  # noqa: E402
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 METHODS = ("low_dose", "gaussian", "paired", "bcdpm")
@@ -58,6 +59,7 @@ ROW_METRICS = ("psnr", "ssim", "nrmse", "rmse", "lesion_suvmean_bias_pct", "lesi
 PAIRED_PSNR_MARGIN_DB_LOW_DRF = 0.5    # DRF < 10
 PAIRED_PSNR_MARGIN_DB_HIGH_DRF = 1.5   # DRF >= 10
 HIGH_DRF = 10.0
+DEFAULT_BC_STEPS = 10  # BC-DPM paper, medium noise
 LESION_BIAS_LIMIT_PCT = 10.0
 
 
@@ -88,15 +90,18 @@ def create_argparser():
                         help="timestep_respacing of the paired model ('ddimN': DDIM)")
     parser.add_argument("--bc_respacing", default=None,
                         help="timestep_respacing of the BC-DPM prior (default: --steps)")
-    parser.add_argument("--bc_steps", type=int, default=10, help="BC-DPM: conditioned last l steps")
+    parser.add_argument("--bc_steps", type=int, default=None,
+                        help="BC-DPM: conditioned last l steps (default: the prior's sidecar "
+                             f"'sampling' recommendation, else {DEFAULT_BC_STEPS})")
     parser.add_argument("--bc_lambda", type=float, default=0.2, help="BC-DPM balance lambda")
     parser.add_argument("--bc_sigma_mm", type=float, default=4.0,
                         help="BC-DPM Gaussian-filter condition sigma (mm)")
     parser.add_argument("--bc_recon_iters", type=int, default=2, help="OSEM iterations of P^+")
     parser.add_argument("--bc_recon_subsets", type=int, default=8, help="OSEM subsets of P^+")
-    parser.add_argument("--bc_start", action="store_true",
+    parser.add_argument("--bc_start", type=str2bool, nargs="?", const=True, default=None,
                         help="BC-DPM starts at step l from the diffused low dose (l network "
-                             "evaluations per patch instead of all steps)")
+                             "evaluations per patch instead of all steps; default: the prior's "
+                             "sidecar 'sampling' recommendation, else off)")
     parser.add_argument("--num_ensemble", type=int, default=1, help="members averaged per volume")
     parser.add_argument("--patch_z", type=int, default=None,
                         help="axial slab depth (model voxels; default: the checkpoint's)")
@@ -113,9 +118,9 @@ def create_argparser():
 def check_args(args):
     if args.z_range is not None and not 0 <= args.z_range[0] < args.z_range[1]:
         raise ValueError(f"--z_range needs 0 <= START < STOP, got {args.z_range}")
-    if args.max_subjects < 0 or args.num_ensemble < 1 or args.bc_steps < 0:
+    if args.max_subjects < 0 or args.num_ensemble < 1 or (args.bc_steps or 0) < 0:
         raise ValueError("--max_subjects and --bc_steps must be >= 0, --num_ensemble >= 1")
-    if any(f < 0 for f in args.fwhm_grid_mm) or not args.fwhm_grid_mm:
+    if any(f < 0 for f in args.fwhm_grid_mm):
         raise ValueError(f"--fwhm_grid_mm must be non-negative widths, got {args.fwhm_grid_mm}")
     for flag, path in (("--paired", args.paired), ("--prior", args.prior)):
         if path is not None and not os.path.isfile(path):
@@ -256,9 +261,19 @@ class DiffusionMethods:
         if args.prior:
             respacing = args.bc_respacing or args.steps
             model, diffusion, metadata = load_denoiser(args.prior, "none", respacing, device)
-            if not 0 <= args.bc_steps <= diffusion.num_timesteps or (args.bc_start and not args.bc_steps):
+            recommended = metadata.get("sampling", {})
+            if args.bc_start is None:
+                args.bc_start = bool(recommended.get("bc_start", False))
+            if args.bc_steps is None:
+                args.bc_steps = int(recommended.get("bc_steps", DEFAULT_BC_STEPS))
+            if recommended.get("trained_max_t") and not args.bc_start:
+                print(f"warning: {args.prior} was trained only for t < {recommended['trained_max_t']}: "
+                      f"sampling from pure noise leaves its training range (use --bc_start)",
+                      file=sys.stderr)
+            steps = diffusion.num_timesteps
+            if not 0 <= args.bc_steps <= steps or (args.bc_start and not args.bc_steps):
                 raise ValueError(f"--bc_steps {args.bc_steps} must lie in [{int(args.bc_start)}, "
-                                 f"{diffusion.num_timesteps}] (the prior's {respacing!r} steps)")
+                                 f"{steps}] (the prior's {respacing!r} steps)")
             self.models["bcdpm"] = (model, diffusion, metadata)
 
     @property
@@ -273,7 +288,8 @@ class DiffusionMethods:
         if method == "bcdpm":
             settings = sampling_settings(args, args.bc_respacing or args.steps,
                                          args.bc_steps - 1 if args.bc_start else None)
-            factory = bcdpm_factory(dataset_manifest.bcdpm_acquisition(case), metadata, bc_steps=args.bc_steps, bc_lambda=args.bc_lambda,
+            factory = bcdpm_factory(dataset_manifest.bcdpm_acquisition(case), metadata,
+                                    bc_steps=args.bc_steps, bc_lambda=args.bc_lambda,
                                     bc_sigma_mm=args.bc_sigma_mm, recon_iters=args.bc_recon_iters,
                                     recon_subsets=args.bc_recon_subsets)
         else:

@@ -271,7 +271,8 @@ def run_signature(args):
 
     keys = ("model_path", "seed", "cond_mode", "timestep_respacing", "use_ddim", "eta", "patch_z",
             "patch_overlap", "max_patch_voxels", "stitch", "bc_steps", "bc_lambda", "bc_sigma_mm",
-            "bc_scanner", "bc_view_mashing", "bc_psf_fwhm_mm", "bc_counts", "bc_start", "precision", "batch_size")
+            "bc_scanner", "bc_view_mashing", "bc_psf_fwhm_mm", "bc_counts", "bc_start", "precision",
+            "batch_size")
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -18,7 +18,8 @@ TINY_FLAGS = dict(num_channels=16, channel_mult="1,2", num_res_blocks=1, num_hea
                   num_head_channels=-1, diffusion_steps=50, noise_schedule="cosine", learn_sigma=True)
 
 
-def save_tiny_checkpoint(path, cond, respacing="ddim5", voxel_mm=4.0, patch_size_zxy=(8, 16, 16)):
+def save_tiny_checkpoint(path, cond, respacing="ddim5", voxel_mm=4.0, patch_size_zxy=(8, 16, 16),
+                         sampling=None):
     """Write a tiny random 3D checkpoint ``path`` (``.pt``) and its sidecar ``.json``.
 
     :param cond: ``"paired"`` (SuperResModel, low dose as second channel) or ``"none"``
@@ -26,6 +27,8 @@ def save_tiny_checkpoint(path, cond, respacing="ddim5", voxel_mm=4.0, patch_size
     :param respacing: the sidecar's recommended ``timestep_respacing``.
     :param voxel_mm: the model's voxel size (mm); inputs on other grids are resampled to it.
     :param patch_size_zxy: training patch size in the model layout ``(Z, X, Y)``.
+    :param sampling: further entries of the sidecar's ``sampling`` recommendations (e.g.
+        ``bc_start``, ``bc_steps``).
     The output layer gets small random weights, so samples depend on the network.
     """
     torch.manual_seed(0)
@@ -41,7 +44,7 @@ def save_tiny_checkpoint(path, cond, respacing="ddim5", voxel_mm=4.0, patch_size
     torch.save(model.state_dict(), path)
     meta = dict(flags=flags, cond=cond, normalisation=dict(clip=16, scale=16, range=[-1, 1]),
                 voxel_mm=voxel_mm, patch_size_zxy=list(patch_size_zxy),
-                sampling=dict(timestep_respacing=respacing))
+                sampling=dict(timestep_respacing=respacing, **(sampling or {})))
     Path(path).with_suffix(".json").write_text(json.dumps(meta))
     return path
 

@@ -1,0 +1,216 @@
+"""scripts/bcdpm_protocol.py: slice dataset, simulated acquisitions, metrics, Table 1 output."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("bcdpm_protocol", REPO / "scripts" / "bcdpm_protocol.py")
+protocol = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(protocol)
+
+SIZE, VOXEL_MM = 32, 16.0   # 512 mm: the whole body on a tiny grid
+TINY_2D_FLAGS = dict(model_and_diffusion_defaults(), image_size=SIZE, dims=2, in_channels=1, num_channels=16,
+                     channel_mult="1,2", num_res_blocks=1, num_heads=1, attention_resolutions="",
+                     diffusion_steps=50, learn_sigma=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def slices_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("slices")
+    protocol.main(["make-slices", "--out", str(out), "--subjects", "3", "--seed", "0", "--slices_per_subject", "2",
+                   "--image_size", str(SIZE), "--voxel_mm", str(VOXEL_MM), "--val_subjects", "1",
+                   "--test_subjects", "1"])
+    return out
+
+
+def save_tiny_2d_prior(path, voxel_mm=VOXEL_MM):
+    """A random 2D unconditional prior ``path`` with its JSON sidecar."""
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**TINY_2D_FLAGS)
+    torch.save(model.state_dict(), path)
+    meta = dict(flags=TINY_2D_FLAGS, cond="none", normalisation=dict(clip=16, scale=16, range=[-1, 1]),
+                voxel_mm=voxel_mm, patch_size_zxy=[1, SIZE, SIZE])
+    Path(path).with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluation(slices_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("evaluate")
+    prior = save_tiny_2d_prior(work / "prior.pt")
+    out = work / "out"
+    report = protocol.main(["evaluate", "--slices", str(slices_dir), "--prior", str(prior), "--out", str(out),
+                            "--counts", "1e6", "1e4", "--l", "2", "2", "--steps", "5", "--runs", "1",
+                            "--mlem_iters", "10", "--n_test", "2", "--n_val", "1", "--bm3d_factors", "1.0",
+                            "--device", "cpu"])
+    return report, out
+
+
+def test_make_slices_writes_body_slices_split_by_subject(slices_dir):
+    manifest = json.loads((slices_dir / "manifest.json").read_text())
+    assert manifest["voxel_mm"] == VOXEL_MM and manifest["split"] == {"train": 2, "val": 2, "test": 2}
+    subjects = {}
+    for split in protocol.SPLITS:
+        names = (slices_dir / f"{split}.txt").read_text().split()
+        assert len(names) == 2
+        for name in names:
+            with np.load(slices_dir / name) as data:
+                image, affine = data["arr_0"], data["affine"]
+            assert image.shape == (SIZE, SIZE, 1) and image.dtype == np.float32
+            assert np.isfinite(image).all() and image.min() >= 0
+            assert (image > 0.05).mean() > 0.05  # an axial slice through the body, not air
+            np.testing.assert_allclose(np.diag(affine)[:3], VOXEL_MM)
+            subjects.setdefault(split, set()).add(name.split("/")[1].split("_")[0])
+    assert all(len(s) == 1 for s in subjects.values())   # both slices of a subject in one split
+    assert len(set.union(*subjects.values())) == 3
+
+
+def test_body_slice_indices_are_stratified_over_the_body():
+    activity = np.zeros((4, 4, 60), np.float32)
+    activity[:, :, 10:30] = 1.0
+    indices = protocol.body_slice_indices(activity, 4, np.random.default_rng(0))
+    assert [i // 5 for i in indices] == [2, 3, 4, 5]  # one slice in each 5-slice stratum of 10..29
+    with pytest.raises(ValueError, match="fewer than"):
+        protocol.body_slice_indices(activity, 21, np.random.default_rng(0))
+
+
+def test_load_split_spreads_the_chosen_slices_over_the_list(tmp_path):
+    names = [f"s{i}.npz" for i in range(5)]
+    for i, name in enumerate(names):
+        protocol.save_slice(tmp_path / name, np.full((3, 3), i, np.float32), np.eye(4))
+    (tmp_path / "test.txt").write_text("\n".join(names) + "\n")
+    chosen, images = protocol.load_split(tmp_path, "test", 3)
+    assert chosen == ["s0.npz", "s2.npz", "s4.npz"] and images[:, 0, 0].tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match="val.txt"):
+        protocol.load_split(tmp_path, "val", 3)
+
+
+def test_make_slices_rejects_a_field_of_view_too_small_for_a_body(tmp_path):
+    with pytest.raises(ValueError, match="cannot hold a body"):
+        protocol.make_slices(tmp_path, 1, 0, image_size=32, voxel_mm=4.0)
+
+
+def test_acquisition_has_the_requested_counts_and_randoms_fraction(slices_dir):
+    _, references = protocol.load_split(slices_dir, "test", 2)
+    acquisition = protocol.Acquisition(references, 1e5, VOXEL_MM, 3, [1, 2], "cpu")
+    measured = acquisition.measured_counts.double().numpy()
+    assert np.all(np.abs(measured - 1e5) < 5 * math.sqrt(1e5))   # Poisson total of mean 1e5
+    randoms_total = acquisition.randoms.double().sum(dim=(1, 2, 3)).numpy()
+    np.testing.assert_allclose(randoms_total, 1e5 * 0.2 / 1.2, rtol=1e-4)   # 20 % of the trues
+    assert acquisition.low.shape == references.shape and (acquisition.low >= 0).all()
+
+
+def test_bcdpm_with_only_an_identity_filter_condition_returns_the_low_count_image(slices_dir, tmp_path):
+    """lam = 0, GF = identity (sigma 0), l = all steps: Eq. (10) gives x_{t-1} = y_{t-1}, so the last
+    step returns y_0 exactly: the wiring (model space, layout, averaging) must give back the input."""
+    model, diffusion, metadata = protocol.load_prior(str(save_tiny_2d_prior(tmp_path / "prior.pt")), 3, "cpu")
+    _, references = protocol.load_split(slices_dir, "test", 1)
+    acquisition = protocol.Acquisition(references, 1e5, VOXEL_MM, 3, [5], "cpu")
+    result = protocol.bcdpm_denoise(model, diffusion, metadata["normalisation"], acquisition, 0, steps_l=3, lam=0.0,
+                                    gf_sigma_vox=0.0, runs=2, inserter_iters=1, seed=0)
+    np.testing.assert_allclose(result, np.clip(acquisition.low[0], 0, 16), atol=1e-5)
+
+
+def test_slice_quality_matches_hand_computed_values():
+    reference = np.zeros((16, 16), np.float32)
+    reference[4:12, 4:12] = 4.0
+    psnr, ssim = protocol.slice_quality(reference, reference + 0.5)
+    assert psnr == pytest.approx(20 * math.log10(4.0 / 0.5))
+    assert ssim < 1.0
+    assert protocol.slice_quality(reference, reference) == (math.inf, 1.0)
+    assert protocol.slice_quality(reference, 2 * reference)[1] == pytest.approx(1.0)  # SSIM: own maximum
+
+
+def test_paper_gains_are_the_published_ones():
+    results = {method: {protocol.count_label(c): {"psnr": {"mean": values[0]}} for c, values in by_level.items()}
+               for method, by_level in protocol.PAPER_TABLE1.items()}
+    gains = protocol.gain_comparison(results, [1e6, 3e5, 1e5])
+    assert [label for label, _, _ in gains] == ["1M", "0.3M", "0.1M"]
+    assert [round(paper, 1) for _, _, paper in gains] == [2.7, 2.4, 1.2]
+    assert all(ours == pytest.approx(paper) for _, ours, paper in gains)
+
+
+def test_evaluate_writes_the_table_with_finite_numbers(evaluation):
+    report, out = evaluation
+    assert {p.name for p in out.iterdir()} >= {"table.md", "table.json", "example.png"}
+    saved = json.loads((out / "table.json").read_text())
+    assert saved["settings"]["counts"] == [1e6, 1e4] and saved["settings"]["inserter_iters"] == 10
+    for method in protocol.METHODS:
+        for label in ("1M", "0.01M"):
+            for metric in ("psnr", "ssim"):
+                values = saved["results"][method][label][metric]["per_slice"]
+                assert len(values) == 2 and all(math.isfinite(v) for v in values)
+                assert saved["results"][method][label][metric]["mean"] == pytest.approx(np.mean(values))
+    table = (out / "table.md").read_text()
+    header = "| Methods | 1M PSNR | 1M SSIM | 0.01M PSNR | 0.01M SSIM |"
+    assert header in table and all(f"| {method} |" in table for method in protocol.METHODS)
+    assert "| 1M |" in table and "+2.69 |" in table and "| 0.01M |" in table and "n/a" in table
+    gaussian = saved["results"]["Gaussian"]["1M"]["psnr"]["mean"]
+    bcdpm = saved["results"]["BC-DPM"]["1M"]["psnr"]["mean"]
+    assert saved["gain_over_gaussian_db"][0]["toolkit"] == pytest.approx(bcdpm - gaussian)
+    assert all(saved["tuned"][label]["bm3d_sigma_suv"] > 0 for label in ("1M", "0.01M"))
+
+
+def test_low_count_psnr_drops_with_the_counts(evaluation):
+    """Physics: 100x fewer events on the same slices give noisier MLEM images."""
+    results = evaluation[0]["results"]["MLEM (low-count)"]
+    high, low = results["1M"]["psnr"]["per_slice"], results["0.01M"]["psnr"]["per_slice"]
+    assert all(h > l_value + 1.0 for h, l_value in zip(high, low))
+    measured = evaluation[0]["acquisitions"]
+    assert measured["1M"]["mean_measured_counts"] == pytest.approx(1e6, rel=0.01)
+    assert measured["0.01M"]["mean_measured_counts"] == pytest.approx(1e4, rel=0.05)
+
+
+def test_evaluate_rejects_a_3d_prior_and_mismatched_flags(slices_dir, tmp_path, make_tiny_checkpoint):
+    prior_3d = make_tiny_checkpoint(tmp_path / "prior3d.pt", "none", voxel_mm=VOXEL_MM)
+    common = ["evaluate", "--slices", str(slices_dir), "--out", str(tmp_path / "out"), "--device", "cpu",
+              "--steps", "5"]
+    with pytest.raises(ValueError, match="unconditional 2D prior"):
+        protocol.main(common + ["--prior", str(prior_3d), "--l", "1", "1", "1"])
+    prior_4mm = save_tiny_2d_prior(tmp_path / "prior4mm.pt", voxel_mm=4.0)
+    with pytest.raises(ValueError, match="trained at .* mm voxels"):
+        protocol.main(common + ["--prior", str(prior_4mm), "--l", "1", "1", "1"])
+    with pytest.raises(ValueError, match="one value per count level"):
+        protocol.main(common + ["--prior", str(prior_4mm), "--l", "1"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_script_trains_the_2d_prior_on_the_slices(slices_dir, tmp_path):
+    """The docstring's train.py command (tiny) gives a prior that evaluate accepts."""
+    log = tmp_path / "log"
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), "--cond", "none", "--dims", "2",
+               "--data_dir", str(slices_dir), "--log_dir", str(log), "--patch_size", "1", str(SIZE), str(SIZE),
+               "--num_channels", "16", "--channel_mult", "1,2", "--num_res_blocks", "1",
+               "--attention_resolutions", "", "--diffusion_steps", "50", "--learn_sigma", "True",
+               "--batch_size", "2", "--max_steps", "1", "--save_interval", "1", "--random_flip", "False",
+               "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    meta = json.loads((log / "model000001.json").read_text())
+    assert meta["voxel_mm"] == VOXEL_MM and meta["patch_size_zxy"] == [1, SIZE, SIZE]
+    assert meta["training_data"]["files"] == 2  # train.txt only
+    model, diffusion, _ = protocol.load_prior(str(log / "ema_0.9999_000001.pt"), 5, "cpu")  # checks dims 2
+    assert diffusion.num_timesteps == 5
+    with torch.no_grad():
+        output = model(torch.zeros(1, 1, SIZE, SIZE), torch.zeros(1, dtype=torch.long))
+    assert output.shape == (1, 2, SIZE, SIZE)  # eps and variance (learn_sigma)

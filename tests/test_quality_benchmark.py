@@ -1,0 +1,340 @@
+"""scripts/quality_report.py and scripts/benchmark.py on a tiny make_dataset.py dataset with tiny
+random checkpoints; the dataset-manifest reader, BC-DPM acquisition settings and the quality bar."""
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes
+from guided_diffusion.pet.conditioning import BCDPMFactory
+from guided_diffusion.pet.geometry import get_preset
+from guided_diffusion.pet.patches import PatchGrid
+from tests.mpi_helpers import REPO, mpiexec_path
+
+SCRIPTS = REPO / "scripts"
+VOXEL_MM = 12.0
+DRFS = (4.0, 20.0)
+Z_RANGE = (20, 48)  # the test subject's lesions lie at slices 22-44
+FWHM_GRID = (0.0, 6.0, 12.0, 24.0)
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(script, *args, timeout=300):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three 40x24x80 subjects at 12 mm (one per split), DRF 4 and 20, noisy enough to matter."""
+    out = tmp_path_factory.mktemp("quality_dataset")
+    _run("make_dataset.py", "--out", out, "--subjects", 3, "--seed", 0, "--voxel_mm", VOXEL_MM,
+         "--fov_mm", 480, 288, 960, "--drf", *DRFS, "--split", 1, 1, 1, "--iterations", 1,
+         "--subsets", 2, "--threads", 1, "--counts_per_mm", 2000)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, make_tiny_checkpoint):
+    root = tmp_path_factory.mktemp("quality_checkpoints")
+    paired = make_tiny_checkpoint(root / "paired.pt", "paired", respacing="ddim3", voxel_mm=VOXEL_MM)
+    prior = make_tiny_checkpoint(root / "prior.pt", "none", respacing="ddim3", voxel_mm=VOXEL_MM,
+                                 sampling=dict(bc_start=True, bc_steps=2))
+    return paired, prior
+
+
+# ----------------------------------------------------------------------------- dataset manifest
+
+
+def test_describe_file_and_bcdpm_acquisition_follow_the_subject_manifest(dataset):
+    test_files = dataset_manifest.split_files(dataset, "test")
+    listed = (dataset / "test.txt").read_text().split()
+    assert test_files == [str(dataset / name) for name in listed]
+    assert dataset_manifest.split_files(dataset / "test.txt", "test") == test_files
+    path = next(f for f in test_files if f.endswith("drf20.npz"))
+    subject = os.path.basename(os.path.dirname(path))
+    manifest = json.loads((dataset / subject / "manifest.json").read_text())
+    described = dataset_manifest.describe_file(path)
+    assert described["subject"] == subject and described["tracer"] == "FDG" and described["drf"] == 20.0
+    assert described["counts"] == manifest["tracers"]["FDG"]["counts"]["drf20"]
+    assert described["lesion_labels"] == str(dataset / subject / f"{subject}_FDG_lesions.nii.gz")
+    assert described["organ_labels"] == str(dataset / subject / f"{subject}_organs.nii.gz")
+    acquisition = dataset_manifest.bcdpm_acquisition(described)
+    assert acquisition == dict(scanner="ecat921_2d", mode="2d", view_mashing=2, psf_fwhm_mm=4.5,
+                               total_counts=described["counts"], randoms_fraction=pytest.approx(0.45))
+    # a file the manifest does not list, and a folder without manifest
+    stray = dataset / subject / "other.npz"
+    volumes.save_npz(stray, np.ones((4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="does not list other.npz"):
+        dataset_manifest.describe_file(stray)
+    os.remove(stray)
+    assert dataset_manifest.describe_file(dataset / "nowhere" / "x.npz") is None
+    with pytest.raises(FileNotFoundError, match="no val.txt"):
+        dataset_manifest.split_files(dataset / subject, "val")
+
+
+def test_test_script_reads_low_dose_counts_from_the_subject_manifest(dataset, tmp_path):
+    denoise_cli = _load_script("test")
+    path = dataset_manifest.split_files(dataset, "val")[0]
+    args = argparse.Namespace(bc_counts=None, bc_drf=None, bc_full_counts=None)
+    counts, source = denoise_cli.acquisition_counts(args, dict(path=path, name="x"))
+    assert counts == dataset_manifest.describe_file(path)["counts"] > 0
+    assert source == dataset_manifest.subject_manifest_path(path)
+    args.bc_counts = 123.0  # the flag wins
+    assert denoise_cli.acquisition_counts(args, dict(path=path, name="x")) == (123.0, "--bc_counts")
+    alone = tmp_path / "alone.npz"
+    volumes.save_npz(alone, np.ones((4, 4, 4), np.float32))
+    args.bc_counts = None
+    with pytest.raises(denoise_cli.InputError, match="count level"):
+        denoise_cli.acquisition_counts(args, dict(path=str(alone), name="alone"))
+    args.bc_drf, args.bc_full_counts = 10.0, 5e6
+    assert denoise_cli.acquisition_counts(args, dict(path=str(alone), name="alone"))[0] == 5e5
+
+
+def test_bcdpm_factory_passes_view_mashing_and_psf_to_its_projector():
+    common = dict(num_steps_l=2, lam=0.2, sigma_mm=4.0, scanner="ecat921_2d", total_counts=1e6,
+                  randoms_fraction=0.2, recon_iters=1, recon_subsets=2,
+                  normalisation=dict(clip=16, scale=16, range=[-1, 1]), voxel_mm=VOXEL_MM)
+    shape = (24, 16, 2)
+    plain = BCDPMFactory(**common).projector(shape, torch.device("cpu"))
+    mashed = BCDPMFactory(**common, view_mashing=2, psf_fwhm_mm=24.0).projector(shape, torch.device("cpu"))
+    views = get_preset("ecat921_2d").n_views
+    assert plain.sinogram_shape[1] == views and mashed.sinogram_shape[1] == views // 2
+    point = torch.zeros(shape)
+    point[12, 8, 0] = 1.0
+    # the PSF spreads a point over neighbouring voxels: its back-projected forward projection
+    # keeps less of the total at the point itself
+    sharp = plain.adjoint(plain.forward(point))
+    blurred = mashed.adjoint(mashed.forward(point))
+    assert (blurred[12, 8, 0] / blurred.sum()) < 0.8 * (sharp[12, 8, 0] / sharp.sum())
+
+
+# ----------------------------------------------------------------------------- quality report
+
+
+def _summary(paired_psnr, paired_ssim, bias, bcdpm_psnr=None):
+    """A summary with Gaussian at 30 dB / SSIM 0.9 for DRF 4 and 20."""
+    def entry(psnr, ssim, lesion_bias):
+        return dict(volumes=1, psnr=dict(mean=psnr, sd=math.nan, n=1), ssim=dict(mean=ssim, sd=math.nan, n=1),
+                    lesion_suvmean_bias_pct=dict(mean=lesion_bias, sd=math.nan, n=1))
+
+    summary = {"gaussian": {d: entry(30.0, 0.9, 1.0) for d in DRFS},
+               "paired": {d: entry(paired_psnr[d], paired_ssim, bias) for d in DRFS}}
+    if bcdpm_psnr is not None:
+        summary["bcdpm"] = {d: entry(bcdpm_psnr, 0.9, 0.0) for d in DRFS}
+    return summary
+
+
+def test_quality_bar_margins_and_verdicts():
+    report = _load_script("quality_report")
+    passing = report.quality_bar(_summary({4.0: 30.5, 20.0: 31.5}, 0.91, -9.9, bcdpm_psnr=30.1))
+    assert passing["overall"] == "PASS"
+    gains = {(c["check"], c["drf"]): c["value"] for c in passing["checks"]}
+    assert gains[("paired - gaussian PSNR", 4.0)] == pytest.approx(0.5)
+    assert gains[("paired - gaussian PSNR", 20.0)] == pytest.approx(1.5)
+    # 1.4 dB is enough at DRF 4 but not at DRF 20 (>= 1.5 dB from DRF 10 on)
+    short = report.quality_bar(_summary({4.0: 31.4, 20.0: 31.4}, 0.91, 0.0, bcdpm_psnr=30.1))
+    status = {(c["check"], c["drf"]): c["status"] for c in short["checks"]}
+    assert status[("paired - gaussian PSNR", 4.0)] == "PASS"
+    assert status[("paired - gaussian PSNR", 20.0)] == "FAIL" and short["overall"] == "FAIL"
+    biased = report.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, 10.5, bcdpm_psnr=30.1))
+    assert biased["overall"] == "FAIL"
+    lower_ssim = report.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.89, 0.0, bcdpm_psnr=30.1))
+    assert lower_ssim["overall"] == "FAIL"
+    # BC-DPM must beat the Gaussian; without it (or without lesions) the verdict is incomplete
+    worse_bcdpm = report.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, 0.0, bcdpm_psnr=29.9))
+    assert worse_bcdpm["overall"] == "FAIL"
+    missing = report.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, math.nan))
+    assert missing["overall"] == "INCOMPLETE"
+    assert "n/a" in report.format_check(missing["checks"][2])
+
+
+def test_crop_z_keeps_world_positions():
+    report = _load_script("quality_report")
+    affine = np.array([[2.0, 0, 0, -10], [0, 2.0, 0, -20], [0, 0, 3.0, 5], [0, 0, 0, 1]])
+    volume = np.arange(4 * 4 * 10, dtype=np.float32).reshape(4, 4, 10)
+    cropped, shifted = report.crop_z(volume, affine, (3, 7))
+    np.testing.assert_array_equal(cropped, volume[:, :, 3:7])
+    # voxel (1, 2, 0) of the slab is voxel (1, 2, 3) of the volume
+    np.testing.assert_allclose(shifted @ [1, 2, 0, 1], affine @ [1, 2, 3, 1])
+    with pytest.raises(ValueError, match="exceeds the 10 slices"):
+        report.crop_z(volume, affine, (3, 11))
+
+
+def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
+    paired, prior = checkpoints
+    out = tmp_path / "report"
+    proc = _run("quality_report.py", "--val", dataset, "--test", dataset / "test.txt", "--paired", paired,
+                "--prior", prior, "--out", out, "--json", tmp_path / "copy.json", "--z_range", *Z_RANGE,
+                "--steps", "ddim3", "--bc_recon_iters", 1,
+                "--bc_recon_subsets", 2, "--patch_overlap", 2, "--fwhm_grid_mm", *FWHM_GRID,
+                "--threads", 1)
+    for name in ("per_volume.csv", "summary.md", "summary.json", "quality_vs_drf.png", "example.png",
+                 "gaussian_params.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "summary.json").read_text())
+    assert report == json.loads((tmp_path / "copy.json").read_text())
+    assert report["settings"]["z_range"] == list(Z_RANGE)
+    # BC-DPM's l and start follow the prior's sidecar recommendation when not given
+    assert report["settings"]["bc_start"] is True and report["settings"]["bc_steps"] == 2
+    # the tuned widths are grid points and the best of the validation table
+    sigmas = [f / (2 * math.sqrt(2 * math.log(2))) for f in FWHM_GRID]
+    for drf in DRFS:
+        chosen = baselines.load_params(out / "gaussian_params.json", "gaussian", drf)["sigma_mm"]
+        assert any(math.isclose(chosen, s) for s in sigmas)
+        table = report["gaussian_tuning"][baselines.drf_key(drf)]
+        best = max(table, key=lambda row: row["psnr"])
+        assert math.isclose(best["sigma_mm"], chosen)
+    rows = list(csv.DictReader((out / "per_volume.csv").open()))
+    test_files = dataset_manifest.split_files(dataset, "test")
+    assert len(rows) == len(test_files) * 4
+    assert {r["method"] for r in rows} == {"low_dose", "gaussian", "paired", "bcdpm"}
+    for row in rows:
+        for key in ("psnr", "ssim", "nrmse", "lesion_suvmean_bias_pct"):
+            assert math.isfinite(float(row[key])), (row["method"], key)
+    # the low-dose row is the masked PSNR of the cropped pair, recomputed here
+    low_row = next(r for r in rows if r["method"] == "low_dose" and float(r["drf"]) == 20.0)
+    low, _ = volumes.load_volume(low_row["file"], index=0)
+    full, _ = volumes.load_volume(low_row["file"], index=1)
+    low, full = (v[:, :, Z_RANGE[0]:Z_RANGE[1]] for v in (low, full))
+    expected = metrics.psnr(full, low, mask=full > 0.05)
+    assert float(low_row["psnr"]) == pytest.approx(expected, rel=1e-9)
+    assert math.isinf(metrics.psnr(full, full, mask=full > 0.05)) and math.isfinite(expected)
+    by_method = {(r["method"], float(r["drf"])): float(r["psnr"]) for r in rows}
+    # more dose reduction, more noise, which the tuned Gaussian reduces
+    assert by_method[("low_dose", 20.0)] < by_method[("low_dose", 4.0)]
+    assert by_method[("gaussian", 20.0)] > by_method[("low_dose", 20.0)]
+    evaluations = {r["method"]: int(r["network_evaluations"]) for r in rows}
+    assert evaluations["low_dose"] == evaluations["gaussian"] == 0
+    assert evaluations["paired"] > 0 and evaluations["bcdpm"] == 2 * evaluations["paired"] // 3
+    # random networks cannot beat the Gaussian: the verdict reports the failure
+    assert report["quality_bar"]["overall"] == "FAIL"
+    assert "Quality bar: FAIL" in proc.stdout and "paired - gaussian PSNR" in proc.stdout
+    assert "| gaussian | 20 | 1 |" in (out / "summary.md").read_text()
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_seam_slices_by_hand():
+    benchmark = _load_script("benchmark")
+    grid = PatchGrid((20, 16, 16), (8, None, None), 0)
+    assert grid.axis_starts[0] == [0, 6, 12]  # boundaries at 6, 8, 12, 14
+    near = benchmark.seam_slices(grid, 20, 3.0, 3.0)
+    np.testing.assert_array_equal(np.flatnonzero(near), np.arange(4, 16))
+    # model voxels twice the input's: boundaries at input slices 12, 16, 24, 28
+    near = benchmark.seam_slices(grid, 40, 6.0, 3.0)
+    np.testing.assert_array_equal(np.flatnonzero(near), np.r_[10:18, 22:30])
+
+
+def test_parse_mode_and_full_chain_estimate():
+    benchmark = _load_script("benchmark")
+    assert benchmark.parse_mode("bcdpm:100:l10:start") == dict(
+        name="bcdpm:100:l10:start", cond="bcdpm", respacing="100", bc_steps=10, bc_start=True)
+    assert benchmark.parse_mode("paired:full")["respacing"] == ""
+    for bad in ("paired", "bcdpm:100", "hybrid:100:start", "paired:10:x", "unet:10"):
+        with pytest.raises(ValueError, match="mode"):
+            benchmark.parse_mode(bad)
+    rows = [dict(mode="paired:ddim10", stitch="seamfree", seconds_per_evaluation=9.0, patches=4,
+                 diffusion_steps=1000),
+            dict(mode="paired:100", stitch="seamfree", seconds_per_evaluation=0.5, patches=4,
+                 diffusion_steps=1000)]
+    estimate = benchmark.full_chain_estimate(rows)
+    assert estimate["estimated_from"] == "paired:100"
+    assert estimate["network_evaluations"] == 4000 and estimate["median_s"] == pytest.approx(2000.0)
+    assert benchmark.full_chain_estimate(rows[:1]) is None
+
+
+@pytest.fixture(scope="module")
+def small_input(dataset, tmp_path_factory):
+    """A 16-slice slab of a test volume, beside a copy of its subject manifest."""
+    source = next(f for f in dataset_manifest.split_files(dataset, "test") if f.endswith("drf20.npz"))
+    subject = os.path.basename(os.path.dirname(source))
+    folder = tmp_path_factory.mktemp("bench_input") / subject
+    folder.mkdir()
+    (folder / "manifest.json").write_text(open(os.path.join(os.path.dirname(source), "manifest.json")).read())
+    low, affine = volumes.load_volume(source, index=0)
+    full, _ = volumes.load_volume(source, index=1)
+    path = folder / os.path.basename(source)
+    volumes.save_npz(path, low[:, :, 28:44], full[:, :, 28:44], affine)
+    return path
+
+
+@pytest.mark.slow
+def test_benchmark_modes_and_seams(small_input, checkpoints, tmp_path):
+    paired, prior = checkpoints
+    out = tmp_path / "bench.json"
+    proc = _run("benchmark.py", "--json", out, "--paired", paired, "--prior", prior, "--input", small_input,
+                "--parts", "modes", "seams", "--modes", "paired:ddim3", "bcdpm:4:l2:start",
+                "--seam_mode", "paired:ddim3", "--repeats", 1, "--threads", 1, "--patch_overlap", 2,
+                "--bc_recon_iters", 1, "--bc_recon_subsets", 2)
+    results = json.loads(out.read_text())
+    assert os.path.isfile(results["figure"]) and results["figure"].endswith("bench_psnr_vs_evaluations.png")
+    grid = PatchGrid((16, 40, 24), (8, None, None), 2)  # the tiny checkpoint's patch depth, 12 mm
+    rows = {r["mode"]: r for r in results["modes"]}
+    assert set(rows) == {"paired:ddim3", "bcdpm:4:l2:start"}  # no ancestral mode: no estimate
+    assert rows["paired:ddim3"]["network_evaluations"] == 3 * len(grid)
+    assert rows["bcdpm:4:l2:start"]["network_evaluations"] == 2 * len(grid)
+    for row in rows.values():
+        assert row["patches"] == len(grid) and row["peak_rss_mb"] > row["rss_before_sampling_mb"] * 0.5 > 0
+        for key in ("psnr", "psnr_near_seams", "psnr_elsewhere", "median_s"):
+            assert math.isfinite(row[key]), key
+    seams = {r["stitch"]: r for r in results["seams"]}
+    assert seams["seamfree"] == rows["paired:ddim3"]  # reused, not run twice
+    assert seams["independent"]["network_evaluations"] == rows["paired:ddim3"]["network_evaluations"]
+    assert seams["independent"]["psnr"] != seams["seamfree"]["psnr"]
+    assert "| paired:ddim3 |" in proc.stdout and "| independent (paired:ddim3) |" in proc.stdout
+
+
+def test_benchmark_unet_part_in_process(tmp_path):
+    benchmark = _load_script("benchmark")
+    threads = torch.get_num_threads()
+    try:
+        args = argparse.Namespace(unet_config="small (32 ch, mult 1,2,2,4)", unet_size=8, threads=1,
+                                  repeats=1, device="cpu")
+        unet = benchmark.run_unet(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["precision"], r["memory_format"]) for r in unet["rows"]] == [
+        ("fp32", "contiguous"), ("fp32", "channels_last_3d"), ("bf16", "channels_last_3d")]
+    assert unet["published_s"] == unet["rows"][0]["median_s"] > 0
+    assert unet["fastest"]["median_s"] == min(r["median_s"] for r in unet["rows"])
+    assert unet["speedup"] == pytest.approx(unet["published_s"] / unet["fastest"]["median_s"])
+    assert "x" in benchmark.markdown(dict(unet=unet))
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_benchmark_strong_scaling(small_input, checkpoints, tmp_path):
+    if mpiexec_path() is None:
+        pytest.skip("mpiexec not found")
+    paired, _ = checkpoints
+    out = tmp_path / "scaling.json"
+    _run("benchmark.py", "--json", out, "--paired", paired, "--input", small_input, "--parts", "scaling",
+         "--scaling_respacing", "ddim3", "--threads", 2, "--patch_overlap", 2)
+    rows = json.loads(out.read_text())["scaling"]
+    assert [(r["ranks"], r["threads_per_rank"]) for r in rows] == [(1, 2), (2, 1)]
+    assert rows[0]["speedup"] == 1.0
+    for row in rows:
+        assert 0 < row["denoise_s"] < row["wall_s"] and row["max_rss_descendants_mb"] > 0
+        assert row["speedup"] == pytest.approx(rows[0]["denoise_s"] / row["denoise_s"])
