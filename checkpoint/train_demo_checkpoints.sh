@@ -30,7 +30,8 @@ timeout "${minutes}m" python scripts/train.py --cond paired --log_dir "$runs/pai
 paired=$!
 # The prior is trained on the low-noise end only (t < 200 of 1000): BC-DPM with --bc_start uses it
 # in the last l of 100 respaced steps (t <= 10 * l), so that is where the training time goes.
-timeout "${minutes}m" python scripts/train.py --cond none --dims 3 --in_channels 1 --log_dir "$runs/prior" \
+timeout "${minutes}m" python scripts/train.py --cond none --dims 3 --in_channels 1 --unet_layout published3d \
+  --log_dir "$runs/prior" \
   --schedule_sampler uniform:200 "${common[@]}" &
 prior=$!
 wait $paired || true

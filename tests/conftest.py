@@ -53,3 +53,14 @@ def save_tiny_checkpoint(path, cond, respacing="ddim5", voxel_mm=4.0, patch_size
 def make_tiny_checkpoint():
     """The :func:`save_tiny_checkpoint` function, for module-scoped fixtures."""
     return save_tiny_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_leaks():
+    """Tests that call ``dist_util.setup_dist()`` in-process leave a (single-rank) process
+    group behind; destroy it so every test starts without one."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
