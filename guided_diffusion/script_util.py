@@ -102,6 +102,7 @@ def sr_model_and_diffusion_defaults():
         dims=3,
         in_channels=1,
         unet_layout="auto",
+        predict_residual=False,
     )
     res.update(diffusion_defaults())
     res["learn_sigma"] = True
@@ -308,6 +309,7 @@ def sr_create_model_and_diffusion(
     in_channels=1,
     channel_mult="",
     unet_layout="auto",
+    predict_residual=False,
 ):
     """Build (SuperResModel, SpacedDiffusion) from sr_model_and_diffusion_defaults() flags."""
     model = sr_create_model(
@@ -331,6 +333,7 @@ def sr_create_model_and_diffusion(
         in_channels=in_channels,
         channel_mult=channel_mult,
         unet_layout=unet_layout,
+        predict_residual=predict_residual,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -366,6 +369,7 @@ def sr_create_model(
     in_channels=1,
     channel_mult="",
     unet_layout="auto",
+    predict_residual=False,
 ):
     """
     Paired-conditioning SuperResModel.
@@ -376,6 +380,8 @@ def sr_create_model(
     :param in_channels: image channels of x (and of low_res); the network input has
         ``2 * in_channels`` channels, the output ``in_channels`` or ``2 * in_channels``
         (learn_sigma).
+    :param predict_residual: the network's first output channels are added to low_res (it
+        learns the correction to the low-dose image; see ``SuperResModel``).
     """
     del small_size
     return SuperResModel(
@@ -400,6 +406,7 @@ def sr_create_model(
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
         layout=_resolve_layout(unet_layout, paired=True, dims=dims),
+        predict_residual=predict_residual,
     )
 
 

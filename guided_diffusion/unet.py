@@ -640,10 +640,16 @@ class SuperResModel(UNetModel):
     as many. For dims=3 (paired PET denoising) low_res must have x's spatial shape (no
     interpolation); for dims=2 a differently-sized low_res is resized bilinearly, as
     upstream super-resolution does.
+
+    :param predict_residual: add ``low_res`` to the first ``in_channels`` output channels, so
+        the network learns the correction to the low-dose image (use with ``predict_xstart``:
+        the x0 prediction starts as the low-dose image instead of 0; off for the published
+        weights).
     """
 
-    def __init__(self, image_size, in_channels, *args, **kwargs):
+    def __init__(self, image_size, in_channels, *args, predict_residual=False, **kwargs):
         super().__init__(image_size, in_channels * 2, *args, **kwargs)
+        self.predict_residual = predict_residual
 
     def forward(self, x, timesteps, low_res=None, **kwargs):
         if low_res is None:
@@ -655,7 +661,11 @@ class SuperResModel(UNetModel):
                     f"{tuple(x.shape[2:])}; paired {self.dims}D conditioning needs equal shapes"
                 )
             low_res = F.interpolate(low_res, x.shape[2:], mode="bilinear")
-        return super().forward(th.cat([x, low_res.type(x.dtype)], dim=1), timesteps, **kwargs)
+        out = super().forward(th.cat([x, low_res.type(x.dtype)], dim=1), timesteps, **kwargs)
+        if self.predict_residual:
+            channels = low_res.shape[1]
+            out = th.cat([out[:, :channels] + low_res.type(out.dtype), out[:, channels:]], dim=1)
+        return out
 
 
 class EncoderUNetModel(nn.Module):

@@ -258,3 +258,23 @@ def test_mixed_precision_trainer_step_and_overflow():
     assert th.allclose(layer.weight, before[0] - 0.5)
     restored = trainer.master_params_to_state_dict(trainer.master_params)
     assert th.equal(restored["weight"], layer.weight)
+
+
+def test_predict_residual_starts_from_the_low_dose_image():
+    from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
+
+    flags = dict(sr_model_and_diffusion_defaults(), num_channels=16, channel_mult="1,2",
+                 num_res_blocks=1, num_head_channels=-1, large_size=16, learn_sigma=True,
+                 predict_residual=True)
+    model, _ = sr_create_model_and_diffusion(**flags)
+    x, low = th.randn(1, 1, 3, 16, 16), th.randn(1, 1, 3, 16, 16)
+    out = model(x, th.tensor([5]), low_res=low)
+    # zero-initialised output layer: x0 channel = low_res exactly, variance channel = 0
+    assert th.equal(out[:, :1], low) and th.equal(out[:, 1:], th.zeros_like(low))
+    with th.no_grad():
+        model.out[-1].weight.normal_(0, 0.1)
+    plain = dict(flags, predict_residual=False)
+    reference, _ = sr_create_model_and_diffusion(**plain)
+    reference.load_state_dict(model.state_dict())
+    expected = reference(x, th.tensor([5]), low_res=low)
+    assert th.allclose(model(x, th.tensor([5]), low_res=low)[:, :1], expected[:, :1] + low, atol=1e-6)
