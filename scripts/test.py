@@ -107,7 +107,8 @@ def create_argparser(metadata=None, argv=None):
                         help="members with distinct seeds; outputs mean and voxel-wise std")
     parser.add_argument("--save_members", action="store_true", help="also write every member")
     parser.add_argument("--patch_z", type=int, default=None,
-                        help="axial slab depth in model voxels (default: training patch depth)")
+                        help="axial slab depth in model voxels (default: the checkpoint's "
+                             "recommendation, else its training patch depth)")
     parser.add_argument("--patch_overlap", type=int, default=8, help="patch overlap in voxels")
     parser.add_argument("--max_patch_voxels", type=int, default=None,
                         help="also tile the transaxial plane when a slab is larger than this")
@@ -154,7 +155,8 @@ def create_argparser(metadata=None, argv=None):
     add_dict_to_argparser(parser, flags)
     sampling = (metadata or {}).get("sampling", {})
     parser.set_defaults(**{k: v for k, v in sampling.items()
-                           if k in ("timestep_respacing", "use_ddim", "bc_start", "bc_steps")})
+                           if k in ("timestep_respacing", "use_ddim", "bc_start", "bc_steps",
+                                    "patch_z", "patch_overlap")})
     return parser
 
 

@@ -63,6 +63,9 @@ def test_demo_launcher_end_to_end(tmp_path):
                    "_metrics.json"):
         assert (out / f"s0000_FDG_drf10{suffix}").exists(), suffix
     metrics = json.loads((out / "s0000_FDG_drf10_metrics.json").read_text())
-    assert metrics  # evaluate.py ran on low dose and denoised
+    methods = {record["method"]: record for record in metrics["records"]}
+    assert set(methods) == {"low_dose", "denoised"}
+    for record in methods.values():  # finite image-quality numbers against the full dose
+        assert record["psnr"] is not None and 0 < record["psnr"] < 100
     denoised = np.load(out / "s0000_FDG_drf10_denoised.npz")["arr_0"]
     assert np.isfinite(denoised).all() and denoised.max() > 0
