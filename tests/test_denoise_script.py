@@ -117,7 +117,8 @@ def test_bcdpm_moves_prior_sample_toward_low_dose(workdir):
 
 def test_interrupted_run_resumes_to_the_same_result(workdir):
     common = ("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
-              "--num_ensemble", 3, "--timestep_respacing", "50", "--use_ddim", "False", *COMMON)
+              "--num_ensemble", 3, "--timestep_respacing", "50", "--use_ddim", "False",
+              "--threads", 1, *COMMON)
     reference = workdir / "out_reference"
     run_script(*common, "--save_dir", reference)
 
