@@ -347,15 +347,7 @@ def save_npz(path, low, full=None, affine=None):
         if full.shape != low.shape:
             raise ValueError(f"{path}: low-dose shape {low.shape} differs from full-dose shape {full.shape}")
         stack.append(full)
-    arrays = {NPZ_KEY: np.stack(stack)}
-    if affine is not None:
-        arrays["affine"] = _check_affine(affine, path)
-
-    def write(temporary):
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-
-    atomic_write(path, write, ".npz")
+    save_stack(path, np.stack(stack), affine)
 
 
 def save_stack(path, stack, affine=None):
