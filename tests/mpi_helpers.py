@@ -40,10 +40,12 @@ def run_mpi(script, tmp_path, n=2, timeout=120, args=()):
         pytest.fail(f"mpiexec timed out after {timeout} s\nstdout:\n{exc.stdout}\nstderr:\n{exc.stderr}")
     if proc.returncode != 0:
         pytest.fail(f"mpiexec exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    # the ranks share one stdout pipe, so another rank's output can land on the same line:
+    # decode the JSON object that follows each RESULT marker and ignore the rest
+    decoder = json.JSONDecoder()
     results = [
-        json.loads(line[len(RESULT_PREFIX) :])
-        for line in proc.stdout.splitlines()
-        if line.startswith(RESULT_PREFIX)
+        decoder.raw_decode(chunk)[0]
+        for chunk in proc.stdout.split(RESULT_PREFIX)[1:]
     ]
     assert len(results) == n, f"expected {n} results, got:\n{proc.stdout}\n{proc.stderr}"
     return sorted(results, key=lambda r: r["rank"])
