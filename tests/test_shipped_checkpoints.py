@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -52,8 +53,10 @@ def test_checkpoint_loads_safely_and_builds_its_model(name, cond):
 
 @pytest.mark.e2e
 def test_demo_launcher_end_to_end(tmp_path):
+    # SKIP_SETUP: use this interpreter's environment (its bin/ holds python and mpiexec)
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     env = dict(os.environ, SKIP_SETUP="1", SAVE_DIR=str(tmp_path / "demo"),
-               DEMO_FOV_MM="200 140 60", STEPS="ddim4", PATH=os.environ["PATH"])
+               DEMO_FOV_MM="200 140 60", STEPS="ddim4", PATH=path)
     env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.run(["bash", str(REPO / "test_DDPM_3d_mpi.sh")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
