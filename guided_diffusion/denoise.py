@@ -17,7 +17,9 @@ denoised volume on the same grid:
 
 Every ensemble member has its own seed and a ``torch.Generator`` that makes every random draw
 (start noise, per-step noise, conditioning noise), so a member's result does not depend on the
-number of ranks: all ranks hold the same trajectory and share only the network evaluations.
+number of ranks: in seam-free mode each rank samples its box of the volume, exchanging only the
+overlap regions of the network outputs with the other ranks, and draws its part of the whole
+volume's noise.
 """
 
 import time
@@ -30,7 +32,7 @@ import torch.distributed as dist
 
 from . import fp16_util
 from .pet.normalisation import model_to_suv, suv_to_model
-from .patched_model import PatchedModel, sample_patches_independently
+from .patched_model import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
 from .pet import volumes
 from .pet.patches import PatchGrid
 
@@ -105,7 +107,8 @@ class VolumeDenoiser:
         if settings.stitch not in STITCH_MODES:
             raise ValueError(f"stitch must be one of {STITCH_MODES}, got {settings.stitch!r}")
         if settings.stitch == "independent" and conditioner_factory is not None:
-            raise ValueError("the BC-DPM conditioning acts on whole volumes: use stitch='seamfree'")
+            raise ValueError("the physics conditioning (BC-DPM, data consistency) acts on whole "
+                             "volumes: use stitch='seamfree'")
         self.model = model
         self.network = _PrecisionModel(model, settings.precision)
         self.diffusion = diffusion
@@ -203,14 +206,28 @@ class VolumeDenoiser:
         steps = self.diffusion.num_timesteps if start_t is None else start_t + 1
         begin = time.perf_counter()
         if settings.stitch == "seamfree":
-            patched = PatchedModel(self.network, grid, settings.batch_size, self.rank, self.world_size)
-            loop = self.diffusion.ddim_sample_loop if settings.use_ddim else self.diffusion.p_sample_loop
-            sample = loop(patched, tuple(y0.shape), **loop_kwargs)
+            sample = self._sample_seamfree(grid, loop_kwargs)
         else:
             sample = self._sample_independent(grid, loop_kwargs)
         info = dict(network_evaluations_per_patch=steps, patches=len(grid),
                     seconds=time.perf_counter() - begin)
         return sample, info
+
+    def _sample_seamfree(self, grid, loop_kwargs):
+        """One trajectory for the whole volume; each rank holds its box of patches and the
+        ranks exchange only the overlap regions (see :mod:`guided_diffusion.patched_model`)."""
+        patched = PatchedModel(self.network, grid, self.settings.batch_size, self.rank,
+                               self.world_size)
+        noise = loop_kwargs["noise"]
+        hook = loop_kwargs["step_hook"]
+        loop_kwargs.update(
+            noise=patched.local(noise).contiguous(),
+            model_kwargs={k: patched.local(v) for k, v in loop_kwargs["model_kwargs"].items()},
+            generator=SlicedNoise(loop_kwargs["generator"], noise.shape[:2], patched),
+            step_hook=None if hook is None else whole_volume_hook(hook, patched),
+        )
+        loop = self.diffusion.ddim_sample_loop if self.settings.use_ddim else self.diffusion.p_sample_loop
+        return patched.gather(loop(patched, tuple(loop_kwargs["noise"].shape), **loop_kwargs))
 
     def _sample_independent(self, grid, loop_kwargs):
         """Independent chains per patch, patches split over ranks, stitched once."""

@@ -436,7 +436,7 @@ class GaussianDiffusion:
             i.e. start_t + 1 steps.
         :param generator: (addition) optional torch.Generator for every random draw of the
             loop (initial noise when `noise` is None, and per-step noise), so that results do
-            not depend on the global RNG.
+            not depend on the global RNG; or a noise source with ``randn(shape, device, dtype)``.
         :return: a non-differentiable batch of samples.
         """
         final = None
@@ -891,9 +891,15 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
 
 
 def _randn(shape, generator, device, dtype):
-    """Standard normal tensor on `device`, drawn from `generator` (on its own device) if given."""
+    """Standard normal tensor on `device`, drawn from `generator` (on its own device) if given.
+
+    `generator` may also be a noise source with a method ``randn(shape, device, dtype)`` (e.g.
+    ``patched_model.SlicedNoise``, which hands one rank its part of whole-volume noise).
+    """
     if generator is None:
         return th.randn(shape, device=device, dtype=dtype)
+    if hasattr(generator, "randn"):
+        return generator.randn(shape, device, dtype)
     return th.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 

@@ -19,6 +19,8 @@ Conditioning modes (``--cond_mode``):
           ``--bc_steps`` reverse steps (Gaussian-filter condition and Poisson noise insertion
           through the 3D PET projector);
   hybrid  the block on top of the paired model.
+Any mode can add Poisson data consistency in the last ``--dc_steps`` steps (EM updates of the
+clean-image estimate towards the low-dose data, see ``guided_diffusion.pet.data_consistency``).
 """
 
 import argparse
@@ -37,6 +39,7 @@ from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata
 from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, member_seed  # noqa: E402
 from guided_diffusion.fp16_util import resolve_precision  # noqa: E402
 from guided_diffusion.pet import conditioning, dataset_manifest, volumes  # noqa: E402
+from guided_diffusion.pet.data_consistency import DataConsistencyFactory  # noqa: E402
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
@@ -145,6 +148,12 @@ def create_argparser(metadata=None, argv=None):
                         help="start the reverse process at step l from the diffused low-dose "
                              "volume instead of pure noise (skips the T-l unconditioned steps; "
                              "default: the checkpoint's recommendation)")
+    parser.add_argument("--dc_steps", type=int, default=0,
+                        help="Poisson data consistency: EM-update the x0 estimate towards the "
+                             "low-dose data in the last DC_STEPS reverse steps (any mode; uses the "
+                             "--bc_* scanner and count level; 0: off)")
+    parser.add_argument("--dc_iters", type=int, default=1, help="EM iterations per active step")
+    parser.add_argument("--dc_subsets", type=int, default=1, help="EM view subsets")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs with outputs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -225,6 +234,28 @@ def acquisition_counts(args, item):
                      f"listing the file's counts")
 
 
+def conditioner_factory(args, mode, item, metadata):
+    """The per-member sampler hook factory for ``item``: BC-DPM's block (``bcdpm``/``hybrid``)
+    and/or Poisson data consistency (``--dc_steps``), both on the ``--bc_*`` acquisition model.
+    Returns ``(factory or None, where the count level came from or None)``."""
+    use_bc = mode in ("bcdpm", "hybrid")
+    if not use_bc and not args.dc_steps:
+        return None, None
+    counts, counts_source = acquisition_counts(args, item)
+    acquisition = dict(
+        scanner=args.bc_scanner, total_counts=counts, randoms_fraction=args.bc_randoms_fraction,
+        normalisation=metadata["normalisation"], voxel_mm=metadata["voxel_mm"],
+        view_mashing=args.bc_view_mashing, psf_fwhm_mm=args.bc_psf_fwhm_mm)
+    bc = conditioning.BCDPMFactory(
+        num_steps_l=args.bc_steps, lam=args.bc_lambda, sigma_mm=args.bc_sigma_mm,
+        recon_iters=args.bc_recon_iters, recon_subsets=args.bc_recon_subsets,
+        **acquisition) if use_bc else None
+    dc = DataConsistencyFactory(
+        num_steps=args.dc_steps, iters=args.dc_iters, subsets=args.dc_subsets,
+        use_ddim=args.use_ddim, **acquisition) if args.dc_steps else None
+    return conditioning.chain_factories([bc, dc]), counts_source
+
+
 def output_paths(save_dir, name):
     base = os.path.join(save_dir, name)
     return dict(
@@ -274,7 +305,7 @@ def run_signature(args):
     keys = ("model_path", "seed", "cond_mode", "timestep_respacing", "use_ddim", "eta", "patch_z",
             "patch_overlap", "max_patch_voxels", "stitch", "bc_steps", "bc_lambda", "bc_sigma_mm",
             "bc_scanner", "bc_view_mashing", "bc_psf_fwhm_mm", "bc_counts", "bc_start", "precision",
-            "batch_size")
+            "batch_size", "dc_steps", "dc_iters", "dc_subsets")
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -310,6 +341,9 @@ def main(argv=None):
         if not 0 <= args.bc_steps <= diffusion.num_timesteps or (args.bc_start and not args.bc_steps):
             raise InputError(f"--bc_steps {args.bc_steps} must lie in [{int(args.bc_start)}, "
                              f"{diffusion.num_timesteps}]")
+    if not 0 <= args.dc_steps <= diffusion.num_timesteps or args.dc_iters < 1 or args.dc_subsets < 1:
+        raise InputError(f"--dc_steps {args.dc_steps} must lie in [0, {diffusion.num_timesteps}] "
+                         f"and --dc_iters / --dc_subsets be >= 1")
     settings = SamplingSettings(
         use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
         patch_z=args.patch_z, overlap=args.patch_overlap, max_patch_voxels=args.max_patch_voxels,
@@ -332,17 +366,7 @@ def main(argv=None):
         if (item["low_dose"] < 0).any():
             logger.log(f"{item['name']}: {(item['low_dose'] < 0).mean():.2%} negative voxels "
                        f"clipped to 0")
-        factory = None
-        counts_source = None
-        if mode in ("bcdpm", "hybrid"):
-            counts, counts_source = acquisition_counts(args, item)
-            factory = conditioning.BCDPMFactory(
-                num_steps_l=args.bc_steps, lam=args.bc_lambda, sigma_mm=args.bc_sigma_mm,
-                scanner=args.bc_scanner, total_counts=counts,
-                randoms_fraction=args.bc_randoms_fraction, recon_iters=args.bc_recon_iters,
-                recon_subsets=args.bc_recon_subsets, normalisation=metadata["normalisation"],
-                voxel_mm=metadata["voxel_mm"], view_mashing=args.bc_view_mashing,
-                psf_fwhm_mm=args.bc_psf_fwhm_mm)
+        factory, counts_source = conditioner_factory(args, mode, item, metadata)
         denoiser = VolumeDenoiser(model, diffusion, metadata, settings,
                                   conditioner_factory=factory, rank=rank, world_size=world)
         seeds = [member_seed(args.seed, item["name"], k) for k in range(args.num_ensemble)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.patched_model import PatchedModel, sample_independent_patches
+from guided_diffusion.patched_model import BoxDecomposition, PatchedModel, sample_independent_patches
 from guided_diffusion.pet.patches import PatchGrid, pad_to_multiple, unpad
 
 torch.set_num_threads(1)
@@ -169,28 +169,28 @@ def test_seam_free_sampling_follows_the_whole_volume_trajectory():
     assert torch.allclose(patched, whole, atol=1e-6, rtol=1e-6)
 
 
-def test_fake_two_rank_gather_is_bit_identical_to_one_rank():
-    x, low_res = _volume_and_condition(shape=(2, 1, 30, 16, 16), seed=4)
-    grid = PatchGrid(x.shape[2:], (8, 16, 16), 2)
-    assert len(grid) == 5  # groups [0, 1], [2, 3], [4]: rank 0 gets groups 0 and 2
-    t = torch.tensor([3, 3])
-    single = PatchedModel(pointwise_model, grid, batch_size=2)(x, t, low_res=low_res)
-    rank1 = PatchedModel(pointwise_model, grid, batch_size=2, rank=1, world_size=2,
-                         gather_fn=lambda local: [local])
-    assert rank1.patches_of_rank(0) == [0, 1, 4] and rank1.patches_of_rank(1) == [2, 3]
-    local1 = rank1.compute_local(x, t, low_res=low_res)
-    rank0 = PatchedModel(pointwise_model, grid, batch_size=2, rank=0, world_size=2,
-                         gather_fn=lambda local0: [local0, local1])
-    assert torch.equal(rank0(x, t, low_res=low_res), single)
-    duplicated = PatchedModel(pointwise_model, grid, batch_size=2, rank=0, world_size=2,
-                              gather_fn=lambda local0: [local0, local0])
-    with pytest.raises(ValueError, match="more than once"):
-        duplicated(x, t, low_res=low_res)
+def test_boxes_and_halo_plan_of_two_ranks():
+    # 5 axial slabs of 8 slices with >= 2 shared slices; 3 groups of 2: rank 0 gets groups 0-1
+    grid = PatchGrid((30, 16, 16), (8, 16, 16), 2)
+    assert [s[0] for s in grid.patches] == [slice(0, 8), slice(6, 14), slice(11, 19),
+                                            slice(16, 24), slice(22, 30)]
+    plan = BoxDecomposition(grid, batch_size=2, world_size=2)
+    assert plan.patches_of_rank(0) == [0, 1, 2, 3] and plan.patches_of_rank(1) == [4]
+    assert plan.boxes[0][0] == slice(0, 24) and plan.boxes[1][0] == slice(22, 30)
+    # only the shared slices 22-23 travel, in both directions (patch 3 -> rank 1, patch 4 -> rank 0)
+    assert plan.sends(0) == {1: [(3, (slice(22, 24), slice(0, 16), slice(0, 16)))]}
+    assert plan.receives(0) == {1: [(4, (slice(22, 24), slice(0, 16), slice(0, 16)))]}
+    assert plan.halo_voxels(0) == plan.halo_voxels(1) == (2 * 16 * 16, 2 * 16 * 16)
+    assert plan.covering(1) == [3, 4]
+    # more ranks than groups: the extra rank owns nothing, sends and receives nothing
+    idle = BoxDecomposition(grid, batch_size=2, world_size=4)
+    assert [idle.patches_of_rank(r) for r in range(4)] == [[0, 1], [2, 3], [4], []]
+    assert idle.covering(3) == [] and idle.halo_voxels(3) == (0, 0)
 
 
-def test_patched_model_needs_a_gather_for_several_ranks():
+def test_patched_model_needs_a_process_group_for_several_ranks():
     grid = PatchGrid((10, 16, 16), (4, 16, 16), 1)
-    with pytest.raises(ValueError, match="gather_fn"):
+    with pytest.raises(ValueError, match="torch.distributed"):
         PatchedModel(pointwise_model, grid, rank=0, world_size=2)
 
 
@@ -229,6 +229,34 @@ def test_independent_ddim_equals_seam_free_for_pointwise_model():
         assert torch.allclose(seam_free, independent, atol=1e-5) == agree
 
 
+#: axial slabs, and slabs tiled transaxially too (boxes then meet along X as well)
+HALO_PATCH_SHAPES = ((8, 16, 16), (8, 8, 16))
+
+
+def _sample_box_wise(rank, world_size, x_t, low_res, patch_shape):
+    """Seam-free DDPM sampling with this rank's box, the whole-volume noise sliced, and a
+    whole-volume hook in the last two steps; returns the gathered volume."""
+    from guided_diffusion.patched_model import SlicedNoise, whole_volume_hook
+
+    grid = PatchGrid(x_t.shape[2:], patch_shape, 2)
+    patched = PatchedModel(pointwise_model, grid, batch_size=1, rank=rank, world_size=world_size)
+    generator = torch.Generator().manual_seed(11)
+
+    class GlobalMeanHook:  # acts on the whole volume, so it needs the gather
+        def active(self, t):
+            return int(t[0]) < 2
+
+        def __call__(self, x_prev, t, out, model_kwargs):
+            return x_prev - 0.5 * x_prev.mean() + 0.1 * torch.randn(x_prev.shape, generator=generator)
+
+    noise = patched.local(x_t).contiguous()
+    sample = _tiny_diffusion().p_sample_loop(
+        patched, tuple(noise.shape), noise=noise, model_kwargs={"low_res": patched.local(low_res)},
+        generator=SlicedNoise(generator, x_t.shape[:2], patched), clip_denoised=False,
+        step_hook=whole_volume_hook(GlobalMeanHook(), patched))
+    return patched.gather(sample)
+
+
 def _distributed_worker(rank, world_size, store_path, x, low_res, results):
     import torch.distributed as dist
 
@@ -236,23 +264,49 @@ def _distributed_worker(rank, world_size, store_path, x, low_res, results):
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
-        grid = PatchGrid(x.shape[2:], (8, 16, 16), 2)
-        model = PatchedModel(pointwise_model, grid, batch_size=2, rank=rank, world_size=world_size)
-        results[rank] = model(x, torch.tensor([3]), low_res=low_res)
+        results[rank] = []
+        for patch_shape in HALO_PATCH_SHAPES:
+            grid = PatchGrid(x.shape[2:], patch_shape, 2)
+            model = PatchedModel(pointwise_model, grid, batch_size=2, rank=rank, world_size=world_size)
+            output = model(model.local(x), torch.tensor([3]), low_res=model.local(low_res))
+            results[rank] += [model.gather(output),
+                              _sample_box_wise(rank, world_size, x, low_res, patch_shape)]
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_default_gather_over_gloo_with_four_ranks_is_bit_identical(tmp_path):
-    # 5 patches in 3 groups over 4 ranks: uneven shares, and rank 3 computes nothing
+def _spawn_ranks(world_size, tmp_path, x, low_res):
     import torch.multiprocessing as mp
 
-    x, low_res = _volume_and_condition(shape=(1, 1, 30, 16, 16), seed=8)
-    expected = PatchedModel(pointwise_model, PatchGrid(x.shape[2:], (8, 16, 16), 2),
-                            batch_size=2)(x, torch.tensor([3]), low_res=low_res)
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_distributed_worker, args=(4, str(tmp_path / "store"), x, low_res, results), nprocs=4)
-    for rank in range(4):
-        assert torch.equal(results[rank], expected)
+    mp.spawn(_distributed_worker, args=(world_size, str(tmp_path / "store"), x, low_res, results),
+             nprocs=world_size)
+    return [results[rank] for rank in range(world_size)]
+
+
+def _single_process_reference(x, low_res):
+    expected = []
+    for patch_shape in HALO_PATCH_SHAPES:
+        model = PatchedModel(pointwise_model, PatchGrid(x.shape[2:], patch_shape, 2), batch_size=2)
+        expected += [model(x, torch.tensor([3]), low_res=low_res),
+                     _sample_box_wise(0, 1, x, low_res, patch_shape)]
+    return expected
+
+
+def test_halo_exchange_over_gloo_with_two_ranks_is_bit_identical(tmp_path):
+    x, low_res = _volume_and_condition(shape=(1, 1, 30, 16, 16), seed=8)
+    expected = _single_process_reference(x, low_res)
+    for results in _spawn_ranks(2, tmp_path, x, low_res):
+        for result, reference in zip(results, expected, strict=True):
+            assert torch.equal(result, reference)
+
+
+@pytest.mark.slow
+def test_halo_exchange_over_gloo_with_four_ranks_is_bit_identical(tmp_path):
+    # 5 patches in 3 groups over 4 ranks: uneven shares, and one rank computes nothing
+    x, low_res = _volume_and_condition(shape=(1, 1, 30, 16, 16), seed=8)
+    expected = _single_process_reference(x, low_res)
+    for results in _spawn_ranks(4, tmp_path, x, low_res):
+        for result, reference in zip(results, expected, strict=True):
+            assert torch.equal(result, reference)

@@ -72,7 +72,7 @@ def gaussian_filter(x, sigma, truncate=4.0):
     return x
 
 
-def _step_index(t):
+def step_index(t):
     """The (common) respaced step index of a sampler's ``t`` (int or tensor of equal values)."""
     if torch.is_tensor(t):
         values = t.flatten()
@@ -132,11 +132,15 @@ class BidirectionalConditioner:
                             device=self.y0.device)
         return math.sqrt(abar_prev) * self.y0 + math.sqrt(1.0 - abar_prev) * noise
 
+    def active(self, t):
+        """Whether the block acts at step index ``t`` (the last ``l`` steps)."""
+        return step_index(t) < self.num_steps_l
+
     def __call__(self, x_prev, t, out=None, model_kwargs=None):
         """Eq. (10) on ``x_prev`` (= ``x'_{t-1}``) when ``t < l``; otherwise ``None`` (unchanged)."""
-        t = _step_index(t)
-        if t >= self.num_steps_l:
+        if not self.active(t):
             return None
+        t = step_index(t)
         if x_prev.shape != self.y0.shape:
             raise ValueError(
                 f"sample shape {tuple(x_prev.shape)} differs from y0 {tuple(self.y0.shape)}"
@@ -225,19 +229,15 @@ class PoissonNoiseInserter:
         return self.activity_to_model(volume_to_model(recon, x.ndim)).to(x.dtype)
 
 
-class BCDPMFactory:
-    """Builds the BC-DPM hook for one volume and ensemble member (used by ``scripts/test.py``).
+class LowDoseAcquisition:
+    """The low-dose PET acquisition of a volume on the model grid, for the physics conditions.
 
-    The noise-insertion condition simulates the low-dose acquisition of the current sample:
-    projector of scanner ``scanner`` on the model grid (``mode``, default ``"2d"``: one
+    Projector of scanner ``scanner`` on the model grid (``mode``, default ``"2d"``: one
     sinogram per transaxial slice, so volumes longer than the scanner's axial FOV work),
     expected trues scaled so the low-dose volume itself would give ``total_counts`` counts
-    including uniform randoms of ``randoms_fraction`` x trues, Poisson noise, and
-    ``recon_iters`` x ``recon_subsets`` OSEM as ``P^+``. Attenuation and scatter are not
+    including uniform randoms of ``randoms_fraction`` x trues. Attenuation and scatter are not
     modelled here (no attenuation map is needed); the noise level is set by the count level.
 
-    :param num_steps_l, lam: BC-DPM's ``l`` and ``lambda``.
-    :param sigma_mm: Gaussian-filter condition sigma in mm.
     :param normalisation: the checkpoint's model-space normalisation.
     :param voxel_mm: model voxel size (scalar or ``(x, y, z)``, mm).
     :param view_mashing: optional view mashing of the projector (default: the preset's).
@@ -245,19 +245,13 @@ class BCDPMFactory:
         mm, scalar or ``(x, y, z)``; default: none), as in the acquisition being simulated.
     """
 
-    def __init__(self, *, num_steps_l, lam, sigma_mm, scanner, total_counts, randoms_fraction,
-                 recon_iters, recon_subsets, normalisation, voxel_mm, mode="2d", view_mashing=None,
-                 psf_fwhm_mm=None):
+    def __init__(self, *, scanner, total_counts, randoms_fraction, normalisation, voxel_mm,
+                 mode="2d", view_mashing=None, psf_fwhm_mm=None):
         if not total_counts > 0:
             raise ValueError(f"total_counts must be > 0, got {total_counts}")
-        self.num_steps_l = int(num_steps_l)
-        self.lam = float(lam)
-        self.sigma_mm = float(sigma_mm)
         self.scanner = scanner
         self.total_counts = float(total_counts)
         self.randoms_fraction = float(randoms_fraction)
-        self.recon_iters = int(recon_iters)
-        self.recon_subsets = int(recon_subsets)
         self.normalisation = normalisation
         self.voxel_mm = tuple(float(v) for v in torch.as_tensor(voxel_mm, dtype=torch.float64)
                               .expand(3).tolist())
@@ -276,11 +270,17 @@ class BCDPMFactory:
                                                    psf_fwhm_mm=self.psf_fwhm_mm)
         return self._projectors[key]
 
-    def __call__(self, y0, diffusion, generator, prepared=None):
-        """The hook for low-dose ``y0`` ``(1, 1, Z, X, Y)`` (model space) and one member's
-        ``generator``; ``diffusion`` supplies the (respaced) ``alphas_cumprod``."""
-        norm = self.normalisation
-        activity = model_to_volume(model_to_suv(y0, norm)).clamp_min(0)
+    def model_to_activity(self, x):
+        return model_to_suv(x, self.normalisation)
+
+    def activity_to_model(self, a):
+        return suv_to_model(a, self.normalisation)
+
+    def acquisition_of(self, y0):
+        """For the low-dose ``y0`` ``(1, 1, Z, X, Y)`` (model space): ``(projector,
+        counts_scale, additive)``, with ``counts_scale`` the expected trues per unit of
+        projected activity and ``additive`` the uniform randoms sinogram (counts)."""
+        activity = model_to_volume(self.model_to_activity(y0)).clamp_min(0)
         projector = self.projector(tuple(activity.shape[1:]), y0.device)
         trues_per_unit = float(projector.forward(activity).sum())
         if trues_per_unit <= 0:
@@ -289,11 +289,38 @@ class BCDPMFactory:
         n_bins = float(torch.tensor(projector.sinogram_shape).prod())
         additive = torch.full(tuple(projector.sinogram_shape), self.randoms_fraction * trues / n_bins,
                               dtype=y0.dtype, device=y0.device)
+        return projector, trues / trues_per_unit, additive
+
+
+class BCDPMFactory(LowDoseAcquisition):
+    """Builds the BC-DPM hook for one volume and ensemble member (used by ``scripts/test.py``).
+
+    The noise-insertion condition simulates the low-dose acquisition
+    (:class:`LowDoseAcquisition`) of the current sample: Poisson noise, then
+    ``recon_iters`` x ``recon_subsets`` OSEM as ``P^+``.
+
+    :param num_steps_l, lam: BC-DPM's ``l`` and ``lambda``.
+    :param sigma_mm: Gaussian-filter condition sigma in mm.
+    :param acquisition: keyword arguments of :class:`LowDoseAcquisition`.
+    """
+
+    def __init__(self, *, num_steps_l, lam, sigma_mm, recon_iters, recon_subsets, **acquisition):
+        super().__init__(**acquisition)
+        self.num_steps_l = int(num_steps_l)
+        self.lam = float(lam)
+        self.sigma_mm = float(sigma_mm)
+        self.recon_iters = int(recon_iters)
+        self.recon_subsets = int(recon_subsets)
+
+    def __call__(self, y0, diffusion, generator, prepared=None):
+        """The hook for low-dose ``y0`` ``(1, 1, Z, X, Y)`` (model space) and one member's
+        ``generator``; ``diffusion`` supplies the (respaced) ``alphas_cumprod``."""
+        projector, counts_scale, additive = self.acquisition_of(y0)
         inserter = PoissonNoiseInserter(
             projector,
-            model_to_activity=lambda x: model_to_suv(x, norm),
-            activity_to_model=lambda a: suv_to_model(a, norm),
-            counts_scale=trues / trues_per_unit,
+            model_to_activity=self.model_to_activity,
+            activity_to_model=self.activity_to_model,
+            counts_scale=counts_scale,
             additive=additive,
             recon=partial(osem, n_iter=self.recon_iters, n_subsets=self.recon_subsets),
             generator=generator,
@@ -303,3 +330,40 @@ class BCDPMFactory:
         return BidirectionalConditioner(
             y0, diffusion.alphas_cumprod, num_steps_l=self.num_steps_l, lam=self.lam,
             gaussian_sigma_vox=sigma_vox, noise_inserter=inserter, generator=generator)
+
+
+class HookChain:
+    """Sampler step hooks applied in order, each to the previous one's result.
+
+    ``active(t)`` is true when any hook acts at step ``t`` (a hook without ``active`` counts as
+    always active), so a box-wise sampler gathers the whole volume only when needed.
+    """
+
+    def __init__(self, hooks):
+        self.hooks = list(hooks)
+
+    def active(self, t):
+        return any(getattr(hook, "active", lambda _: True)(t) for hook in self.hooks)
+
+    def __call__(self, x_prev, t, out=None, model_kwargs=None):
+        result = None
+        for hook in self.hooks:
+            replaced = hook(x_prev if result is None else result, t, out, model_kwargs)
+            if replaced is not None:
+                result = replaced
+        return result
+
+
+def chain_factories(factories):
+    """One conditioner factory ``(y0, diffusion, generator, prepared) -> hook`` from several
+    (``None`` entries are skipped); ``None`` when there are none."""
+    factories = [f for f in factories if f is not None]
+    if not factories:
+        return None
+    if len(factories) == 1:
+        return factories[0]
+
+    def factory(y0, diffusion, generator, prepared=None):
+        return HookChain(f(y0, diffusion, generator, prepared) for f in factories)
+
+    return factory

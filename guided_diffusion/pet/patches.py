@@ -197,6 +197,38 @@ class PatchGrid:
         self._check_spatial(volume, "volume")
         return volume[(Ellipsis,) + self.patches[i]]
 
+    def overlap_region(self, i, box):
+        """Where patch ``i`` meets ``box`` (one slice per axis, volume coordinates).
+
+        :param box: tuple of slices with explicit start and stop (volume coordinates).
+        :return: the intersection as a tuple of slices, or ``None`` when it is empty.
+        """
+        region = []
+        for patch_slice, box_slice in zip(self.patches[i], box):
+            start = max(patch_slice.start, box_slice.start)
+            stop = min(patch_slice.stop, box_slice.stop)
+            if stop <= start:
+                return None
+            region.append(slice(start, stop))
+        return tuple(region)
+
+    def add_weighted(self, result, origin, i, values, region=None):
+        """``result[region - origin] += weight_i[region] * values`` in float64.
+
+        :param result: float64 tensor ``(..., *box_shape)`` holding a box of the volume whose
+            first voxel is at ``origin`` (volume coordinates, one int per axis).
+        :param i: patch index; ``region``: part of patch ``i`` to add (default: all of it).
+        :param values: patch ``i``'s output over ``region``, shape ``(..., *region_shape)``.
+        """
+        region = self.patches[i] if region is None else region
+        weighted = values.double()
+        for axis, profile in enumerate(self._broadcast_profiles(i, result.device)):
+            offset = region[axis].start - self.patches[i][axis].start
+            length = region[axis].stop - region[axis].start
+            weighted = weighted * profile.narrow(axis, offset, length)
+        target = tuple(slice(r.start - o, r.stop - o) for r, o in zip(region, origin))
+        result[(Ellipsis,) + target] += weighted
+
     def stitch(self, patch_outputs, dtype=None):
         """Weighted sum of per-patch tensors into a volume, in patch order.
 
@@ -217,10 +249,7 @@ class PatchGrid:
                 )
         result = torch.zeros(lead + self.volume_shape, dtype=torch.float64, device=first.device)
         for i, output in enumerate(patch_outputs):
-            weighted = output.double()
-            for profile in self._broadcast_profiles(i, first.device):
-                weighted = weighted * profile
-            result[(Ellipsis,) + self.patches[i]] += weighted
+            self.add_weighted(result, (0,) * self.ndim, i, output)
         return result.to(first.dtype if dtype is None else dtype)
 
 
