@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import fp16_util
-from .pet.normalisation import model_to_suv, suv_to_model
+from .pet.normalisation import model_to_suv, resolve_normalisation, suv_to_model
 from .patched_model import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
 from .pet import volumes
 from .pet.patches import PatchGrid
@@ -53,6 +53,9 @@ class SamplingSettings:
     :param start_t: start the chain at this (respaced) step index from ``q_sample(low_dose)``.
     :param precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) for the network.
     :param progress: tqdm bar for the reverse steps (rank 0).
+    :param hot_passthrough: where the low-dose input approaches the top of the model's SUV
+        range (the normalisation's ``clip``), take the output from the input (see
+        :func:`pass_through_hot_voxels`) instead of the clipped model output.
     """
 
     use_ddim: bool = False
@@ -66,11 +69,33 @@ class SamplingSettings:
     start_t: int = None
     precision: str = "fp32"
     progress: bool = True
+    hot_passthrough: bool = True
 
 
 def member_seed(seed, name, member):
     """Deterministic 63-bit seed for ensemble member ``member`` of the input called ``name``."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7919 + int(member)) % (2**63 - 1)
+
+
+HOT_RAMP = (0.75, 1.0)
+"""Blend range of :func:`pass_through_hot_voxels`, in units of the normalisation's clip SUV."""
+
+
+def pass_through_hot_voxels(denoised, low_dose, clip_suv):
+    """Take voxels above the model's SUV range from the low-dose input.
+
+    The model represents SUV in ``[0, clip_suv]`` only, so its output saturates at ``clip_suv``
+    (bladder, kidneys or hot lesions with PSMA and DOTATATE reach 30-50 SUV). There the
+    low-dose value is used: the weight of the input rises linearly from 0 at
+    ``0.75 * clip_suv`` to 1 at ``clip_suv`` (:data:`HOT_RAMP`), so no edge appears. Hot
+    regions are also the ones with the most counts, hence the least relative noise.
+
+    :param denoised, low_dose: SUV volumes of equal shape (any axis order), float32.
+    :return: the blended volume, float32.
+    """
+    lo, hi = (clip_suv * f for f in HOT_RAMP)
+    weight = np.clip((low_dose - lo) / (hi - lo), 0.0, 1.0)
+    return ((1.0 - weight) * denoised + weight * low_dose).astype(np.float32)
 
 
 class _PrecisionModel:
@@ -263,6 +288,7 @@ class VolumeDenoiser:
         """
         prepared = self.prepare(suv, affine)
         input_shape = np.shape(suv)
+        low_dose = np.clip(np.asarray(suv, dtype=np.float32), 0.0, None)
         members, infos = [], []
         for k, seed in enumerate(seeds):
             if skip and k in skip:
@@ -271,6 +297,9 @@ class VolumeDenoiser:
                 continue
             sample, info = self.sample(prepared, seed)
             volume = self.finish(sample, prepared, input_shape)
+            if self.settings.hot_passthrough:
+                clip_suv = resolve_normalisation(self.normalisation)["clip"]
+                volume = pass_through_hot_voxels(volume, low_dose, clip_suv)
             info = dict(info, member=k, seed=int(seed))
             if on_member is not None:
                 on_member(k, volume, info)

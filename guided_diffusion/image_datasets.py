@@ -58,14 +58,15 @@ def _strip_nifti_suffix(name):
     return None, None
 
 
-def list_volume_sources(data_dir, paired):
+def list_volume_sources(data_dir, paired, split="train"):
     """
     Find the sample sources under ``data_dir``.
 
-    Datasets from ``scripts/make_dataset.py`` carry split lists: when ``train.txt`` files exist
-    under ``data_dir``, only the volumes they list (paths relative to each list) are used, so
-    validation/test subjects and the phantom truth, attenuation and label volumes never enter
-    training. Otherwise every ``.npz`` and NIfTI file below ``data_dir`` is a candidate.
+    Datasets from ``scripts/make_dataset.py`` carry split lists: when ``SPLIT.txt`` files
+    (``train.txt`` by default; ``val.txt`` for validation) exist under ``data_dir``, only the
+    volumes they list (paths relative to each list) are used, so validation/test subjects and
+    the phantom truth, attenuation and label volumes never enter training. Otherwise every
+    ``.npz`` and NIfTI file below ``data_dir`` is a candidate.
 
     :return: sorted list of ``(low_path, full_path, npz)`` tuples: for ``.npz`` both paths
         are the file and ``npz`` is True; for NIfTI ``low_path`` is None in unpaired mode.
@@ -75,7 +76,7 @@ def list_volume_sources(data_dir, paired):
     files = sorted(
         os.path.join(root, f) for root, _, names in os.walk(data_dir) for f in names
     )
-    split_lists = [f for f in files if os.path.basename(f) == "train.txt"]
+    split_lists = [f for f in files if os.path.basename(f) == f"{split}.txt"]
     if split_lists:
         listed = []
         for split_list in split_lists:
@@ -101,7 +102,8 @@ def list_volume_sources(data_dir, paired):
         elif not paired:
             sources.append((None, path, False))
     if not sources:
-        raise ValueError(f"no .npz or NIfTI volumes found in {data_dir}")
+        listed_in = f" listed in its {split}.txt files" if split_lists else ""
+        raise ValueError(f"no .npz or NIfTI volumes found in {data_dir}{listed_in}")
     return sources
 
 

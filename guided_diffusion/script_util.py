@@ -410,6 +410,16 @@ def sr_create_model(
     )
 
 
+def create_diffusion_from_flags(flags, timestep_respacing=None):
+    """The diffusion described by a model's ``flags`` (the keys of :func:`diffusion_defaults`;
+    missing ones take the defaults), respaced by ``timestep_respacing`` when given."""
+    options = dict(diffusion_defaults())
+    options.update({k: flags[k] for k in options if k in flags})
+    if timestep_respacing is not None:
+        options["timestep_respacing"] = timestep_respacing
+    return create_gaussian_diffusion(steps=options.pop("diffusion_steps"), **options)
+
+
 def create_gaussian_diffusion(
     *,
     steps=1000,

@@ -109,6 +109,8 @@ def create_argparser():
     parser.add_argument("--batch_size", type=int, default=1, help="patches per network call")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="network precision")
+    parser.add_argument("--hot_passthrough", type=str2bool, default=True,
+                        help="voxels above the model's SUV range from the input (scripts/test.py)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -237,7 +239,8 @@ def sampling_settings(args, respacing, start_t=None, stitch="seamfree"):
     return SamplingSettings(use_ddim=respacing.startswith("ddim"), clip_denoised=True,
                             patch_z=args.patch_z, overlap=args.patch_overlap,
                             batch_size=args.batch_size, stitch=stitch, start_t=start_t,
-                            precision=args.precision, progress=False)
+                            precision=args.precision, progress=False,
+                            hot_passthrough=args.hot_passthrough)
 
 
 def bcdpm_factory(acquisition, metadata, *, bc_steps, bc_lambda, bc_sigma_mm, recon_iters,

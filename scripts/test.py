@@ -154,6 +154,9 @@ def create_argparser(metadata=None, argv=None):
                              "--bc_* scanner and count level; 0: off)")
     parser.add_argument("--dc_iters", type=int, default=1, help="EM iterations per active step")
     parser.add_argument("--dc_subsets", type=int, default=1, help="EM view subsets")
+    parser.add_argument("--hot_passthrough", type=str2bool, default=True,
+                        help="take voxels near and above the model's SUV range (the checkpoint's "
+                             "normalisation clip) from the input instead of the saturated output")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs with outputs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -305,7 +308,7 @@ def run_signature(args):
     keys = ("model_path", "seed", "cond_mode", "timestep_respacing", "use_ddim", "eta", "patch_z",
             "patch_overlap", "max_patch_voxels", "stitch", "bc_steps", "bc_lambda", "bc_sigma_mm",
             "bc_scanner", "bc_view_mashing", "bc_psf_fwhm_mm", "bc_counts", "bc_start", "precision",
-            "batch_size", "dc_steps", "dc_iters", "dc_subsets")
+            "batch_size", "dc_steps", "dc_iters", "dc_subsets", "hot_passthrough")
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -349,6 +352,7 @@ def main(argv=None):
         patch_z=args.patch_z, overlap=args.patch_overlap, max_patch_voxels=args.max_patch_voxels,
         batch_size=args.batch_size, stitch=args.stitch,
         start_t=args.bc_steps - 1 if args.bc_start else None, precision=precision,
+        hot_passthrough=args.hot_passthrough,
     )
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
                f"{diffusion.num_timesteps} steps ({'DDIM' if args.use_ddim else 'ancestral'}), "

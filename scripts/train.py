@@ -12,7 +12,8 @@ Launch with ``python scripts/train.py ...`` or ``mpiexec -n N python scripts/tra
 (data-parallel: each rank reads its share of the files; gradients are averaged by DDP).
 Checkpoints (``modelNNNNNN.pt``, ``ema_RATE_NNNNNN.pt``, ``optNNNNNN.pt``, ``stateNNNNNN.pt``)
 and ``modelNNNNNN.json`` (flags, normalisation, voxel size, training data) go to --log_dir,
-with ``progress.csv`` and ``loss_curve.png``. Rerunning with the same --log_dir resumes from
+with ``progress.csv`` and ``loss_curve.png`` (``--val_dir``: also ``val_psnr`` on held-out
+patches, see ``guided_diffusion.validation``). Rerunning with the same --log_dir resumes from
 its latest checkpoint exactly. --image_size / --large_size / --small_size 0 (default) mean
 the patch's X size.
 Data layout: see ``guided_diffusion.image_datasets``.
@@ -30,11 +31,17 @@ import torch as th
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.image_datasets import list_volume_sources, load_data, resolve_normalisation  # noqa: E402
+from guided_diffusion.image_datasets import (  # noqa: E402
+    OrderedVolumePatchDataset,
+    list_volume_sources,
+    load_data,
+    resolve_normalisation,
+)
 from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
+    create_diffusion_from_flags,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     sr_create_model_and_diffusion,
@@ -42,6 +49,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     str2bool,
 )
 from guided_diffusion.train_util import TrainLoop  # noqa: E402
+from guided_diffusion.validation import PatchValidator  # noqa: E402
 
 PUBLISHED_VOXEL_MM = 1.65
 
@@ -87,6 +95,16 @@ def create_argparser(argv=None):
                         help="random left-right (X) flips")
     parser.add_argument("--max_steps", type=int, default=0, help="stop after this step (0: never)")
     parser.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    parser.add_argument("--val_dir", default=None,
+                        help="held-out volumes for periodic validation PSNR (val.txt lists of a "
+                             "make_dataset.py directory, else every volume in it)")
+    parser.add_argument("--val_interval", type=int, default=0,
+                        help="validate every N steps (0: at every --save_interval)")
+    parser.add_argument("--val_patches", type=int, default=4, help="validation patches")
+    parser.add_argument("--val_respacing", default="ddim10", help="validation sampler steps")
+    parser.add_argument("--val_start_fraction", type=float, default=0.3,
+                        help="unconditional models: start validation sampling from the diffused "
+                             "full-dose patch at this fraction of the steps")
     parser.add_argument("--seed", type=int, default=0)
     defaults = dict(
         schedule_sampler="uniform",
@@ -119,6 +137,21 @@ def read_voxel_mm(data_dir, flag):
                 return content[key]
     logger.warn(f"voxel size unknown (no --voxel_mm, no manifest): assuming {PUBLISHED_VOXEL_MM} mm")
     return PUBLISHED_VOXEL_MM
+
+
+def make_validator(args, paired, normalisation, flags):
+    """The periodic validation callback: ``--val_patches`` fixed patches of the ``--val_dir``
+    volumes (one per volume in turn, no flips or intensity jitter)."""
+    sources = list_volume_sources(args.val_dir, paired, split="val")
+    dataset = OrderedVolumePatchDataset(sources, args.patch_size, paired=paired, random_flip=False,
+                                        normalisation=normalisation, seed=args.seed + 1,
+                                        dims=args.dims)
+    return PatchValidator(
+        [dataset[k] for k in range(args.val_patches)],
+        create_diffusion_from_flags(flags, args.val_respacing),
+        normalisation=normalisation, interval=args.val_interval or args.save_interval,
+        use_ddim=args.val_respacing.startswith("ddim"), start_fraction=args.val_start_fraction,
+        seed=args.seed)
 
 
 def main(argv=None):
@@ -178,6 +211,13 @@ def main(argv=None):
         ),
     )
 
+    callback = None
+    if args.val_dir:
+        callback = make_validator(args, paired, normalisation, flags)
+        metadata["training"]["validation"] = dict(
+            data_dir=os.path.abspath(args.val_dir), patches=args.val_patches,
+            respacing=args.val_respacing, interval=callback.interval)
+
     logger.log("training...")
     TrainLoop(
         model=model,
@@ -200,6 +240,7 @@ def main(argv=None):
         max_steps=args.max_steps,
         metadata=metadata,
         save_dir=args.log_dir,
+        callback=callback,
     ).run_loop()
     logger.log("training done")
 

@@ -1,3 +1,4 @@
+import csv
 import hashlib
 import json
 import os
@@ -234,8 +235,14 @@ def run_train_script(args, timeout=120):
 def test_train_script_unconditional_and_resume(tmp_path):
     write_script_data(tmp_path / "data")
     log = tmp_path / "log"
-    common = ["--data_dir", tmp_path / "data", "--log_dir", log, "--cond", "none", *TINY_FLAGS]
+    common = ["--data_dir", tmp_path / "data", "--log_dir", log, "--cond", "none", *TINY_FLAGS,
+              "--val_dir", tmp_path / "data", "--val_patches", 2, "--val_respacing", "ddim5"]
     run_train_script([*common, "--max_steps", "2"])
+    with open(log / "progress.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    validated = [row for row in rows if row.get("val_psnr")]
+    assert [row["step"] for row in validated] == ["2"]  # every --save_interval
+    assert np.isfinite([float(validated[0][k]) for k in ("val_psnr", "val_psnr_input")]).all()
     first = dist_util.load_state_dict(str(log / "model000002.pt"))
     proc = run_train_script([*common, "--max_steps", "4"])
     assert "resuming from" in proc.stdout and "model000002.pt" in proc.stdout
