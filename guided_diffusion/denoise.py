@@ -230,19 +230,23 @@ class VolumeDenoiser:
             loop_kwargs["eta"] = settings.eta
         steps = self.diffusion.num_timesteps if start_t is None else start_t + 1
         begin = time.perf_counter()
+        exchange = {}
         if settings.stitch == "seamfree":
-            sample = self._sample_seamfree(grid, loop_kwargs)
+            patched = PatchedModel(self.network, grid, settings.batch_size, self.rank,
+                                   self.world_size)
+            sample = self._sample_seamfree(patched, loop_kwargs)
+            sent, received = patched.decomposition.halo_voxels(self.rank)
+            exchange = dict(box_zxy=list(patched.local_shape), halo_voxels_sent_per_step=sent,
+                            halo_voxels_received_per_step=received)
         else:
             sample = self._sample_independent(grid, loop_kwargs)
         info = dict(network_evaluations_per_patch=steps, patches=len(grid),
-                    seconds=time.perf_counter() - begin)
+                    seconds=time.perf_counter() - begin, **exchange)
         return sample, info
 
-    def _sample_seamfree(self, grid, loop_kwargs):
+    def _sample_seamfree(self, patched, loop_kwargs):
         """One trajectory for the whole volume; each rank holds its box of patches and the
         ranks exchange only the overlap regions (see :mod:`guided_diffusion.patched_model`)."""
-        patched = PatchedModel(self.network, grid, self.settings.batch_size, self.rank,
-                               self.world_size)
         noise = loop_kwargs["noise"]
         hook = loop_kwargs["step_hook"]
         loop_kwargs.update(

@@ -332,8 +332,12 @@ def run_scaling(args):
             with open(os.path.join(save_dir, stem + ".json"), encoding="utf-8") as handle:
                 report = json.load(handle)
             descendants_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            member = report["members"][0]
             rows.append(dict(ranks=ranks, threads_per_rank=threads, wall_s=wall,
-                             denoise_s=report["seconds"], max_rss_descendants_mb=descendants_kib / 1024.0))
+                             denoise_s=report["seconds"], max_rss_descendants_mb=descendants_kib / 1024.0,
+                             rank0_box_zxy=member.get("box_zxy"),
+                             rank0_halo_voxels_received_per_step=member.get("halo_voxels_received_per_step"),
+                             volume_voxels=int(np.prod(report["model_shape_zxy"]))))
     for row in rows:
         row["speedup"] = rows[0]["denoise_s"] / row["denoise_s"]
     return rows
@@ -388,11 +392,13 @@ def markdown(results):
         lines.append("")
     if results.get("scaling"):
         lines += ["| ranks x threads | scripts/test.py wall s | denoise s | speedup | "
-                  "max RSS of descendants so far MB |", "|---|---|---|---|---|"]
+                  "max RSS of descendants so far MB | rank 0 box (Z, X, Y) | "
+                  "halo voxels received per step / volume voxels |", "|---|---|---|---|---|---|---|"]
         for r in results["scaling"]:
             lines.append(f"| {r['ranks']} x {r['threads_per_rank']} | {_fmt(r['wall_s'])} | "
                          f"{_fmt(r['denoise_s'])} | {_fmt(r['speedup'])} | "
-                         f"{_fmt(r['max_rss_descendants_mb'], 0)} |")
+                         f"{_fmt(r['max_rss_descendants_mb'], 0)} | {r.get('rank0_box_zxy')} | "
+                         f"{r.get('rank0_halo_voxels_received_per_step')} / {r.get('volume_voxels')} |")
         lines.append("")
     if results.get("unet"):
         unet = results["unet"]

@@ -338,3 +338,8 @@ def test_benchmark_strong_scaling(small_input, checkpoints, tmp_path):
     for row in rows:
         assert 0 < row["denoise_s"] < row["wall_s"] and row["max_rss_descendants_mb"] > 0
         assert row["speedup"] == pytest.approx(rows[0]["denoise_s"] / row["denoise_s"])
+    # one rank holds the whole volume and exchanges nothing; with two, rank 0 holds part of it
+    # and receives only halos, far less than the volume
+    assert rows[0]["rank0_halo_voxels_received_per_step"] == 0
+    assert np.prod(rows[1]["rank0_box_zxy"]) < rows[1]["volume_voxels"]
+    assert 0 < rows[1]["rank0_halo_voxels_received_per_step"] < rows[1]["volume_voxels"] / 2
