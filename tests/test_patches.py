@@ -294,19 +294,19 @@ def _single_process_reference(x, low_res):
     return expected
 
 
-def test_halo_exchange_over_gloo_with_two_ranks_is_bit_identical(tmp_path):
+def _check_ranks_match_one_process(world_size, tmp_path):
     x, low_res = _volume_and_condition(shape=(1, 1, 30, 16, 16), seed=8)
     expected = _single_process_reference(x, low_res)
-    for results in _spawn_ranks(2, tmp_path, x, low_res):
+    for results in _spawn_ranks(world_size, tmp_path, x, low_res):
         for result, reference in zip(results, expected, strict=True):
             assert torch.equal(result, reference)
+
+
+def test_halo_exchange_over_gloo_with_two_ranks_is_bit_identical(tmp_path):
+    _check_ranks_match_one_process(2, tmp_path)
 
 
 @pytest.mark.slow
 def test_halo_exchange_over_gloo_with_four_ranks_is_bit_identical(tmp_path):
-    # 5 patches in 3 groups over 4 ranks: uneven shares, and one rank computes nothing
-    x, low_res = _volume_and_condition(shape=(1, 1, 30, 16, 16), seed=8)
-    expected = _single_process_reference(x, low_res)
-    for results in _spawn_ranks(4, tmp_path, x, low_res):
-        for result, reference in zip(results, expected, strict=True):
-            assert torch.equal(result, reference)
+    # 5 patches over 4 ranks (with batch 2: 3 groups): uneven shares, and one rank computes nothing
+    _check_ranks_match_one_process(4, tmp_path)
