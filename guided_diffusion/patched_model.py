@@ -211,6 +211,8 @@ class PatchedModel:
         return local
 
     def __call__(self, x, t, **model_kwargs):
+        """Blended output ``(N, C_out, *local_shape)`` for this rank's box ``x``
+        ``(N, C, *local_shape)`` (spatial kwargs such as ``low_res`` cut the same way)."""
         local = self.compute_local(x, t, **model_kwargs)
         received = self._exchange_halos(local, x) if self.world_size > 1 else {}
         lead = (x.shape[0], self._channels(local, x))
@@ -249,9 +251,11 @@ class PatchedModel:
                                  device=x.device)
             requests.append(dist.irecv(buffer, src=other))
             inbox.append((plan, shapes, buffer))
+        outbox = []  # keeps the send buffers alive until the sends complete
         for other, plan in self.sends.items():
             parts = [self._crop(local[i], i, region).reshape(-1) for i, region in plan]
-            requests.append(dist.isend(torch.cat(parts).to(x.dtype).contiguous(), dst=other))
+            outbox.append(torch.cat(parts).to(x.dtype).contiguous())
+            requests.append(dist.isend(outbox[-1], dst=other))
         for request in requests:
             request.wait()
         received = {}

@@ -93,6 +93,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 from skimage.metrics import structural_similarity
+from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -468,7 +469,7 @@ def evaluate(args):
                            [derived_seed(args.seed, 2, level_index, i) for i in range(len(test_ref))], device)
         acquisitions[label] = dict(mean_measured_counts=float(test.measured_counts.mean()))
         scores = {method: [] for method in METHODS}
-        for index, reference in enumerate(test_ref):
+        for index, reference in enumerate(tqdm(test_ref, desc=f"{label} test slices", leave=False)):
             low = test.low[index]
             images = {
                 "MLEM (low-count)": low,
