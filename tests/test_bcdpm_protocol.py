@@ -143,10 +143,12 @@ def test_slice_quality_matches_hand_computed_values():
 def test_paper_gains_are_the_published_ones():
     results = {method: {protocol.count_label(c): {"psnr": {"mean": values[0]}} for c, values in by_level.items()}
                for method, by_level in protocol.PAPER_TABLE1.items()}
+    results[protocol.BCDPM_FROM_LOW] = {label: {"psnr": {"mean": 40.0}} for label in ("1M", "0.3M", "0.1M")}
     gains = protocol.gain_comparison(results, [1e6, 3e5, 1e5])
-    assert [label for label, _, _ in gains] == ["1M", "0.3M", "0.1M"]
-    assert [round(paper, 1) for _, _, paper in gains] == [2.7, 2.4, 1.2]
-    assert all(ours == pytest.approx(paper) for _, ours, paper in gains)
+    assert [label for label, _, _, _ in gains] == ["1M", "0.3M", "0.1M"]
+    assert [round(paper, 1) for _, _, _, paper in gains] == [2.7, 2.4, 1.2]
+    assert all(ours == pytest.approx(paper) for _, ours, _, paper in gains)
+    assert gains[0][2] == pytest.approx(40.0 - protocol.PAPER_TABLE1["Gaussian"][1e6][0])
 
 
 def test_evaluate_writes_the_table_with_finite_numbers(evaluation):
@@ -167,6 +169,8 @@ def test_evaluate_writes_the_table_with_finite_numbers(evaluation):
     gaussian = saved["results"]["Gaussian"]["1M"]["psnr"]["mean"]
     bcdpm = saved["results"]["BC-DPM"]["1M"]["psnr"]["mean"]
     assert saved["gain_over_gaussian_db"][0]["toolkit"] == pytest.approx(bcdpm - gaussian)
+    from_low = saved["results"][protocol.BCDPM_FROM_LOW]["1M"]["psnr"]["mean"]
+    assert saved["gain_over_gaussian_db"][0]["toolkit_start_from_low"] == pytest.approx(from_low - gaussian)
     assert all(saved["tuned"][label]["bm3d_sigma_suv"] > 0 for label in ("1M", "0.01M"))
 
 
