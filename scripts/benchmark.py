@@ -179,7 +179,8 @@ def run_configuration(spec):
                                                mode["respacing"], device)
     start_t = mode["bc_steps"] - 1 if mode["bc_start"] else None
     arguments = argparse.Namespace(patch_z=spec["patch_z"], patch_overlap=spec["patch_overlap"],
-                                   batch_size=spec["batch_size"], precision=spec["precision"])
+                                   batch_size=spec["batch_size"], precision=spec["precision"],
+                                   hot_passthrough=True)
     settings = sampling_settings(arguments, mode["respacing"], start_t, spec["stitch"])
     factory = None
     if mode["cond"] != "paired":
