@@ -18,6 +18,8 @@ progress, not sampling noise. Patches are model-layout tensors ``(1, Z, X, Y)`` 
 for 2D models) in model space.
 """
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -66,7 +68,7 @@ class PatchValidator:
         loop = self.diffusion.ddim_sample_loop if self.use_ddim else self.diffusion.p_sample_loop
 
         def network(x, t, **kwargs):
-            with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 return model(x, t, **kwargs).float()
 
         was_training = model.training

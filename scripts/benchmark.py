@@ -13,9 +13,9 @@ Parts (``--parts``, all by default; each switchable so a subset fits a time budg
              block on the last ``L`` steps) or ``hybrid`` (block on the paired model);
              ``RESPACING`` a ``timestep_respacing`` (``100``, ``ddim25``; ``full`` = every
              training step); ``start`` begins at step ``L`` from the diffused low dose.
-             ``paired:full`` (1000 steps for the published schedule) is slow and off unless
-             ``--full_chain``: it is then *estimated* from the per-evaluation time of the first
-             ancestral paired mode x the checkpoint's steps x patches, and marked so.
+             ``paired:full`` (1000 steps for the published schedule) is slow: it runs only
+             with ``--full_chain``; otherwise it is *estimated* from the per-evaluation time of
+             the first ancestral paired mode x the checkpoint's steps x patches, and marked so.
 ``seams``    seam-free (patches blended at every step) vs independent chains stitched at the end,
              for ``--seam_mode``: time and PSNR near slab boundaries vs elsewhere.
 ``scaling``  strong scaling of ``scripts/test.py`` under ``mpiexec -n 1`` and ``-n 2`` with the
