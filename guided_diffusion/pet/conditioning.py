@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .normalisation import model_to_suv, suv_to_model
 from .projector import make_projector
-from .recon import osem
+from .recon import osem, osem_sensitivities
 
 
 def _symmetric_indices(length, radius, device):
@@ -316,13 +316,16 @@ class BCDPMFactory(LowDoseAcquisition):
         """The hook for low-dose ``y0`` ``(1, 1, Z, X, Y)`` (model space) and one member's
         ``generator``; ``diffusion`` supplies the (respaced) ``alphas_cumprod``."""
         projector, counts_scale, additive = self.acquisition_of(y0)
+        # Every conditioned step reconstructs the same acquisition: its EM denominators once.
+        sensitivities = osem_sensitivities(projector, self.recon_subsets, scale=counts_scale)
         inserter = PoissonNoiseInserter(
             projector,
             model_to_activity=self.model_to_activity,
             activity_to_model=self.activity_to_model,
             counts_scale=counts_scale,
             additive=additive,
-            recon=partial(osem, n_iter=self.recon_iters, n_subsets=self.recon_subsets),
+            recon=partial(osem, n_iter=self.recon_iters, n_subsets=self.recon_subsets,
+                          sensitivities=sensitivities),
             generator=generator,
         )
         vx, vy, vz = self.voxel_mm

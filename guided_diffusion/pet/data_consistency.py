@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .conditioning import LowDoseAcquisition, model_to_volume, step_index, volume_to_model
-from .recon import osem
+from .recon import osem, osem_sensitivities
 
 
 class PoissonDataConsistency:
@@ -47,6 +47,7 @@ class PoissonDataConsistency:
         self.projector, self.counts_scale, self.additive = acquisition.acquisition_of(y0)
         activity = model_to_volume(acquisition.model_to_activity(y0)).clamp_min(0)
         self.data = self.counts_scale * self.projector.forward(activity) + self.additive
+        self.sensitivities = osem_sensitivities(self.projector, int(subsets), scale=self.counts_scale)
         self.x0_weight = torch.as_tensor(np.asarray(x0_weight), dtype=torch.float64)
         self.num_steps = int(num_steps)
         self.iters = int(iters)
@@ -59,7 +60,7 @@ class PoissonDataConsistency:
         """``iters`` EM updates of the model-space estimate ``x0`` towards the data."""
         activity = model_to_volume(self.acquisition.model_to_activity(x0)).clamp_min(0)
         updated = osem(self.data, self.projector, self.iters, self.subsets, additive=self.additive,
-                       x0=activity, scale=self.counts_scale)
+                       x0=activity, scale=self.counts_scale, sensitivities=self.sensitivities)
         return self.acquisition.activity_to_model(volume_to_model(updated, x0.ndim)).to(x0.dtype)
 
     def __call__(self, x_prev, t, out, model_kwargs=None):

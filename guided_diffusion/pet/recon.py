@@ -12,7 +12,7 @@ per unit of projected activity (``simulate.ExpectedData.scale``). Images come ba
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +56,7 @@ def poisson_log_likelihood(y: torch.Tensor, ybar: torch.Tensor) -> torch.Tensor:
 def osem(sinogram: torch.Tensor, projector: LinearOperator, n_iter: int, n_subsets: int = 1,
          mult_factor: Optional[torch.Tensor] = None, additive: Optional[torch.Tensor] = None,
          x0: Optional[torch.Tensor] = None, post_filter_fwhm_mm=None, progress: bool = False,
-         scale=1.0) -> torch.Tensor:
+         scale=1.0, sensitivities: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """Ordered-subsets expectation maximisation.
 
     Args:
@@ -71,6 +71,9 @@ def osem(sinogram: torch.Tensor, projector: LinearOperator, n_iter: int, n_subse
         progress: show a tqdm progress bar.
         scale: counts per unit of projected activity (scalar or per batch item), e.g.
             ``ExpectedData.scale``; the result is in activity units.
+        sensitivities: the subsets' EM denominators from :func:`osem_sensitivities` with the
+            same ``n_subsets``, ``mult_factor`` and ``scale`` (one back-projection saved per
+            subset when the same acquisition is reconstructed repeatedly); computed if None.
     Returns:
         the image, ``(X, Y, Z)`` or ``(B, X, Y, Z)``.
     """
@@ -80,12 +83,9 @@ def osem(sinogram: torch.Tensor, projector: LinearOperator, n_iter: int, n_subse
     geometric = geometric_projector(projector)
     sinogram = sinogram.to(device=geometric.device, dtype=geometric.dtype)
     batch = sinogram.shape[:-3]
-    mult = _scale_like(scale, sinogram)
-    if mult_factor is not None:
-        mult = mult * _check_sinogram(mult_factor.to(sinogram), projector, "mult_factor")
+    mult = _effective_mult(projector, sinogram, mult_factor, scale)
     if additive is not None:
         additive = _check_sinogram(additive.to(sinogram), projector, "additive")
-    mult = mult.expand(torch.broadcast_shapes(mult.shape, tuple(projector.sinogram_shape)))
     if x0 is None:
         x = sinogram.new_ones(batch + tuple(projector.image_shape))
     else:
@@ -95,7 +95,12 @@ def osem(sinogram: torch.Tensor, projector: LinearOperator, n_iter: int, n_subse
 
     subsets = [projector.subset(k, n_subsets) for k in range(n_subsets)]
     mults = [_view_subset(mult, k, n_subsets) for k in range(n_subsets)]
-    sensitivities = [op.adjoint(m) for op, m in zip(subsets, mults)]
+    if sensitivities is None:
+        sensitivities = [op.adjoint(m) for op, m in zip(subsets, mults)]
+    elif len(sensitivities) != n_subsets or any(
+            tuple(sens.shape[-3:]) != tuple(projector.image_shape) for sens in sensitivities):
+        raise ValueError(f"sensitivities must be {n_subsets} image(s) of shape "
+                         f"{tuple(projector.image_shape)} (osem_sensitivities with n_subsets={n_subsets})")
     for _ in tqdm(range(n_iter), desc="OSEM", disable=not progress):
         for k, op in enumerate(subsets):
             y_k = _view_subset(sinogram, k, n_subsets)
@@ -111,6 +116,27 @@ def osem(sinogram: torch.Tensor, projector: LinearOperator, n_iter: int, n_subse
     if post_filter_fwhm_mm is not None:
         x = post_filter(x, geometric.voxel_size_mm, post_filter_fwhm_mm)
     return x
+
+
+def osem_sensitivities(projector: LinearOperator, n_subsets: int = 1,
+                       mult_factor: Optional[torch.Tensor] = None, scale=1.0) -> list:
+    """EM denominators ``P_k^T (scale * mult_factor)_k`` per view subset ``k`` (``(X, Y, Z)``, or
+    ``(B, X, Y, Z)`` for a per-item ``scale``), on the projector's device and dtype; pass them
+    to :func:`osem` as ``sensitivities`` to reconstruct the same acquisition repeatedly."""
+    geometric = geometric_projector(projector)
+    reference = torch.empty((), device=geometric.device, dtype=geometric.dtype)
+    mult = _effective_mult(projector, reference, mult_factor, scale)
+    return [projector.subset(k, n_subsets).adjoint(_view_subset(mult, k, n_subsets))
+            for k in range(n_subsets)]
+
+
+def _effective_mult(projector, reference: torch.Tensor, mult_factor, scale) -> torch.Tensor:
+    """``scale * mult_factor`` broadcast to the sinogram shape, on ``reference``'s device/dtype."""
+    mult = _scale_like(scale, reference)
+    if mult_factor is not None:
+        mult_factor = mult_factor.to(device=reference.device, dtype=reference.dtype)
+        mult = mult * _check_sinogram(mult_factor, projector, "mult_factor")
+    return mult.expand(torch.broadcast_shapes(mult.shape, tuple(projector.sinogram_shape)))
 
 
 def post_filter(image: torch.Tensor, voxel_size_mm, fwhm_mm) -> torch.Tensor:
