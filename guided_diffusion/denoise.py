@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import fp16_util
-from .pet.normalisation import model_to_suv, resolve_normalisation, suv_to_model
+from .pet.normalisation import model_to_suv, null_condition_like, resolve_normalisation, suv_to_model
 from .patched_model import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
 from .pet import volumes
 from .pet.patches import PatchGrid
@@ -56,6 +56,9 @@ class SamplingSettings:
     :param hot_passthrough: where the low-dose input approaches the top of the model's SUV
         range (the normalisation's ``clip``), take the output from the input (see
         :func:`pass_through_hot_voxels`) instead of the clipped model output.
+    :param null_condition: feed a paired model the null condition (an empty volume) instead of
+        the low-dose volume: a checkpoint trained with conditioning dropout
+        (``cond_dropout`` in its metadata) then acts as an unconditional prior (BC-DPM).
     """
 
     use_ddim: bool = False
@@ -70,6 +73,7 @@ class SamplingSettings:
     precision: str = "fp32"
     progress: bool = True
     hot_passthrough: bool = True
+    null_condition: bool = False
 
 
 def member_seed(seed, name, member):
@@ -143,6 +147,9 @@ class VolumeDenoiser:
         self.rank = rank
         self.world_size = world_size
         self.paired = metadata["cond"] == "paired"
+        if settings.null_condition and not (self.paired and metadata.get("cond_dropout")):
+            raise ValueError("null_condition needs a paired checkpoint trained with conditioning "
+                             "dropout (cond_dropout > 0 in its metadata)")
         self.normalisation = metadata["normalisation"]
         self.voxel_mm = np.broadcast_to(np.asarray(metadata["voxel_mm"], dtype=float), (3,))
         self.multiple = 2 ** (len(model.channel_mult) - 1)
@@ -217,7 +224,10 @@ class VolumeDenoiser:
                 raise ValueError(f"start_t={start_t} outside [0, {self.diffusion.num_timesteps})")
             t = torch.full((y0.shape[0],), start_t, device=self.device, dtype=torch.long)
             noise = self.diffusion.q_sample(y0, t, noise=noise)
-        model_kwargs = {"low_res": y0} if self.paired else {}
+        model_kwargs = {}
+        if self.paired:
+            model_kwargs["low_res"] = (null_condition_like(y0, self.normalisation)
+                                       if settings.null_condition else y0)
         hook = None
         if self.conditioner_factory is not None:
             hook = self.conditioner_factory(y0, self.diffusion, generator, prepared)

@@ -41,6 +41,7 @@ from . import dist_util, logger
 from .pet.normalisation import (  # noqa: F401  (re-exported: the one SUV <-> model mapping)
     DEFAULT_NORMALISATION,
     model_to_suv,
+    null_condition_like,
     resolve_normalisation,
     suv_to_model,
 )
@@ -174,6 +175,9 @@ class VolumePatchDataset(th.utils.data.Dataset):
     :param cache_volumes: number of decoded sources kept in memory (least recently used out).
     :param dims: 3 (volume patches) or 2 (single slices for a 2D model: needs ``Z == 1`` in
         ``patch_size``; the Z axis is dropped from every item).
+    :param cond_dropout: paired only: probability that an item's ``low_res`` is replaced by the
+        null condition (:func:`~guided_diffusion.pet.normalisation.null_condition_like`, an
+        empty volume), so that one model also learns the unconditional prior.
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class VolumePatchDataset(th.utils.data.Dataset):
         length=10**6,
         cache_volumes=8,
         dims=3,
+        cond_dropout=0.0,
     ):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be three positive ints (Z, X, Y), got {patch_size}")
@@ -204,6 +209,9 @@ class VolumePatchDataset(th.utils.data.Dataset):
             raise ValueError(f"intensity_jitter must be in [0, 1), got {intensity_jitter}")
         if not sources:
             raise ValueError("VolumePatchDataset needs at least one source")
+        if not 0.0 <= cond_dropout < 1.0 or (cond_dropout and not paired):
+            raise ValueError(f"cond_dropout must be in [0, 1) and needs paired data, got "
+                             f"{cond_dropout} (paired={paired})")
         self.sources = list(sources)
         self.patch_zxy = tuple(int(p) for p in patch_size)
         self.paired = paired
@@ -218,6 +226,7 @@ class VolumePatchDataset(th.utils.data.Dataset):
         self.length = length
         self.cache_volumes = cache_volumes
         self.dims = dims
+        self.cond_dropout = float(cond_dropout)
         self._cache = collections.OrderedDict()
 
     def __len__(self):
@@ -269,6 +278,8 @@ class VolumePatchDataset(th.utils.data.Dataset):
             return th.from_numpy(model.astype(np.float32))[None]
 
         kwargs = {"low_res": to_tensor(low)} if self.paired else {}
+        if self.cond_dropout and rng.random() < self.cond_dropout:
+            kwargs["low_res"] = null_condition_like(kwargs["low_res"], self.normalisation)
         return to_tensor(full), kwargs
 
 

@@ -17,7 +17,8 @@ Conditioning modes (``--cond_mode``):
   paired  the published 3D DDPM: the low-dose volume is the model's second input channel;
   bcdpm   an unconditional prior + BC-DPM's bidirectional block (Eq. 10) in the last
           ``--bc_steps`` reverse steps (Gaussian-filter condition and Poisson noise insertion
-          through the 3D PET projector);
+          through the 3D PET projector); a paired checkpoint trained with ``--cond_dropout``
+          serves as the prior with the null condition;
   hybrid  the block on top of the paired model.
 Any mode can add Poisson data consistency in the last ``--dc_steps`` steps (EM updates of the
 clean-image estimate towards the low-dose data, see ``guided_diffusion.pet.data_consistency``).
@@ -215,9 +216,10 @@ def resolve_cond_mode(args, metadata):
     if mode in ("paired", "hybrid") and cond != "paired":
         raise InputError(f"{args.model_path}: --cond_mode {mode} needs a paired checkpoint; "
                          f"this one is unconditional (use --cond_mode bcdpm)")
-    if mode == "bcdpm" and cond != "none":
-        raise InputError(f"{args.model_path}: --cond_mode bcdpm needs an unconditional prior; "
-                         f"this checkpoint is paired (use --cond_mode hybrid)")
+    if mode == "bcdpm" and cond != "none" and not metadata.get("cond_dropout"):
+        raise InputError(f"{args.model_path}: --cond_mode bcdpm needs an unconditional prior or a "
+                         f"paired checkpoint trained with --cond_dropout; this one is paired only "
+                         f"(use --cond_mode hybrid)")
     return mode
 
 
@@ -353,6 +355,7 @@ def main(argv=None):
         batch_size=args.batch_size, stitch=args.stitch,
         start_t=args.bc_steps - 1 if args.bc_start else None, precision=precision,
         hot_passthrough=args.hot_passthrough,
+        null_condition=mode == "bcdpm" and metadata["cond"] == "paired",
     )
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
                f"{diffusion.num_timesteps} steps ({'DDIM' if args.use_ddim else 'ancestral'}), "

@@ -5,6 +5,11 @@ Train a 3D diffusion model on PET volume patches.
                  (``sr_model_and_diffusion_defaults``), trained on low/full-dose pairs.
   --cond none    an unconditional prior p(x) for BC-DPM (``model_and_diffusion_defaults``
                  with dims=3, in_channels=1), trained on full-dose volumes only.
+  --cond paired --cond_dropout P
+                 one model for both: the low-dose channel is replaced by the null condition
+                 (an empty volume) in a fraction P of the patches, so the checkpoint also
+                 serves as BC-DPM's prior (``scripts/test.py --cond_mode bcdpm`` feeds it the
+                 null condition).
   --dims 2       a 2D model on single slices: give --patch_size 1 X Y; batches are (B, 1, X, Y)
                  (the 2D prior of the BC-DPM paper's protocol, see scripts/bcdpm_protocol.py).
 
@@ -91,6 +96,9 @@ def create_argparser(argv=None):
     parser.add_argument("--scale_suv", type=float, default=16.0, help="SUV divisor")
     parser.add_argument("--intensity_jitter", type=float, default=0.0,
                         help="random SUV scaling U(1-j, 1+j), same for low and full dose")
+    parser.add_argument("--cond_dropout", type=float, default=0.0,
+                        help="paired: fraction of patches trained with the null condition "
+                             "(one model for paired sampling and as BC-DPM's prior)")
     parser.add_argument("--random_flip", type=str2bool, default=True,
                         help="random left-right (X) flips")
     parser.add_argument("--max_steps", type=int, default=0, help="stop after this step (0: never)")
@@ -161,6 +169,8 @@ def main(argv=None):
         if getattr(args, size_flag) == 0:
             setattr(args, size_flag, args.patch_size[1])
 
+    if args.cond_dropout and not paired:
+        raise SystemExit("--cond_dropout needs --cond paired (it drops the low-dose condition)")
     num_files = len(list_volume_sources(args.data_dir, paired))  # fail early on bad data
 
     dist_util.setup_dist(threads=args.threads)
@@ -191,10 +201,12 @@ def main(argv=None):
         normalisation=normalisation,
         seed=args.seed,
         dims=args.dims,
+        cond_dropout=args.cond_dropout,
     )
     metadata = dict(
         flags=flags,
         cond=args.cond,
+        cond_dropout=args.cond_dropout,
         normalisation=normalisation,
         voxel_mm=read_voxel_mm(args.data_dir, args.voxel_mm),
         patch_size_zxy=list(args.patch_size),

@@ -137,6 +137,22 @@ def test_bcdpm_moves_prior_sample_toward_low_dose(workdir):
     assert err_conditioned < 0.5 * err_unconditioned
 
 
+def test_bcdpm_takes_a_cond_dropout_checkpoint_as_its_prior(workdir, make_tiny_checkpoint):
+    both = make_tiny_checkpoint(workdir / "both.pt", "paired")
+    sidecar = both.with_suffix(".json")
+    sidecar.write_text(json.dumps(dict(json.loads(sidecar.read_text()), cond_dropout=0.2)))
+    bcdpm = ("--base_samples", workdir / "subject.npz", "--cond_mode", "bcdpm", "--bc_scanner", "demo",
+             "--bc_counts", 2e6, "--bc_recon_iters", 1, "--bc_recon_subsets", 2, "--bc_steps", 2, *COMMON)
+    out = workdir / "out_both_bcdpm"
+    run_script("--model_path", both, "--save_dir", out, *bcdpm)
+    report = json.loads((out / "subject.json").read_text())
+    assert report["cond_mode"] == "bcdpm"
+    assert np.isfinite(np.load(out / "subject_denoised.npz")["arr_0"]).all()
+    proc = run_script("--model_path", workdir / "paired.pt", "--save_dir", workdir / "out_paired_bcdpm",
+                      *bcdpm, check=False)
+    assert proc.returncode == 2 and "--cond_dropout" in proc.stderr
+
+
 def test_interrupted_run_resumes_to_the_same_result(workdir):
     common = ("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
               "--num_ensemble", 3, "--timestep_respacing", "50", "--use_ddim", "False",

@@ -57,6 +57,21 @@ def test_paired_patches_are_blocks_of_the_volumes_in_model_order(tmp_path):
         assert th.allclose(low[0], th.from_numpy(suv_to_model(0.5 * block)), atol=1e-6)
 
 
+def test_cond_dropout_replaces_only_the_condition_by_the_empty_volume(tmp_path):
+    full = coordinate_volume()
+    write_pair_npz(tmp_path / "a.npz", full)
+    common = dict(data_dir=str(tmp_path), batch_size=64, patch_size=PATCH, paired=True,
+                  random_flip=False, shard=0, num_shards=1)
+    batch, kwargs = next(load_data(**common))
+    batch_dropped, kwargs_dropped = next(load_data(cond_dropout=0.5, **common))
+    assert th.equal(batch, batch_dropped)  # the same patches, only the condition changes
+    null = (kwargs_dropped["low_res"] == -1.0).flatten(1).all(dim=1)  # 0 SUV in [-1, 1] space
+    assert 16 <= int(null.sum()) <= 48
+    assert th.equal(kwargs_dropped["low_res"][~null], kwargs["low_res"][~null])
+    with pytest.raises(ValueError, match="cond_dropout"):
+        next(load_data(**dict(common, paired=False), cond_dropout=0.5))
+
+
 def test_flip_and_jitter_apply_the_same_to_low_and_full(tmp_path):
     full = coordinate_volume()
     write_pair_npz(tmp_path / "a.npz", full)

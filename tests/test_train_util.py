@@ -256,6 +256,21 @@ def test_train_script_unconditional_and_resume(tmp_path):
     assert not all(th.equal(first[k], second[k]) for k in first)
 
 
+def test_train_script_cond_dropout_records_it_and_needs_paired_data(tmp_path):
+    write_script_data(tmp_path / "data")
+    log = tmp_path / "log"
+    run_train_script(["--data_dir", tmp_path / "data", "--log_dir", log, "--cond", "paired",
+                      "--cond_dropout", 0.5, *TINY_FLAGS, "--max_steps", "2"])
+    meta = json.loads((log / "model000002.json").read_text())
+    assert meta["cond"] == "paired" and meta["cond_dropout"] == 0.5
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--data_dir",
+                           str(tmp_path / "data"), "--log_dir", str(tmp_path / "bad"), "--cond", "none",
+                           "--cond_dropout", "0.5", *TINY_FLAGS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--cond_dropout needs --cond paired" in proc.stderr
+
+
 DDP_SCRIPT = """
 import hashlib, json, sys
 import numpy as np, torch

@@ -8,6 +8,10 @@ A normalisation is ``{"clip": c, "scale": s, "range": [lo, hi]}`` (SUV values ``
 The published 3D DDPM uses ``clip = scale = 16`` and ``range = [0, 1]`` (SUV clipped at 16,
 divided by 16); the toolkit's own checkpoints use ``range = [-1, 1]``, the range the diffusion
 process (and ``clip_denoised``) assumes.
+
+The *null condition* of a paired model trained with conditioning dropout (``scripts/train.py
+--cond_dropout``) is an empty low-dose volume, 0 SUV everywhere (model value ``lo``): fed in
+place of the low-dose channel it makes the model an unconditional prior.
 """
 
 import numpy as np
@@ -42,3 +46,11 @@ def model_to_suv(x, normalisation=None):
     norm = resolve_normalisation(normalisation)
     lo, hi = norm["range"]
     return (x - lo) / (hi - lo) * norm["scale"]
+
+
+def null_condition_like(x, normalisation=None):
+    """The null condition (0 SUV everywhere, in model space) with ``x``'s shape and type."""
+    lo = resolve_normalisation(normalisation)["range"][0]
+    if isinstance(x, torch.Tensor):
+        return torch.full_like(x, lo)
+    return np.full_like(x, lo)
