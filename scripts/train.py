@@ -219,7 +219,7 @@ def main(argv=None):
             lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
             world_size=dist_util.world_size(), ema_rate=args.ema_rate, seed=args.seed,
             precision=args.precision, grad_clip=args.grad_clip,
-            schedule_sampler=args.schedule_sampler,
+            schedule_sampler=args.schedule_sampler, lr_anneal_steps=args.lr_anneal_steps,
         ),
     )
 
