@@ -53,6 +53,7 @@ import benchmark_unet  # noqa: E402
 from quality_report import (  # noqa: E402
     bcdpm_factory,
     body_mask,
+    is_null_conditioned_prior,
     load_denoiser,
     sampling_settings,
 )
@@ -181,7 +182,8 @@ def run_configuration(spec):
     arguments = argparse.Namespace(patch_z=spec["patch_z"], patch_overlap=spec["patch_overlap"],
                                    batch_size=spec["batch_size"], precision=spec["precision"],
                                    hot_passthrough=True)
-    settings = sampling_settings(arguments, mode["respacing"], start_t, spec["stitch"])
+    settings = sampling_settings(arguments, mode["respacing"], start_t, spec["stitch"],
+                                 null_condition=is_null_conditioned_prior(metadata, mode["cond"]))
     factory = None
     if mode["cond"] != "paired":
         factory = bcdpm_factory(acquisition_of(spec), metadata, bc_steps=mode["bc_steps"],

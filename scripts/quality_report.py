@@ -224,23 +224,31 @@ def tune_gaussian(cases, fwhm_grid_mm):
 
 def load_denoiser(model_path, cond, respacing, device):
     """Model, diffusion and metadata of a checkpoint, with ``respacing`` and the expected
-    ``cond`` (``"paired"`` / ``"none"``) checked; returns ``(model, diffusion, metadata)``."""
+    ``cond`` (``"paired"`` / ``"none"``; a paired checkpoint trained with conditioning dropout
+    also serves as ``"none"``, see :func:`is_null_conditioned_prior`) checked; returns
+    ``(model, diffusion, metadata)``."""
     model, diffusion, metadata = load_model_and_diffusion(
         model_path, {"timestep_respacing": respacing}, device=device)
-    if metadata["cond"] != cond:
+    if metadata["cond"] != cond and not (cond == "none" and metadata.get("cond_dropout")):
         kind = "a paired" if cond == "paired" else "an unconditional prior"
         raise ValueError(f"{model_path}: expected {kind} checkpoint, its cond is {metadata['cond']!r}")
     return model, diffusion, metadata
 
 
-def sampling_settings(args, respacing, start_t=None, stitch="seamfree"):
+def is_null_conditioned_prior(metadata, method):
+    """A paired checkpoint used as BC-DPM's prior: it gets the null condition (trained with
+    conditioning dropout; :func:`load_denoiser` accepts no other paired checkpoint there)."""
+    return method == "bcdpm" and metadata["cond"] == "paired"
+
+
+def sampling_settings(args, respacing, start_t=None, stitch="seamfree", null_condition=False):
     """SamplingSettings from ``args.patch_z / patch_overlap / batch_size / precision`` for one
     timestep respacing (``"ddimN"``: DDIM)."""
     return SamplingSettings(use_ddim=respacing.startswith("ddim"), clip_denoised=True,
                             patch_z=args.patch_z, overlap=args.patch_overlap,
                             batch_size=args.batch_size, stitch=stitch, start_t=start_t,
                             precision=args.precision, progress=False,
-                            hot_passthrough=args.hot_passthrough)
+                            hot_passthrough=args.hot_passthrough, null_condition=null_condition)
 
 
 def bcdpm_factory(acquisition, metadata, *, bc_steps, bc_lambda, bc_sigma_mm, recon_iters,
@@ -290,7 +298,8 @@ class DiffusionMethods:
         factory = None
         if method == "bcdpm":
             settings = sampling_settings(args, args.bc_respacing or args.steps,
-                                         args.bc_steps - 1 if args.bc_start else None)
+                                         args.bc_steps - 1 if args.bc_start else None,
+                                         null_condition=is_null_conditioned_prior(metadata, method))
             factory = bcdpm_factory(dataset_manifest.bcdpm_acquisition(case), metadata,
                                     bc_steps=args.bc_steps, bc_lambda=args.bc_lambda,
                                     bc_sigma_mm=args.bc_sigma_mm, recon_iters=args.bc_recon_iters,

@@ -233,6 +233,19 @@ def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
     assert "| gaussian | 20 | 1 |" in (out / "summary.md").read_text()
 
 
+def test_a_cond_dropout_checkpoint_serves_as_the_bcdpm_prior(checkpoints, tmp_path, make_tiny_checkpoint):
+    report = _load_script("quality_report")
+    paired, _ = checkpoints
+    with pytest.raises(ValueError, match="expected an unconditional prior"):
+        report.load_denoiser(str(paired), "none", "ddim3", torch.device("cpu"))
+    both = make_tiny_checkpoint(tmp_path / "both.pt", "paired", respacing="ddim3", voxel_mm=VOXEL_MM)
+    sidecar = both.with_suffix(".json")
+    sidecar.write_text(json.dumps(dict(json.loads(sidecar.read_text()), cond_dropout=0.2)))
+    _, _, metadata = report.load_denoiser(str(both), "none", "ddim3", torch.device("cpu"))
+    assert report.is_null_conditioned_prior(metadata, "bcdpm")
+    assert not report.is_null_conditioned_prior(metadata, "paired")
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 
