@@ -76,6 +76,18 @@ class SamplingSettings:
     null_condition: bool = False
 
 
+def serves_as_prior(metadata):
+    """Whether a checkpoint can be BC-DPM's prior: unconditional, or paired and trained with
+    conditioning dropout (it then gets the null condition, see :func:`is_null_conditioned_prior`)."""
+    return metadata["cond"] == "none" or bool(metadata.get("cond_dropout"))
+
+
+def is_null_conditioned_prior(metadata, mode):
+    """Whether ``mode`` (``"paired"``, ``"bcdpm"``, ``"hybrid"``) uses this checkpoint as a prior
+    fed the null condition: a paired checkpoint in ``bcdpm`` mode."""
+    return mode == "bcdpm" and metadata["cond"] == "paired"
+
+
 def member_seed(seed, name, member):
     """Deterministic 63-bit seed for ensemble member ``member`` of the input called ``name``."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7919 + int(member)) % (2**63 - 1)
@@ -147,7 +159,7 @@ class VolumeDenoiser:
         self.rank = rank
         self.world_size = world_size
         self.paired = metadata["cond"] == "paired"
-        if settings.null_condition and not (self.paired and metadata.get("cond_dropout")):
+        if settings.null_condition and not (self.paired and serves_as_prior(metadata)):
             raise ValueError("null_condition needs a paired checkpoint trained with conditioning "
                              "dropout (cond_dropout > 0 in its metadata)")
         self.normalisation = metadata["normalisation"]

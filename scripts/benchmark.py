@@ -46,14 +46,13 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from guided_diffusion.denoise import VolumeDenoiser  # noqa: E402
+from guided_diffusion.denoise import VolumeDenoiser, is_null_conditioned_prior  # noqa: E402
 from guided_diffusion.pet import dataset_manifest, metrics, volumes  # noqa: E402
 
 import benchmark_unet  # noqa: E402
 from quality_report import (  # noqa: E402
     bcdpm_factory,
     body_mask,
-    is_null_conditioned_prior,
     load_denoiser,
     sampling_settings,
 )

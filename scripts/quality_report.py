@@ -44,7 +44,13 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from guided_diffusion.checkpoints import load_model_and_diffusion  # noqa: E402
-from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, member_seed  # noqa: E402
+from guided_diffusion.denoise import (  # noqa: E402
+    SamplingSettings,
+    VolumeDenoiser,
+    is_null_conditioned_prior,
+    member_seed,
+    serves_as_prior,
+)
 from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes  # noqa: E402
 from guided_diffusion.pet.conditioning import BCDPMFactory  # noqa: E402
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
@@ -224,21 +230,14 @@ def tune_gaussian(cases, fwhm_grid_mm):
 
 def load_denoiser(model_path, cond, respacing, device):
     """Model, diffusion and metadata of a checkpoint, with ``respacing`` and the expected
-    ``cond`` (``"paired"`` / ``"none"``; a paired checkpoint trained with conditioning dropout
-    also serves as ``"none"``, see :func:`is_null_conditioned_prior`) checked; returns
-    ``(model, diffusion, metadata)``."""
+    ``cond`` (``"paired"`` / ``"none"``; ``"none"`` accepts any checkpoint that
+    ``denoise.serves_as_prior``) checked; returns ``(model, diffusion, metadata)``."""
     model, diffusion, metadata = load_model_and_diffusion(
         model_path, {"timestep_respacing": respacing}, device=device)
-    if metadata["cond"] != cond and not (cond == "none" and metadata.get("cond_dropout")):
+    if not (metadata["cond"] == cond or (cond == "none" and serves_as_prior(metadata))):
         kind = "a paired" if cond == "paired" else "an unconditional prior"
         raise ValueError(f"{model_path}: expected {kind} checkpoint, its cond is {metadata['cond']!r}")
     return model, diffusion, metadata
-
-
-def is_null_conditioned_prior(metadata, method):
-    """A paired checkpoint used as BC-DPM's prior: it gets the null condition (trained with
-    conditioning dropout; :func:`load_denoiser` accepts no other paired checkpoint there)."""
-    return method == "bcdpm" and metadata["cond"] == "paired"
 
 
 def sampling_settings(args, respacing, start_t=None, stitch="seamfree", null_condition=False):

@@ -37,7 +37,13 @@ import torch.distributed as dist  # noqa: E402
 
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata  # noqa: E402
-from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, member_seed  # noqa: E402
+from guided_diffusion.denoise import (  # noqa: E402
+    SamplingSettings,
+    VolumeDenoiser,
+    is_null_conditioned_prior,
+    member_seed,
+    serves_as_prior,
+)
 from guided_diffusion.fp16_util import resolve_precision  # noqa: E402
 from guided_diffusion.pet import conditioning, dataset_manifest, volumes  # noqa: E402
 from guided_diffusion.pet.data_consistency import DataConsistencyFactory  # noqa: E402
@@ -216,7 +222,7 @@ def resolve_cond_mode(args, metadata):
     if mode in ("paired", "hybrid") and cond != "paired":
         raise InputError(f"{args.model_path}: --cond_mode {mode} needs a paired checkpoint; "
                          f"this one is unconditional (use --cond_mode bcdpm)")
-    if mode == "bcdpm" and cond != "none" and not metadata.get("cond_dropout"):
+    if mode == "bcdpm" and not serves_as_prior(metadata):
         raise InputError(f"{args.model_path}: --cond_mode bcdpm needs an unconditional prior or a "
                          f"paired checkpoint trained with --cond_dropout; this one is paired only "
                          f"(use --cond_mode hybrid)")
@@ -355,7 +361,7 @@ def main(argv=None):
         batch_size=args.batch_size, stitch=args.stitch,
         start_t=args.bc_steps - 1 if args.bc_start else None, precision=precision,
         hot_passthrough=args.hot_passthrough,
-        null_condition=mode == "bcdpm" and metadata["cond"] == "paired",
+        null_condition=is_null_conditioned_prior(metadata, mode),
     )
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
                f"{diffusion.num_timesteps} steps ({'DDIM' if args.use_ddim else 'ancestral'}), "
