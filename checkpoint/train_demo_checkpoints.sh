@@ -4,7 +4,7 @@
 #   bash checkpoint/train_demo_checkpoints.sh [DATA_DIR] [RUN_DIR]
 # The shipped weights come from the runs documented in checkpoint/README.md: demo_paired.pt is
 # model003400.pt of the paired run (1,200 steps at a constant learning rate, then resumed with
-# the learning rate annealed linearly to 0 at step 3,400: ~33 + ~45 min with 2 threads),
+# the learning rate annealed linearly to 0 at step 3,400: ~33 + ~42 min with 2 threads),
 # demo_prior.pt is model000500.pt of the prior run.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
