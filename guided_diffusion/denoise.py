@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 from . import fp16_util
+from .hot_voxels import HOT_MODES, replace_hot_voxels, rescale_factor
+from .pet.fusion import fuse_with_input
 from .pet.normalisation import model_to_suv, null_condition_like, resolve_normalisation, suv_to_model
 from .patched_model import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
 from .pet import volumes
@@ -53,9 +55,13 @@ class SamplingSettings:
     :param start_t: start the chain at this (respaced) step index from ``q_sample(low_dose)``.
     :param precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) for the network.
     :param progress: tqdm bar for the reverse steps (rank 0).
-    :param hot_passthrough: where the low-dose input approaches the top of the model's SUV
-        range (the normalisation's ``clip``), take the output from the input (see
-        :func:`pass_through_hot_voxels`) instead of the clipped model output.
+    :param hot_voxels: where the low-dose input approaches the top of the model's SUV range
+        (the normalisation's ``clip``): ``"rescale"`` (a second pass on the input scaled into
+        range; only without per-step hooks, else ``"input"``), ``"input"`` (take the input) or
+        ``"clip"`` (keep the saturated output); see :mod:`guided_diffusion.hot_voxels`.
+    :param fusion_kappa: fuse each member with the input where it departs from it by more
+        than ``fusion_kappa`` times the input's estimated noise variance
+        (:func:`guided_diffusion.pet.fusion.fuse_with_input`); ``None``: off.
     :param null_condition: feed a paired model the null condition (an empty volume) instead of
         the low-dose volume: a checkpoint trained with conditioning dropout
         (``cond_dropout`` in its metadata) then acts as an unconditional prior (BC-DPM).
@@ -72,7 +78,8 @@ class SamplingSettings:
     start_t: int = None
     precision: str = "fp32"
     progress: bool = True
-    hot_passthrough: bool = True
+    hot_voxels: str = "rescale"
+    fusion_kappa: float = None
     null_condition: bool = False
 
 
@@ -88,30 +95,23 @@ def is_null_conditioned_prior(metadata, mode):
     return mode == "bcdpm" and metadata["cond"] == "paired"
 
 
+def recommended_fusion_kappa(metadata, requested=None):
+    """``requested`` if given (0: off), else the checkpoint's ``sampling.fusion_kappa``
+    recommendation; ``None`` means no fusion."""
+    kappa = metadata.get("sampling", {}).get("fusion_kappa") if requested is None else requested
+    return kappa or None
+
+
+def member_network_evaluations(info):
+    """Network evaluations of one ensemble member (its ``info`` from :meth:`VolumeDenoiser.denoise`),
+    the hot-voxel rescale pass included."""
+    return (info["network_evaluations_per_patch"] * info["patches"]
+            + info.get("hot_voxels", {}).get("network_evaluations", 0))
+
+
 def member_seed(seed, name, member):
     """Deterministic 63-bit seed for ensemble member ``member`` of the input called ``name``."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7919 + int(member)) % (2**63 - 1)
-
-
-HOT_RAMP = (0.75, 1.0)
-"""Blend range of :func:`pass_through_hot_voxels`, in units of the normalisation's clip SUV."""
-
-
-def pass_through_hot_voxels(denoised, low_dose, clip_suv):
-    """Take voxels above the model's SUV range from the low-dose input.
-
-    The model represents SUV in ``[0, clip_suv]`` only, so its output saturates at ``clip_suv``
-    (bladder, kidneys or hot lesions with PSMA and DOTATATE reach 30-50 SUV). There the
-    low-dose value is used: the weight of the input rises linearly from 0 at
-    ``0.75 * clip_suv`` to 1 at ``clip_suv`` (:data:`HOT_RAMP`), so no edge appears. Hot
-    regions are also the ones with the most counts, hence the least relative noise.
-
-    :param denoised, low_dose: SUV volumes of equal shape (any axis order), float32.
-    :return: the blended volume, float32.
-    """
-    lo, hi = (clip_suv * f for f in HOT_RAMP)
-    weight = np.clip((low_dose - lo) / (hi - lo), 0.0, 1.0)
-    return ((1.0 - weight) * denoised + weight * low_dose).astype(np.float32)
 
 
 class _PrecisionModel:
@@ -147,6 +147,8 @@ class VolumeDenoiser:
                  rank=0, world_size=1):
         if settings.stitch not in STITCH_MODES:
             raise ValueError(f"stitch must be one of {STITCH_MODES}, got {settings.stitch!r}")
+        if settings.hot_voxels not in HOT_MODES:
+            raise ValueError(f"hot_voxels must be one of {HOT_MODES}, got {settings.hot_voxels!r}")
         if settings.stitch == "independent" and conditioner_factory is not None:
             raise ValueError("the physics conditioning (BC-DPM, data consistency) acts on whole "
                              "volumes: use stitch='seamfree'")
@@ -301,6 +303,31 @@ class VolumeDenoiser:
             samples = {i: s.to(self.device) for share in shares for i, s in share.items()}
         return grid.stitch([samples[i] for i in range(len(grid))])
 
+    def sample_suv(self, prepared, seed, input_shape):
+        """:meth:`sample` then :meth:`finish`: ``(SUV volume (X, Y, Z), info)``."""
+        sample, info = self.sample(prepared, seed)
+        return self.finish(sample, prepared, input_shape), info
+
+    def handle_hot_voxels(self, volume, low_dose, affine, seed):
+        """Replace the voxels above the model's range (``settings.hot_voxels``, see
+        :mod:`guided_diffusion.hot_voxels`) in one member's SUV ``volume`` ``(X, Y, Z)``.
+
+        :return: ``(volume, info)``; ``info["mode"]`` is the mode applied, ``"rescale"`` adds
+            the factor and the second pass's network evaluations.
+        """
+        clip_suv = resolve_normalisation(self.normalisation)["clip"]
+        mode = self.settings.hot_voxels
+        if mode == "clip":
+            return volume, dict(mode=mode)
+        factor = rescale_factor(low_dose, clip_suv)
+        if mode == "input" or factor == 1.0 or self.conditioner_factory is not None:
+            return replace_hot_voxels(volume, low_dose, low_dose, clip_suv), dict(mode="input")
+        scaled, info = self.sample_suv(self.prepare(low_dose / factor, affine), seed, low_dose.shape)
+        hot = replace_hot_voxels(scaled * factor, low_dose, low_dose, clip_suv * factor)
+        return replace_hot_voxels(volume, hot, low_dose, clip_suv), dict(
+            mode=mode, factor=factor,
+            network_evaluations=info["network_evaluations_per_patch"] * info["patches"])
+
     def denoise(self, suv, affine, seeds, on_member=None, skip=None):
         """Run the ensemble on one volume.
 
@@ -321,11 +348,10 @@ class VolumeDenoiser:
                 members.append(np.asarray(skip[k], dtype=np.float32))
                 infos.append(dict(member=k, seed=int(seed), resumed=True))
                 continue
-            sample, info = self.sample(prepared, seed)
-            volume = self.finish(sample, prepared, input_shape)
-            if self.settings.hot_passthrough:
-                clip_suv = resolve_normalisation(self.normalisation)["clip"]
-                volume = pass_through_hot_voxels(volume, low_dose, clip_suv)
+            volume, info = self.sample_suv(prepared, seed, input_shape)
+            volume, info["hot_voxels"] = self.handle_hot_voxels(volume, low_dose, affine, seed)
+            if self.settings.fusion_kappa is not None:
+                volume, info["fusion"] = fuse_with_input(volume, low_dose, self.settings.fusion_kappa)
             info = dict(info, member=k, seed=int(seed))
             if on_member is not None:
                 on_member(k, volume, info)

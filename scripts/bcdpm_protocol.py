@@ -47,7 +47,7 @@ Subcommands
       paper's P-dagger; fewer are faster and, at the few active steps, change little). The
       result is the mean of ``--runs`` samples (the paper: 5); where the tuned Gaussian image
       exceeds 0.75 x the prior's SUV clip, the output blends to it (as ``scripts/test.py
-      --hot_passthrough`` does with the input). The full protocol runs
+      --hot_voxels input`` does with the input). The full protocol runs
       ``steps x runs`` UNet evaluations per slice and count level (30,000 for 20 slices): use a
       GPU (``--device cuda``, the default when present); BM3D and the metrics run on the CPU.
     * ``BC-DPM, start from low-count``: the same, but the chain starts at step ``l - 1`` from the
@@ -105,7 +105,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guided_diffusion.checkpoints import load_model_and_diffusion  # noqa: E402
 from guided_diffusion.pet import baselines, metrics, simulate  # noqa: E402
 from guided_diffusion.pet.conditioning import BidirectionalConditioner, PoissonNoiseInserter  # noqa: E402
-from guided_diffusion.denoise import pass_through_hot_voxels  # noqa: E402
+from guided_diffusion.hot_voxels import replace_hot_voxels  # noqa: E402
 from guided_diffusion.pet.normalisation import model_to_suv, resolve_normalisation, suv_to_model  # noqa: E402
 from guided_diffusion.pet.phantoms import make_phantom  # noqa: E402
 from guided_diffusion.pet.projector import make_projector  # noqa: E402
@@ -504,7 +504,8 @@ def evaluate(args):
                     gf_sigma_vox=gf_sigma, runs=args.runs, inserter_iters=inserter_iters,
                     seed=derived_seed(args.seed, 3, level_index, index), start_from_low=from_low)
                 # above the prior's SUV range: the tuned Gaussian (scripts/test.py's hot passthrough)
-                images[method] = pass_through_hot_voxels(sample, images["Gaussian"], clip_suv)
+                images[method] = replace_hot_voxels(sample, images["Gaussian"], images["Gaussian"],
+                                                    clip_suv)
             for method, image in images.items():
                 scores[method].append(slice_quality(reference, image))
             if index == 0:

@@ -46,7 +46,12 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from guided_diffusion.denoise import VolumeDenoiser, is_null_conditioned_prior  # noqa: E402
+from guided_diffusion.denoise import (  # noqa: E402
+    VolumeDenoiser,
+    is_null_conditioned_prior,
+    member_network_evaluations,
+    recommended_fusion_kappa,
+)
 from guided_diffusion.pet import dataset_manifest, metrics, volumes  # noqa: E402
 
 import benchmark_unet  # noqa: E402
@@ -180,9 +185,10 @@ def run_configuration(spec):
     start_t = mode["bc_steps"] - 1 if mode["bc_start"] else None
     arguments = argparse.Namespace(patch_z=spec["patch_z"], patch_overlap=spec["patch_overlap"],
                                    batch_size=spec["batch_size"], precision=spec["precision"],
-                                   hot_passthrough=True)
+                                   hot_voxels="rescale")
     settings = sampling_settings(arguments, mode["respacing"], start_t, spec["stitch"],
-                                 null_condition=is_null_conditioned_prior(metadata, mode["cond"]))
+                                 null_condition=is_null_conditioned_prior(metadata, mode["cond"]),
+                                 fusion_kappa=recommended_fusion_kappa(metadata))
     factory = None
     if mode["cond"] != "paired":
         factory = bcdpm_factory(acquisition_of(spec), metadata, bc_steps=mode["bc_steps"],
@@ -202,7 +208,7 @@ def run_configuration(spec):
     figures = dict(
         mode=mode["name"], stitch=spec["stitch"], steps_per_patch=member["network_evaluations_per_patch"],
         patches=member["patches"],
-        network_evaluations=member["network_evaluations_per_patch"] * member["patches"],
+        network_evaluations=member_network_evaluations(member),
         seconds=seconds, median_s=statistics.median(seconds),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         rss_before_sampling_mb=rss_before_kib / 1024.0,

@@ -48,9 +48,12 @@ from guided_diffusion.denoise import (  # noqa: E402
     SamplingSettings,
     VolumeDenoiser,
     is_null_conditioned_prior,
+    member_network_evaluations,
+    recommended_fusion_kappa,
     member_seed,
     serves_as_prior,
 )
+from guided_diffusion.hot_voxels import HOT_MODES  # noqa: E402
 from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes  # noqa: E402
 from guided_diffusion.pet.conditioning import BCDPMFactory  # noqa: E402
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
@@ -115,8 +118,11 @@ def create_argparser():
     parser.add_argument("--batch_size", type=int, default=1, help="patches per network call")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="network precision")
-    parser.add_argument("--hot_passthrough", type=str2bool, default=True,
-                        help="voxels above the model's SUV range from the input (scripts/test.py)")
+    parser.add_argument("--hot_voxels", choices=HOT_MODES, default="rescale",
+                        help="voxels above the model's SUV range (as scripts/test.py)")
+    parser.add_argument("--fusion_kappa", type=float, default=None,
+                        help="noise-adaptive fusion with the input (as scripts/test.py; 0: off; "
+                             "default: each checkpoint's sidecar recommendation, else off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -240,14 +246,16 @@ def load_denoiser(model_path, cond, respacing, device):
     return model, diffusion, metadata
 
 
-def sampling_settings(args, respacing, start_t=None, stitch="seamfree", null_condition=False):
-    """SamplingSettings from ``args.patch_z / patch_overlap / batch_size / precision`` for one
-    timestep respacing (``"ddimN"``: DDIM)."""
+def sampling_settings(args, respacing, start_t=None, stitch="seamfree", null_condition=False,
+                      fusion_kappa=None):
+    """SamplingSettings from ``args.patch_z / patch_overlap / batch_size / precision /
+    hot_voxels`` for one timestep respacing (``"ddimN"``: DDIM)."""
     return SamplingSettings(use_ddim=respacing.startswith("ddim"), clip_denoised=True,
                             patch_z=args.patch_z, overlap=args.patch_overlap,
                             batch_size=args.batch_size, stitch=stitch, start_t=start_t,
                             precision=args.precision, progress=False,
-                            hot_passthrough=args.hot_passthrough, null_condition=null_condition)
+                            hot_voxels=args.hot_voxels, fusion_kappa=fusion_kappa or None,
+                            null_condition=null_condition)
 
 
 def bcdpm_factory(acquisition, metadata, *, bc_steps, bc_lambda, bc_sigma_mm, recon_iters,
@@ -298,17 +306,19 @@ class DiffusionMethods:
         if method == "bcdpm":
             settings = sampling_settings(args, args.bc_respacing or args.steps,
                                          args.bc_steps - 1 if args.bc_start else None,
-                                         null_condition=is_null_conditioned_prior(metadata, method))
+                                         null_condition=is_null_conditioned_prior(metadata, method),
+                                         fusion_kappa=recommended_fusion_kappa(metadata, args.fusion_kappa))
             factory = bcdpm_factory(dataset_manifest.bcdpm_acquisition(case), metadata,
                                     bc_steps=args.bc_steps, bc_lambda=args.bc_lambda,
                                     bc_sigma_mm=args.bc_sigma_mm, recon_iters=args.bc_recon_iters,
                                     recon_subsets=args.bc_recon_subsets)
         else:
-            settings = sampling_settings(args, args.steps)
+            settings = sampling_settings(args, args.steps, fusion_kappa=recommended_fusion_kappa(
+                metadata, args.fusion_kappa))
         denoiser = VolumeDenoiser(model, diffusion, metadata, settings, conditioner_factory=factory)
         seeds = [member_seed(args.seed, f"{case['name']}_{method}", k) for k in range(args.num_ensemble)]
         mean, _, _, info = denoiser.denoise(case["low"], case["affine"], seeds)
-        evaluations = sum(m["network_evaluations_per_patch"] * m["patches"] for m in info["members"])
+        evaluations = sum(member_network_evaluations(m) for m in info["members"])
         return mean, evaluations
 
 
@@ -440,7 +450,9 @@ def summary_markdown(summary, verdict, settings):
              f"{settings['z_range'] or 'whole volume'}; body mask: full dose > {settings['mask_suv']} SUV; "
              f"paired steps {settings['steps']}, BC-DPM steps {settings['bc_respacing']} "
              f"(l = {settings['bc_steps']}, lambda = {settings['bc_lambda']}, "
-             f"start from low dose: {settings['bc_start']}), ensemble {settings['num_ensemble']}.", "",
+             f"start from low dose: {settings['bc_start']}), ensemble {settings['num_ensemble']}, "
+             f"hot voxels: {settings['hot_voxels']}, fusion kappa: "
+             f"{settings['fusion_kappa'] or 'checkpoint recommendation'}.", "",
              "| method | DRF | volumes | PSNR (dB) | SSIM | NRMSE | lesion SUVmean bias (%) |",
              "|---|---|---|---|---|---|---|"]
     for method, by_drf in summary.items():
@@ -543,7 +555,8 @@ def main(argv=None):
                     bc_steps=args.bc_steps, bc_lambda=args.bc_lambda, bc_sigma_mm=args.bc_sigma_mm,
                     bc_start=args.bc_start, bc_recon_iters=args.bc_recon_iters,
                     bc_recon_subsets=args.bc_recon_subsets, num_ensemble=args.num_ensemble,
-                    precision=args.precision, seed=args.seed, z_range=args.z_range,
+                    precision=args.precision, seed=args.seed, hot_voxels=args.hot_voxels,
+                    fusion_kappa=args.fusion_kappa, z_range=args.z_range,
                     mask_suv=args.mask_suv, fwhm_grid_mm=args.fwhm_grid_mm, methods=methods,
                     test_volumes=len(test_files), val_volumes=len(val_files),
                     test_subjects=len({d["subject"] for d in test_files}),

@@ -45,6 +45,7 @@ from guided_diffusion.denoise import (  # noqa: E402
     serves_as_prior,
 )
 from guided_diffusion.fp16_util import resolve_precision  # noqa: E402
+from guided_diffusion.hot_voxels import HOT_MODES  # noqa: E402
 from guided_diffusion.pet import conditioning, dataset_manifest, volumes  # noqa: E402
 from guided_diffusion.pet.data_consistency import DataConsistencyFactory  # noqa: E402
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
@@ -161,9 +162,17 @@ def create_argparser(metadata=None, argv=None):
                              "--bc_* scanner and count level; 0: off)")
     parser.add_argument("--dc_iters", type=int, default=1, help="EM iterations per active step")
     parser.add_argument("--dc_subsets", type=int, default=1, help="EM view subsets")
-    parser.add_argument("--hot_passthrough", type=str2bool, default=True,
-                        help="take voxels near and above the model's SUV range (the checkpoint's "
-                             "normalisation clip) from the input instead of the saturated output")
+    parser.add_argument("--hot_voxels", choices=HOT_MODES, default="rescale",
+                        help="voxels near and above the model's SUV range (the checkpoint's "
+                             "normalisation clip): 'rescale' denoises the input scaled into range "
+                             "a second time (volumes with hot voxels only; paired mode without "
+                             "data consistency, else 'input'), 'input' takes them from the input, "
+                             "'clip' keeps the saturated output")
+    parser.add_argument("--fusion_kappa", type=float, default=0.0,
+                        help="fuse the output with the input where they differ by more than "
+                             "FUSION_KAPPA times the input's estimated noise variance (restores "
+                             "contrast the model smooths away at low DRF; 0: off; default: the "
+                             "checkpoint's recommendation)")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs with outputs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -175,7 +184,7 @@ def create_argparser(metadata=None, argv=None):
     sampling = (metadata or {}).get("sampling", {})
     parser.set_defaults(**{k: v for k, v in sampling.items()
                            if k in ("timestep_respacing", "use_ddim", "bc_start", "bc_steps",
-                                    "patch_z", "patch_overlap")})
+                                    "patch_z", "patch_overlap", "fusion_kappa")})
     return parser
 
 
@@ -308,6 +317,22 @@ class MemberStore:
             os.rmdir(self.directory)
 
 
+def describe_post_processing(info):
+    """``"; hot voxels ...; fusion ..."`` for a member's log line."""
+    text = ""
+    hot = info.get("hot_voxels", {})
+    if hot.get("mode") == "rescale":
+        text += f"; hot voxels from a second pass on the input / {hot['factor']:.2f}"
+    fusion = info.get("fusion")
+    if fusion is not None:
+        if fusion["noise_index"] is None:
+            text += "; fusion skipped (too little tissue to measure the noise)"
+        else:
+            text += (f"; fusion: noise index {fusion['noise_index']:.4f} SUV, mean input weight "
+                     f"{fusion['mean_weight']:.2f}")
+    return text
+
+
 def run_signature(args):
     """Short hash of the settings that change a member's result (resume only reuses members
     made with the same settings)."""
@@ -316,7 +341,8 @@ def run_signature(args):
     keys = ("model_path", "seed", "cond_mode", "timestep_respacing", "use_ddim", "eta", "patch_z",
             "patch_overlap", "max_patch_voxels", "stitch", "bc_steps", "bc_lambda", "bc_sigma_mm",
             "bc_scanner", "bc_view_mashing", "bc_psf_fwhm_mm", "bc_counts", "bc_start", "precision",
-            "batch_size", "dc_steps", "dc_iters", "dc_subsets", "hot_passthrough")
+            "batch_size", "dc_steps", "dc_iters", "dc_subsets", "hot_voxels",
+            "fusion_kappa")
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -355,12 +381,14 @@ def main(argv=None):
     if not 0 <= args.dc_steps <= diffusion.num_timesteps or args.dc_iters < 1 or args.dc_subsets < 1:
         raise InputError(f"--dc_steps {args.dc_steps} must lie in [0, {diffusion.num_timesteps}] "
                          f"and --dc_iters / --dc_subsets be >= 1")
+    if args.fusion_kappa < 0:
+        raise InputError(f"--fusion_kappa must be >= 0 (0: off), got {args.fusion_kappa}")
     settings = SamplingSettings(
         use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
         patch_z=args.patch_z, overlap=args.patch_overlap, max_patch_voxels=args.max_patch_voxels,
         batch_size=args.batch_size, stitch=args.stitch,
         start_t=args.bc_steps - 1 if args.bc_start else None, precision=precision,
-        hot_passthrough=args.hot_passthrough,
+        hot_voxels=args.hot_voxels, fusion_kappa=args.fusion_kappa or None,
         null_condition=is_null_conditioned_prior(metadata, mode),
     )
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
@@ -395,7 +423,8 @@ def main(argv=None):
         def keep_member(k, volume, info, item=item, store=store):
             if rank == 0:
                 store.save(k, volume, item["affine"])
-            logger.log(f"{item['name']}: member {k} done in {info['seconds']:.1f} s")
+            logger.log(f"{item['name']}: member {k} done in {info['seconds']:.1f} s"
+                       f"{describe_post_processing(info)}")
 
         begin = time.perf_counter()
         mean, std, members, info = denoiser.denoise(item["low_dose"], item["affine"], seeds,

@@ -26,6 +26,7 @@ def workdir(tmp_path_factory, make_tiny_checkpoint):
     rng = np.random.default_rng(0)
     low = np.abs(rng.normal(1.0, 0.5, (20, 22, 19))).astype(np.float32)
     low[5:9, 6:10, 4:8] += 6.0
+    low[12:15, 14:18, 10:14] = 30.0  # above the 16-SUV clip: the hot-voxel rescale pass runs
     np.savez(root / "subject.npz", arr_0=low[None], affine=AFFINE)
     return root
 
@@ -70,6 +71,29 @@ def test_paired_outputs_keep_grid_and_affine(workdir):
     proc = run_script("--model_path", workdir / "paired.pt", "--base_samples",
                       workdir / "subject.npz", "--save_dir", out, *COMMON)
     assert "skipped" in proc.stdout
+
+
+def test_sidecar_fusion_recommendation_is_the_default(workdir, make_tiny_checkpoint):
+    path = make_tiny_checkpoint(workdir / "fused.pt", "paired")
+    sidecar = path.with_suffix(".json")
+    metadata = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(metadata, sampling=dict(fusion_kappa=2.0))))
+    outputs = {}
+    for name, extra in (("default", ()), ("off", ("--fusion_kappa", 0))):
+        out = workdir / f"out_fusion_{name}"
+        proc = run_script("--model_path", path, "--base_samples", workdir / "subject.npz",
+                          "--save_dir", out, *extra, *COMMON)
+        outputs[name] = np.load(out / "subject_denoised.npz")["arr_0"][0]
+        member = json.loads((out / "subject.json").read_text())["members"][0]
+        assert member["hot_voxels"]["mode"] == "rescale"
+        assert ("fusion" in member) == (name == "default")
+        assert ("noise index" in proc.stdout) == (name == "default")
+    low = np.load(workdir / "subject.npz")["arr_0"][0]
+    # the untrained model is far from its input: fusion moves the output toward the input
+    assert np.abs(outputs["default"] - low).mean() < np.abs(outputs["off"] - low).mean()
+    proc = run_script("--model_path", path, "--base_samples", workdir / "subject.npz",
+                      "--save_dir", workdir / "out_fusion_bad", "--fusion_kappa", -1, check=False)
+    assert proc.returncode != 0 and "--fusion_kappa" in proc.stderr
 
 
 PHYSICS = ("--bc_scanner", "demo", "--bc_counts", 2e6, "--bc_recon_iters", 1,

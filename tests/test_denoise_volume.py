@@ -1,4 +1,5 @@
-"""Pieces of guided_diffusion.denoise: hot-voxel passthrough and the null condition."""
+"""Pieces of guided_diffusion.denoise: hot voxels (input passthrough, the rescale pass) and the
+null condition."""
 
 import json
 
@@ -7,17 +8,62 @@ import pytest
 import torch
 
 from guided_diffusion.checkpoints import load_model_and_diffusion
-from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, pass_through_hot_voxels
+from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, member_network_evaluations
+from guided_diffusion.hot_voxels import replace_hot_voxels, rescale_factor
+
+AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 
 
-def test_hot_voxels_come_from_the_input_with_a_linear_ramp():
+def test_hot_voxels_come_from_the_replacement_with_a_linear_ramp():
     clip = 16.0
     low = np.array([0.0, 5.0, 12.0, 14.0, 16.0, 40.0], np.float32)
     denoised = np.array([1.0, 6.0, 11.0, 16.0, 16.0, 16.0], np.float32)
-    blended = pass_through_hot_voxels(denoised, low, clip)
+    blended = replace_hot_voxels(denoised, low, low, clip)
     # below 0.75 clip: the model; at 14 SUV (weight 0.5): the average; from clip on: the input
     np.testing.assert_allclose(blended, [1.0, 6.0, 11.0, 15.0, 16.0, 40.0], rtol=1e-6)
     assert blended.dtype == np.float32
+    np.testing.assert_allclose(replace_hot_voxels(denoised, np.full(6, 30.0), low, clip),
+                               [1.0, 6.0, 11.0, 23.0, 30.0, 30.0], rtol=1e-6)
+
+
+def test_rescale_factor_brings_the_top_percentile_to_the_ramp_start():
+    low = np.linspace(0.0, 10.0, 100_000).astype(np.float32)
+    assert rescale_factor(low, 16.0) == 1.0  # nothing reaches 12 SUV
+    low[-1000:] = 48.0  # 1 % of the voxels at 48 SUV: the 99.95th percentile is 48
+    assert rescale_factor(low, 16.0) == pytest.approx(4.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_paired(tmp_path_factory, make_tiny_checkpoint):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("hot") / "paired.pt", "paired")
+    return load_model_and_diffusion(str(path), {"timestep_respacing": "ddim5"}, device=torch.device("cpu"))
+
+
+def _denoise(tiny_paired, volume, **settings):
+    model, diffusion, metadata = tiny_paired
+    settings = SamplingSettings(use_ddim=True, patch_z=8, overlap=2, progress=False, **settings)
+    mean, _, _, info = VolumeDenoiser(model, diffusion, metadata, settings).denoise(volume, AFFINE, [0])
+    return mean, info["members"][0]
+
+
+def test_rescale_pass_denoises_the_scaled_input_for_the_hot_voxels(tiny_paired):
+    low = np.abs(np.random.default_rng(1).normal(2.0, 0.5, (16, 16, 8))).astype(np.float32)
+    low[4:12, 4:12, 2:6] = 40.0  # a hot organ far above the 16-SUV clip
+    factor = rescale_factor(low, 16.0)
+    assert factor == pytest.approx(40.0 / 12.0)
+    rescaled, info = _denoise(tiny_paired, low, hot_voxels="rescale")
+    clipped, clip_info = _denoise(tiny_paired, low, hot_voxels="clip")
+    second_pass = _denoise(tiny_paired, low / factor, hot_voxels="clip")[0] * factor
+    hot, cool = low >= 16.0, low < 12.0
+    # the hot organ comes from the scaled pass (whose own ramp starts at 0.75 * 16 * factor = 40)
+    np.testing.assert_allclose(rescaled[hot], second_pass[hot], rtol=1e-5)
+    np.testing.assert_array_equal(rescaled[cool], clipped[cool])
+    assert info["hot_voxels"]["mode"] == "rescale" and info["hot_voxels"]["factor"] == factor
+    assert member_network_evaluations(info) == 2 * member_network_evaluations(clip_info)
+    # 'input' takes the hot organ from the input; without hot voxels no second pass runs
+    assert np.array_equal(_denoise(tiny_paired, low, hot_voxels="input")[0][hot], low[hot])
+    cool_low = np.minimum(low, 10.0)
+    assert _denoise(tiny_paired, cool_low, hot_voxels="rescale")[1]["hot_voxels"]["mode"] == "input"
 
 
 def test_null_condition_feeds_the_model_an_empty_volume(tmp_path, make_tiny_checkpoint):
@@ -27,7 +73,7 @@ def test_null_condition_feeds_the_model_an_empty_volume(tmp_path, make_tiny_chec
     model, diffusion, metadata = load_model_and_diffusion(str(path), {"timestep_respacing": "ddim5"},
                                                           device=torch.device("cpu"))
     low = np.abs(np.random.default_rng(0).normal(1.0, 0.3, (16, 16, 8))).astype(np.float32)
-    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine = AFFINE
 
     def denoised(volume, null_condition):
         settings = SamplingSettings(use_ddim=True, patch_z=8, overlap=2, progress=False,

@@ -1,0 +1,54 @@
+"""
+Voxels above the model's SUV range.
+
+A model represents SUV in ``[0, clip]`` only (the normalisation's ``clip``, 16 SUV for the
+shipped weights), so its output saturates there, while PSMA or DOTATATE kidneys, spleen and
+bladder reach 30-50 SUV. :class:`~guided_diffusion.denoise.VolumeDenoiser` handles such
+voxels in one of three ways (``SamplingSettings.hot_voxels``):
+
+- ``"rescale"``: denoise a second time the input divided by ``k`` (:func:`rescale_factor`),
+  which brings the hottest voxels into range, and take the hot voxels from that pass times
+  ``k``. For Poisson-like PET noise (variance proportional to the mean), ``y / k`` of an image
+  at dose reduction factor ``d`` has the relative noise of an image at ``d / k`` with ``k``
+  times less activity: an image of the kind the model was trained on. Costs a second sampling
+  pass, only for volumes that have hot voxels.
+- ``"input"``: take the hot voxels from the (noisy) input.
+- ``"clip"``: keep the saturated model output.
+
+The replacement always blends in with a linear ramp of the input's value from ``0.75 clip``
+(weight 0) to ``clip`` (weight 1), :data:`HOT_RAMP`, so no edge appears. All volumes are SUV
+arrays of one shape in any axis order.
+"""
+
+import numpy as np
+
+HOT_MODES = ("rescale", "input", "clip")
+
+HOT_RAMP = (0.75, 1.0)
+"""Blend range of :func:`replace_hot_voxels`, in units of the clip SUV."""
+
+RESCALE_PERCENTILE = 99.95
+"""Percentile of the input that :func:`rescale_factor` brings to the ramp's start."""
+
+
+def hot_weight(low_dose, clip_suv):
+    """Weight of the replacement: 0 below ``0.75 clip_suv``, 1 above ``clip_suv``, linear between."""
+    lo, hi = (clip_suv * f for f in HOT_RAMP)
+    return np.clip((np.asarray(low_dose, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def replace_hot_voxels(denoised, replacement, low_dose, clip_suv):
+    """``denoised`` where ``low_dose`` is inside the model's range, ``replacement`` above it
+    (ramp :func:`hot_weight`); float32."""
+    weight = hot_weight(low_dose, clip_suv)
+    return ((1.0 - weight) * denoised + weight * replacement).astype(np.float32)
+
+
+def rescale_factor(low_dose, clip_suv):
+    """``k >= 1`` that maps the input's 99.95th percentile to the ramp's start (``0.75 clip``);
+    1 when no voxel reaches the ramp (nothing to rescale)."""
+    low_dose = np.asarray(low_dose)
+    if not (low_dose > HOT_RAMP[0] * clip_suv).any():
+        return 1.0
+    top = float(np.percentile(low_dose, RESCALE_PERCENTILE))
+    return max(1.0, top / (HOT_RAMP[0] * clip_suv))

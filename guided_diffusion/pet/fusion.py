@@ -1,0 +1,98 @@
+"""
+Noise-adaptive fusion of a denoised PET volume with its low-dose input.
+
+A denoiser trained on every dose level at once smooths a nearly noise-free (low DRF) input
+about as much as a very noisy one: lesions and organ edges lose contrast that the input
+still carries. Where the denoised image ``x`` departs from the input ``y`` by more than the
+input's noise explains, the departure is the model's bias, and the input is the better
+estimate there. With ``r2`` the local mean of ``(y - x)^2`` and ``s2`` the input's expected
+noise variance, the fused image is
+
+    x + w (y - x),    w = max(0, 1 - s2 / r2)
+
+(the local linear minimum-mean-square-error weight of Lee's adaptive filter, applied to the
+residual): ``w = 0`` where the residual is noise (the denoised value is kept), ``w -> 1``
+where it is much larger than the noise.
+
+The noise variance comes from the input alone: reconstructed PET noise has a variance roughly
+proportional to the local activity, ``s2 = kappa * nu * mean(y)``, where the *noise index*
+``nu`` (variance per SUV) is the median, over voxels of moderate uptake, of the local
+high-pass energy of ``y`` divided by its local mean (:func:`noise_index`). ``nu`` grows
+linearly with the dose reduction factor (measured: 0.012-0.015 at DRF 4, 0.25 at DRF 100 for
+FDG/PSMA/DOTATATE phantoms at 3.3 mm) but underestimates the true per-voxel variance because
+the noise is spatially correlated; ``kappa`` corrects that and is tuned on validation subjects
+for a checkpoint (its sidecar's ``sampling.fusion_kappa``).
+
+All volumes are SUV arrays of one shape in any axis order; filter widths are in voxels.
+"""
+
+import numpy as np
+from scipy.ndimage import gaussian_filter, uniform_filter
+
+NOISE_BAND_SUV = (1.0, 8.0)
+"""Local-mean SUV range of the voxels that estimate the noise index (soft tissue, liver,
+muscle: enough uptake for Poisson statistics, little structure)."""
+
+MIN_BAND_VOXELS = 1000
+"""Fewest band voxels :func:`noise_index` measures on."""
+
+HIGHPASS_SIGMA = 1.0
+"""Gaussian width (voxels) of the smoothing removed by the noise index's high-pass."""
+
+MEAN_SIGMA = 2.0
+"""Gaussian width (voxels) of the local mean in the noise index and the noise variance map."""
+
+
+def noise_index(low_dose, band_suv=NOISE_BAND_SUV, window=5):
+    """The input's noise variance per unit SUV (SUV), estimated from the image alone.
+
+    ``median(box_window[(y - G_1 y)^2] / G_2 y)`` over voxels whose local mean ``G_2 y`` lies
+    in ``band_suv``.
+
+    :param low_dose: SUV volume (3D).
+    :return: the noise index, or ``None`` when fewer than :data:`MIN_BAND_VOXELS` voxels lie in
+        the band (no tissue to measure it on).
+    """
+    y = np.asarray(low_dose, dtype=np.float64)
+    local_mean = gaussian_filter(y, MEAN_SIGMA)
+    highpass = y - gaussian_filter(y, HIGHPASS_SIGMA)
+    energy = uniform_filter(highpass * highpass, window)
+    band = (local_mean > band_suv[0]) & (local_mean < band_suv[1])
+    if band.sum() < MIN_BAND_VOXELS:
+        return None
+    return float(np.median(energy[band] / local_mean[band]))
+
+
+def fusion_weight(denoised, low_dose, noise_variance, window=5):
+    """``w = max(0, 1 - noise_variance / r2)``, ``r2`` the ``window``^3 box mean of the squared
+    residual ``(low_dose - denoised)^2``; 0 where ``r2`` is 0."""
+    residual = np.asarray(low_dose, dtype=np.float64) - np.asarray(denoised, dtype=np.float64)
+    r2 = uniform_filter(residual * residual, window)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = np.where(r2 > 0, 1.0 - noise_variance / r2, 0.0)
+    return np.clip(weight, 0.0, 1.0)
+
+
+def fuse_with_input(denoised, low_dose, kappa, window=5):
+    """Fuse a denoised volume with its low-dose input (see the module docstring).
+
+    :param denoised, low_dose: SUV volumes of equal shape.
+    :param kappa: multiplier of the estimated noise variance (> 0; larger keeps more of the
+        denoised image).
+    :param window: box width (voxels) of the local residual energy.
+    :return: ``(fused float32 volume, info)`` with ``info = {"noise_index", "mean_weight"}``
+        (the mean weight over voxels above 0.05 SUV in the input); when the noise index cannot
+        be measured the denoised volume comes back unchanged with ``noise_index = None``.
+    """
+    if kappa <= 0:
+        raise ValueError(f"fusion kappa must be > 0, got {kappa}")
+    y = np.asarray(low_dose, dtype=np.float64)
+    nu = noise_index(y, window=window)
+    if nu is None:
+        return np.asarray(denoised, dtype=np.float32), dict(noise_index=None, mean_weight=0.0)
+    variance = kappa * nu * np.clip(gaussian_filter(y, MEAN_SIGMA), 0.0, None)
+    weight = fusion_weight(denoised, y, variance, window)
+    fused = (denoised + weight * (y - denoised)).astype(np.float32)
+    body = y > 0.05
+    mean_weight = float(weight[body].mean()) if body.any() else 0.0
+    return fused, dict(noise_index=nu, mean_weight=mean_weight)
