@@ -40,6 +40,6 @@ python scripts/train.py --cond none --dims 3 --in_channels 1 --unet_layout publi
   --threads 1 --save_interval 250 --log_dir "$runs/prior" --schedule_sampler uniform:200 "${common[@]}" \
   --max_steps 500
 python scripts/package_checkpoint.py "$runs/paired/model003400.pt" --name demo_paired \
-  --sampling '{"timestep_respacing": "ddim10", "patch_z": 32, "patch_overlap": 8}'
+  --sampling '{"timestep_respacing": "ddim10", "patch_z": 32, "patch_overlap": 8, "fusion_kappa": 2.0}'
 python scripts/package_checkpoint.py "$runs/prior/model000500.pt" --name demo_prior \
   --sampling '{"timestep_respacing": "100", "bc_start": true, "bc_steps": 10, "trained_max_t": 200}'
