@@ -9,21 +9,31 @@ import torch
 
 from guided_diffusion.checkpoints import load_model_and_diffusion
 from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, member_network_evaluations
-from guided_diffusion.hot_voxels import replace_hot_voxels, rescale_factor
+from guided_diffusion.hot_voxels import hot_weight, replace_hot_voxels, rescale_factor
 
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 
 
 def test_hot_voxels_come_from_the_replacement_with_a_linear_ramp():
     clip = 16.0
-    low = np.array([0.0, 5.0, 12.0, 14.0, 16.0, 40.0], np.float32)
-    denoised = np.array([1.0, 6.0, 11.0, 16.0, 16.0, 16.0], np.float32)
+    plateaus = [5.0, 12.0, 14.0, 16.0, 40.0]  # 9-voxel plateaus: smoothing leaves their centres
+    low = np.repeat(np.array(plateaus, np.float32), 9)[:, None, None] * np.ones((1, 3, 3), np.float32)
+    centres = (np.arange(len(plateaus)) * 9 + 4, 1, 1)
+    denoised = np.minimum(low, 16.0) - 1.0
     blended = replace_hot_voxels(denoised, low, low, clip)
     # below 0.75 clip: the model; at 14 SUV (weight 0.5): the average; from clip on: the input
-    np.testing.assert_allclose(blended, [1.0, 6.0, 11.0, 15.0, 16.0, 40.0], rtol=1e-6)
+    np.testing.assert_allclose(blended[centres], [4.0, 11.0, 13.5, 16.0, 40.0], rtol=1e-6)
     assert blended.dtype == np.float32
-    np.testing.assert_allclose(replace_hot_voxels(denoised, np.full(6, 30.0), low, clip),
-                               [1.0, 6.0, 11.0, 23.0, 30.0, 30.0], rtol=1e-6)
+    replaced = replace_hot_voxels(denoised, np.full_like(low, 30.0), low, clip)
+    np.testing.assert_allclose(replaced[centres], [4.0, 11.0, 21.5, 30.0, 30.0], rtol=1e-6)
+
+
+def test_a_single_voxel_noise_spike_is_not_a_hot_structure():
+    low = np.full((9, 9, 9), 10.0, np.float32)
+    low[4, 4, 4] = 23.0  # a noise spike in 10-SUV tissue
+    denoised = np.full_like(low, 10.5)
+    np.testing.assert_array_equal(replace_hot_voxels(denoised, low, low, 16.0), denoised)
+    assert rescale_factor(low, 16.0) == 1.0
 
 
 def test_rescale_factor_brings_the_top_percentile_to_the_ramp_start():
@@ -47,14 +57,16 @@ def _denoise(tiny_paired, volume, **settings):
 
 
 def test_rescale_pass_denoises_the_scaled_input_for_the_hot_voxels(tiny_paired):
-    low = np.abs(np.random.default_rng(1).normal(2.0, 0.5, (16, 16, 8))).astype(np.float32)
-    low[4:12, 4:12, 2:6] = 40.0  # a hot organ far above the 16-SUV clip
+    low = np.abs(np.random.default_rng(1).normal(2.0, 0.5, (24, 24, 16))).astype(np.float32)
+    low[4:20, 4:20, 2:14] = 40.0  # a hot organ far above the 16-SUV clip
     factor = rescale_factor(low, 16.0)
-    assert factor == pytest.approx(40.0 / 12.0)
+    assert factor == pytest.approx(40.0 / 12.0, rel=1e-3)
     rescaled, info = _denoise(tiny_paired, low, hot_voxels="rescale")
     clipped, clip_info = _denoise(tiny_paired, low, hot_voxels="clip")
     second_pass = _denoise(tiny_paired, low / factor, hot_voxels="clip")[0] * factor
-    hot, cool = low >= 16.0, low < 12.0
+    hot = hot_weight(low, 16.0) == 1.0
+    cool = hot_weight(low, 16.0) == 0.0
+    assert hot.sum() > 1000 and cool.sum() > 1000
     # the hot organ comes from the scaled pass (whose own ramp starts at 0.75 * 16 * factor = 40)
     np.testing.assert_allclose(rescaled[hot], second_pass[hot], rtol=1e-5)
     np.testing.assert_array_equal(rescaled[cool], clipped[cool])
@@ -62,7 +74,7 @@ def test_rescale_pass_denoises_the_scaled_input_for_the_hot_voxels(tiny_paired):
     assert member_network_evaluations(info) == 2 * member_network_evaluations(clip_info)
     # 'input' takes the hot organ from the input; without hot voxels no second pass runs
     assert np.array_equal(_denoise(tiny_paired, low, hot_voxels="input")[0][hot], low[hot])
-    cool_low = np.minimum(low, 10.0)
+    cool_low = np.minimum(low, 10.0)  # nothing hot: no second pass
     assert _denoise(tiny_paired, cool_low, hot_voxels="rescale")[1]["hot_voxels"]["mode"] == "input"
 
 

@@ -356,3 +356,25 @@ def test_benchmark_strong_scaling(small_input, checkpoints, tmp_path):
     assert rows[0]["rank0_halo_voxels_received_per_step"] == 0
     assert np.prod(rows[1]["rank0_box_zxy"]) < rows[1]["volume_voxels"]
     assert 0 < rows[1]["rank0_halo_voxels_received_per_step"] < rows[1]["volume_voxels"] / 2
+
+
+def test_tune_fusion_scores_a_biased_denoiser_and_runs_end_to_end(dataset, checkpoints, tmp_path):
+    tune = _load_script("tune_fusion")
+    rng = np.random.default_rng(0)
+    full = np.full((32, 32, 32), 3.0)
+    full[8:24, 8:24, 8:24] = 9.0
+    low = full + rng.normal(0.0, np.sqrt(0.02 * full))
+    biased = np.where(full > 5.0, 6.0, full)  # a "model" that flattens the hot structure
+    rows = tune.score_grid([dict(full=full, low=low, mask=full > 0, drf=4.0, denoised=biased)],
+                           kappas=[2.0], windows=[5])
+    assert [row["kappa"] for row in rows] == [2.0, 0.0]  # fusion beats no fusion here
+    assert rows[0]["gain_by_drf"][4.0] > 3.0 and rows[1]["gain_by_drf"][4.0] == 0.0
+
+    out = tmp_path / "fusion.json"
+    proc = _run("tune_fusion.py", "--val", dataset, "--paired", checkpoints[0], "--out", out,
+                "--z_range", *Z_RANGE, "--steps", "ddim3", "--patch_overlap", 2, "--kappas", 2, 4,
+                "--windows", 3, "--threads", 1)
+    result = json.loads(out.read_text())
+    assert result["volumes"] == len(dataset_manifest.split_files(dataset, "val"))
+    assert len(result["rows"]) == 3 and "best: kappa" in proc.stdout
+    assert result["best"] == {k: result["rows"][0][k] for k in ("kappa", "window")}
