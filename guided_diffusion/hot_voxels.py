@@ -7,7 +7,7 @@ bladder reach 30-50 SUV. :class:`~guided_diffusion.denoise.VolumeDenoiser` handl
 voxels in one of three ways (``SamplingSettings.hot_voxels``):
 
 - ``"rescale"``: denoise a second time the input divided by ``k`` (:func:`rescale_factor`),
-  which brings the hottest voxels into range, and take the hot voxels from that pass times
+  which brings the hottest structure below the ramp, and take the hot voxels from that pass times
   ``k``. For Poisson-like PET noise (variance proportional to the mean), ``y / k`` of an image
   at dose reduction factor ``d`` has the relative noise of an image at ``d / k`` with ``k``
   times less activity: an image of the kind the model was trained on. Costs a second sampling
@@ -34,8 +34,6 @@ HOT_RAMP = (0.75, 1.0)
 HOT_SMOOTHING_SIGMA = 1.0
 """Gaussian width (voxels) of the smoothing of the input that decides which voxels are hot."""
 
-RESCALE_PERCENTILE = 99.95
-"""Percentile of the input that :func:`rescale_factor` brings to the ramp's start."""
 
 
 def smoothed_input(low_dose):
@@ -59,10 +57,6 @@ def replace_hot_voxels(denoised, replacement, low_dose, clip_suv):
 
 
 def rescale_factor(low_dose, clip_suv):
-    """``k >= 1`` that maps the smoothed input's 99.95th percentile to the ramp's start
-    (``0.75 clip``); 1 when no smoothed voxel reaches the ramp (nothing to rescale)."""
-    smooth = smoothed_input(low_dose)
-    if not (smooth > HOT_RAMP[0] * clip_suv).any():
-        return 1.0
-    top = float(np.percentile(smooth, RESCALE_PERCENTILE))
-    return max(1.0, top / (HOT_RAMP[0] * clip_suv))
+    """``k >= 1`` that maps the smoothed input's maximum to the ramp's start (``0.75 clip``), so
+    the whole scaled input lies below the ramp; 1 when nothing reaches the ramp."""
+    return max(1.0, float(smoothed_input(low_dose).max()) / (HOT_RAMP[0] * clip_suv))
