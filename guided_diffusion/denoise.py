@@ -13,7 +13,10 @@ denoised volume on the same grid:
 4. conditioning: ``paired`` feeds the low-dose volume as the model's ``low_res`` channel; a
    ``conditioner_factory`` adds a per-step hook (BC-DPM's bidirectional block); ``start_t``
    starts from the diffused low-dose volume instead of pure noise;
-5. model space -> SUV, padding removed, resampled back to the input grid.
+5. model space -> SUV, padding removed, resampled back to the input grid;
+6. voxels above the model's SUV range (:mod:`guided_diffusion.hot_voxels`: by default a second
+   pass on the input scaled into range) and, when ``fusion_kappa`` is set, the noise-adaptive
+   fusion with the input (:mod:`guided_diffusion.pet.fusion`).
 
 Every ensemble member has its own seed and a ``torch.Generator`` that makes every random draw
 (start noise, per-step noise, conditioning noise), so a member's result does not depend on the
