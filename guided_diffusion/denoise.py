@@ -60,7 +60,7 @@ class SamplingSettings:
     :param progress: tqdm bar for the reverse steps (rank 0).
     :param hot_voxels: where the low-dose input approaches the top of the model's SUV range
         (the normalisation's ``clip``): ``"rescale"`` (a second pass on the input scaled into
-        range; only without per-step hooks, else ``"input"``), ``"input"`` (take the input) or
+        range, hooks included), ``"input"`` (take the input) or
         ``"clip"`` (keep the saturated output); see :mod:`guided_diffusion.hot_voxels`.
     :param fusion_kappa: fuse each member with the input where it departs from it by more
         than ``fusion_kappa`` times the input's estimated noise variance
@@ -142,7 +142,10 @@ class VolumeDenoiser:
     :param settings: :class:`SamplingSettings`.
     :param conditioner_factory: optional ``factory(y0, diffusion, generator, prepared)`` returning
         a sampler ``step_hook`` (e.g. BC-DPM's block) for one member; ``y0`` is the low-dose
-        volume in model space ``(1, 1, Z, X, Y)``.
+        volume in model space ``(1, 1, Z, X, Y)``. The hot-voxel rescale pass calls it on
+        ``y0 / k``: a factory must derive its activity-to-counts scale from ``y0`` at a fixed
+        count level (as :class:`~guided_diffusion.pet.conditioning.LowDoseAcquisition` does),
+        so that the scaled pass simulates the same acquisition.
     :param rank, world_size: this process's share of the network evaluations.
     """
 
@@ -323,7 +326,7 @@ class VolumeDenoiser:
         if mode == "clip":
             return volume, dict(mode=mode)
         factor = rescale_factor(low_dose, clip_suv)
-        if mode == "input" or factor == 1.0 or self.conditioner_factory is not None:
+        if mode == "input" or factor == 1.0:
             return replace_hot_voxels(volume, low_dose, low_dose, clip_suv), dict(mode="input")
         scaled, info = self.sample_suv(self.prepare(low_dose / factor, affine), seed, low_dose.shape)
         hot = replace_hot_voxels(scaled * factor, low_dose, low_dose, clip_suv * factor)

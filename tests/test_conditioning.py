@@ -10,11 +10,13 @@ from scipy import ndimage
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.pet.conditioning import (
     BidirectionalConditioner,
+    LowDoseAcquisition,
     PoissonNoiseInserter,
     gaussian_filter,
     model_to_volume,
     volume_to_model,
 )
+from guided_diffusion.pet.normalisation import suv_to_model
 from guided_diffusion.pet.projector import make_projector
 
 torch.set_num_threads(1)
@@ -192,3 +194,22 @@ def test_layout_conversion_follows_the_design_convention():
     assert torch.equal(volume_to_model(model_to_volume(slices), 4), slices)
     with pytest.raises(ValueError, match="expected"):
         model_to_volume(torch.rand(1, 2, 3, 4, 5))
+
+
+def test_acquisition_of_a_scaled_input_simulates_the_same_counts():
+    """The hot-voxel rescale pass hands the hooks ``y0 / k``: the count level stays the
+    recorded one, so the expected counts of the scaled activity equal those of the original."""
+    normalisation = dict(scale=16.0, clip=16.0, range=[-1.0, 1.0])
+    acquisition = LowDoseAcquisition(scanner="demo", total_counts=5e4, randoms_fraction=0.3,
+                                     normalisation=normalisation, voxel_mm=4.0)
+    suv = 4.0 * torch.rand(1, 1, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    k = 2.5
+    projector, scale, additive = acquisition.acquisition_of(suv_to_model(suv, normalisation))
+    _, scale_k, additive_k = acquisition.acquisition_of(suv_to_model(suv / k, normalisation))
+    assert math.isclose(scale_k, k * scale, rel_tol=1e-5)
+    assert torch.equal(additive, additive_k)
+    activity = model_to_volume(suv)
+    trues = scale * projector.forward(activity)
+    trues_k = scale_k * projector.forward(activity / k)
+    assert torch.allclose(trues, trues_k, rtol=1e-5)
+    assert math.isclose(float(trues.sum() + additive.sum()), 5e4, rel_tol=1e-4)

@@ -99,3 +99,24 @@ def test_null_condition_feeds_the_model_an_empty_volume(tmp_path, make_tiny_chec
     with pytest.raises(ValueError, match="conditioning dropout"):
         VolumeDenoiser(model, diffusion, dict(metadata, cond_dropout=0.0),
                        SamplingSettings(null_condition=True))
+
+
+def test_rescale_pass_hands_the_hooks_the_scaled_input(tiny_paired):
+    """Hooks (BC-DPM, data consistency) take part in the second pass, on ``y0`` of input / k."""
+    model, diffusion, metadata = tiny_paired
+    low = np.abs(np.random.default_rng(2).normal(2.0, 0.5, (24, 24, 16))).astype(np.float32)
+    low[4:20, 4:20, 2:14] = 40.0
+    seen = []
+
+    def factory(y0, diffusion, generator, prepared=None):
+        seen.append(y0.clone())
+        return lambda x_prev, t, out=None, model_kwargs=None: None  # leaves every step as is
+
+    settings = SamplingSettings(use_ddim=True, patch_z=8, overlap=2, progress=False)
+    denoiser = VolumeDenoiser(model, diffusion, metadata, settings, conditioner_factory=factory)
+    mean, _, _, info = denoiser.denoise(low, AFFINE, [0])
+    assert info["members"][0]["hot_voxels"]["mode"] == "rescale"
+    assert len(seen) == 2
+    factor = rescale_factor(low, 16.0)
+    torch.testing.assert_close(seen[1], denoiser.prepare(low / factor, AFFINE)["y0"])
+    np.testing.assert_allclose(mean, _denoise(tiny_paired, low, hot_voxels="rescale")[0], rtol=1e-6)
