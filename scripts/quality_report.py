@@ -55,7 +55,7 @@ from guided_diffusion.denoise import (  # noqa: E402
 )
 from guided_diffusion.hot_voxels import HOT_MODES  # noqa: E402
 from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes  # noqa: E402
-from guided_diffusion.pet.conditioning import BCDPMFactory  # noqa: E402
+from guided_diffusion.pet.conditioning import BCDPMFactory, resolve_bc_settings  # noqa: E402
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
@@ -69,6 +69,8 @@ PAIRED_PSNR_MARGIN_DB_LOW_DRF = 0.5    # DRF < 10
 PAIRED_PSNR_MARGIN_DB_HIGH_DRF = 1.5   # DRF >= 10
 HIGH_DRF = 10.0
 DEFAULT_BC_STEPS = 10  # BC-DPM paper, medium noise
+DEFAULT_PATCH_OVERLAP = 8
+BC_COLUMNS = ("noise_index", "bc_lambda", "bc_sigma_mm")  # per-volume BC-DPM settings (CSV)
 LESION_BIAS_LIMIT_PCT = 10.0
 
 
@@ -102,8 +104,10 @@ def create_argparser():
     parser.add_argument("--bc_steps", type=int, default=None,
                         help="BC-DPM: conditioned last l steps (default: the prior's sidecar "
                              f"'sampling' recommendation, else {DEFAULT_BC_STEPS})")
-    parser.add_argument("--bc_lambda", type=float, default=0.2, help="BC-DPM balance lambda")
-    parser.add_argument("--bc_sigma_mm", type=float, default=4.0,
+    parser.add_argument("--bc_lambda", type=float, default=None,
+                        help="BC-DPM balance lambda (default: the prior's tuning table for each "
+                             "input's noise level, else 0.2)")
+    parser.add_argument("--bc_sigma_mm", type=float, default=None,
                         help="BC-DPM Gaussian-filter condition sigma (mm)")
     parser.add_argument("--bc_recon_iters", type=int, default=2, help="OSEM iterations of P^+")
     parser.add_argument("--bc_recon_subsets", type=int, default=8, help="OSEM subsets of P^+")
@@ -114,7 +118,8 @@ def create_argparser():
     parser.add_argument("--num_ensemble", type=int, default=1, help="members averaged per volume")
     parser.add_argument("--patch_z", type=int, default=None,
                         help="axial slab depth (model voxels; default: the checkpoint's)")
-    parser.add_argument("--patch_overlap", type=int, default=8, help="patch overlap (voxels)")
+    parser.add_argument("--patch_overlap", type=int, default=None,
+                        help="patch overlap (voxels; default: the checkpoint's recommendation, else 8)")
     parser.add_argument("--batch_size", type=int, default=1, help="patches per network call")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="network precision")
@@ -246,6 +251,17 @@ def load_denoiser(model_path, cond, respacing, device):
     return model, diffusion, metadata
 
 
+def with_recommended_slabs(args, metadata):
+    """``args`` with ``patch_z`` / ``patch_overlap`` from the checkpoint's sidecar ``sampling``
+    where not given (a model sampled on its training slab depth: the prior needs it)."""
+    recommended = metadata.get("sampling", {})
+    return argparse.Namespace(**dict(
+        vars(args),
+        patch_z=args.patch_z if args.patch_z is not None else recommended.get("patch_z"),
+        patch_overlap=(args.patch_overlap if args.patch_overlap is not None
+                       else recommended.get("patch_overlap", DEFAULT_PATCH_OVERLAP))))
+
+
 def sampling_settings(args, respacing, start_t=None, stitch="seamfree", null_condition=False,
                       fusion_kappa=None):
     """SamplingSettings from ``args.patch_z / patch_overlap / batch_size / precision /
@@ -299,18 +315,23 @@ class DiffusionMethods:
         return list(self.models)
 
     def denoise(self, method, case):
-        """``(SUV volume (X, Y, Z), network evaluations)`` of ``method`` on one case."""
-        args = self.args
+        """``(SUV volume (X, Y, Z), info)`` of ``method`` on one case; ``info`` has the
+        ``network_evaluations`` and, for BC-DPM, ``bc`` (lambda, sigma and their source, see
+        :func:`~guided_diffusion.pet.conditioning.resolve_bc_settings`)."""
         model, diffusion, metadata = self.models[method]
-        factory = None
+        args = with_recommended_slabs(self.args, metadata)
+        factory, report = None, {}
         if method == "bcdpm":
             settings = sampling_settings(args, args.bc_respacing or args.steps,
                                          args.bc_steps - 1 if args.bc_start else None,
                                          null_condition=is_null_conditioned_prior(metadata, method),
                                          fusion_kappa=recommended_fusion_kappa(metadata, args.fusion_kappa))
+            lam, sigma_mm, report["bc"] = resolve_bc_settings(
+                args.bc_lambda, args.bc_sigma_mm, metadata.get("sampling", {}).get("bc_tuning"),
+                case["low"])
             factory = bcdpm_factory(dataset_manifest.bcdpm_acquisition(case), metadata,
-                                    bc_steps=args.bc_steps, bc_lambda=args.bc_lambda,
-                                    bc_sigma_mm=args.bc_sigma_mm, recon_iters=args.bc_recon_iters,
+                                    bc_steps=args.bc_steps, bc_lambda=lam, bc_sigma_mm=sigma_mm,
+                                    recon_iters=args.bc_recon_iters,
                                     recon_subsets=args.bc_recon_subsets)
         else:
             settings = sampling_settings(args, args.steps, fusion_kappa=recommended_fusion_kappa(
@@ -318,8 +339,8 @@ class DiffusionMethods:
         denoiser = VolumeDenoiser(model, diffusion, metadata, settings, conditioner_factory=factory)
         seeds = [member_seed(args.seed, f"{case['name']}_{method}", k) for k in range(args.num_ensemble)]
         mean, _, _, info = denoiser.denoise(case["low"], case["affine"], seeds)
-        evaluations = sum(member_network_evaluations(m) for m in info["members"])
-        return mean, evaluations
+        report["network_evaluations"] = sum(member_network_evaluations(m) for m in info["members"])
+        return mean, report
 
 
 # ----------------------------------------------------------------------------- metrics and summary
@@ -427,7 +448,7 @@ def _jsonable(data):
 
 def write_csv(path, rows):
     columns = ["subject", "tracer", "drf", "method", *ROW_METRICS, "n_lesions", "seconds",
-               "network_evaluations", "file"]
+               "network_evaluations", *BC_COLUMNS, "file"]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -449,7 +470,7 @@ def summary_markdown(summary, verdict, settings):
              f"validation volumes: {settings['val_volumes']}; axial range: "
              f"{settings['z_range'] or 'whole volume'}; body mask: full dose > {settings['mask_suv']} SUV; "
              f"paired steps {settings['steps']}, BC-DPM steps {settings['bc_respacing']} "
-             f"(l = {settings['bc_steps']}, lambda = {settings['bc_lambda']}, "
+             f"(l = {settings['bc_steps']}, lambda = {settings['bc_lambda'] or 'tuned per input'}, "
              f"start from low dose: {settings['bc_start']}), ensemble {settings['num_ensemble']}, "
              f"hot voxels: {settings['hot_voxels']}, fusion kappa: "
              f"{settings['fusion_kappa'] or 'checkpoint recommendation'}.", "",
@@ -530,18 +551,20 @@ def main(argv=None):
         images = {}
         for method in methods:
             begin = time.perf_counter()
-            evaluations = 0
+            info = dict(network_evaluations=0)
             if method == "low_dose":
                 image = case["low"]
             elif method == "gaussian":
                 image = baselines.gaussian(case["low"], voxel_mm=case["voxel_mm"],
                                            **gaussian_params[case["drf"]])
             else:
-                image, evaluations = diffusion_methods.denoise(method, case)
+                image, info = diffusion_methods.denoise(method, case)
             seconds = time.perf_counter() - begin
+            bc = info.get("bc", {})
             rows.append(dict(subject=case["subject"], tracer=case["tracer"], drf=case["drf"],
                              method=method, **evaluate(case, image), seconds=seconds,
-                             network_evaluations=evaluations, file=case["path"]))
+                             network_evaluations=info["network_evaluations"],
+                             **{key: bc.get(key) for key in BC_COLUMNS}, file=case["path"]))
             images[method] = image
             progress.update()
         if example is None and case["drf"] == example_drf:

@@ -131,9 +131,12 @@ def create_argparser(metadata=None, argv=None):
                              "0 samples the prior alone)")
     parser.add_argument("--bc_noise", choices=tuple(BC_STEPS_BY_NOISE), default="medium",
                         help="BC-DPM paper defaults l = 5 / 10 / 15 for light / medium / heavy noise")
-    parser.add_argument("--bc_lambda", type=float, default=0.2, help="BC-DPM balance lambda")
-    parser.add_argument("--bc_sigma_mm", type=float, default=4.0,
-                        help="BC-DPM Gaussian-filter condition: sigma in mm")
+    parser.add_argument("--bc_lambda", type=float, default=None,
+                        help="BC-DPM balance lambda (default: the prior's tuning table, row "
+                             "nearest to the input's measured noise level; without one 0.2)")
+    parser.add_argument("--bc_sigma_mm", type=float, default=None,
+                        help="BC-DPM Gaussian-filter condition: sigma in mm (default: as "
+                             "--bc_lambda; without a table 4)")
     parser.add_argument("--bc_scanner", default="quadra", help="scanner preset of the projector")
     parser.add_argument("--bc_view_mashing", type=int, default=None,
                         help="view mashing of the projector (default: the preset's; "
@@ -257,23 +260,28 @@ def acquisition_counts(args, item):
 def conditioner_factory(args, mode, item, metadata):
     """The per-member sampler hook factory for ``item``: BC-DPM's block (``bcdpm``/``hybrid``)
     and/or Poisson data consistency (``--dc_steps``), both on the ``--bc_*`` acquisition model.
-    Returns ``(factory or None, where the count level came from or None)``."""
+    Returns ``(factory or None, provenance)``: where the count level came from and BC-DPM's
+    lambda and sigma for this input (:func:`conditioning.resolve_bc_settings`)."""
     use_bc = mode in ("bcdpm", "hybrid")
     if not use_bc and not args.dc_steps:
-        return None, None
+        return None, dict(counts_source=None, bcdpm=None)
     counts, counts_source = acquisition_counts(args, item)
+    lam, sigma_mm, bc_report = conditioning.resolve_bc_settings(
+        args.bc_lambda, args.bc_sigma_mm, metadata.get("sampling", {}).get("bc_tuning"),
+        item["low_dose"])
     acquisition = dict(
         scanner=args.bc_scanner, total_counts=counts, randoms_fraction=args.bc_randoms_fraction,
         normalisation=metadata["normalisation"], voxel_mm=metadata["voxel_mm"],
         view_mashing=args.bc_view_mashing, psf_fwhm_mm=args.bc_psf_fwhm_mm)
     bc = conditioning.BCDPMFactory(
-        num_steps_l=args.bc_steps, lam=args.bc_lambda, sigma_mm=args.bc_sigma_mm,
+        num_steps_l=args.bc_steps, lam=lam, sigma_mm=sigma_mm,
         recon_iters=args.bc_recon_iters, recon_subsets=args.bc_recon_subsets,
         **acquisition) if use_bc else None
     dc = DataConsistencyFactory(
         num_steps=args.dc_steps, iters=args.dc_iters, subsets=args.dc_subsets,
         use_ddim=args.use_ddim, **acquisition) if args.dc_steps else None
-    return conditioning.chain_factories([bc, dc]), counts_source
+    return conditioning.chain_factories([bc, dc]), dict(counts_source=counts_source,
+                                                        bcdpm=bc_report if use_bc else None)
 
 
 def output_paths(save_dir, name):
@@ -407,7 +415,12 @@ def main(argv=None):
         if (item["low_dose"] < 0).any():
             logger.log(f"{item['name']}: {(item['low_dose'] < 0).mean():.2%} negative voxels "
                        f"clipped to 0")
-        factory, counts_source = conditioner_factory(args, mode, item, metadata)
+        factory, provenance = conditioner_factory(args, mode, item, metadata)
+        if provenance["bcdpm"] is not None:
+            bc = provenance["bcdpm"]
+            logger.log(f"{item['name']}: BC-DPM lambda {bc['bc_lambda']:g} ({bc['bc_lambda_source']}), "
+                       f"sigma {bc['bc_sigma_mm']:g} mm ({bc['bc_sigma_mm_source']})"
+                       + (f", noise index {bc['noise_index']:.4f} SUV" if bc["noise_index"] else ""))
         denoiser = VolumeDenoiser(model, diffusion, metadata, settings,
                                   conditioner_factory=factory, rank=rank, world_size=world)
         seeds = [member_seed(args.seed, item["name"], k) for k in range(args.num_ensemble)]
@@ -434,7 +447,7 @@ def main(argv=None):
             write_outputs(args, item, paths, mean, std, members, dict(
                 info, seconds=seconds, seeds=seeds, cond_mode=mode, world_size=world,
                 checkpoint=dict(path=args.model_path, sha256=metadata["sha256"]),
-                flags=metadata["flags"], counts_source=counts_source,
+                flags=metadata["flags"], **provenance,
                 settings={k: v for k, v in vars(args).items() if not k.startswith("_")},
             ))
             store.clear()

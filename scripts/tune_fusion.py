@@ -21,6 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quality_report, when imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -45,7 +46,8 @@ def create_argparser():
     parser.add_argument("--windows", type=int, nargs="+", default=[5, fusion.FUSION_WINDOW])
     parser.add_argument("--steps", default="ddim10", help="timestep respacing of the sampler")
     parser.add_argument("--patch_z", type=int, default=None, help="slab depth (model voxels)")
-    parser.add_argument("--patch_overlap", type=int, default=8, help="patch overlap (voxels)")
+    parser.add_argument("--patch_overlap", type=int, default=None,
+                        help="patch overlap (voxels; default: the checkpoint's recommendation, else 8)")
     parser.add_argument("--batch_size", type=int, default=1, help="patches per network call")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--hot_voxels", choices=HOT_MODES, default="rescale")

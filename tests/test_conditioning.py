@@ -9,13 +9,18 @@ from scipy import ndimage
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.pet.conditioning import (
+    BC_DEFAULT_LAMBDA,
+    BC_DEFAULT_SIGMA_MM,
     BidirectionalConditioner,
     LowDoseAcquisition,
     PoissonNoiseInserter,
     gaussian_filter,
     model_to_volume,
+    resolve_bc_settings,
+    tuned_bc_settings,
     volume_to_model,
 )
+from guided_diffusion.pet.fusion import noise_index
 from guided_diffusion.pet.normalisation import suv_to_model
 from guided_diffusion.pet.projector import make_projector
 
@@ -213,3 +218,25 @@ def test_acquisition_of_a_scaled_input_simulates_the_same_counts():
     trues_k = scale_k * projector.forward(activity / k)
     assert torch.allclose(trues, trues_k, rtol=1e-5)
     assert math.isclose(float(trues.sum() + additive.sum()), 5e4, rel_tol=1e-4)
+
+
+def test_tuned_settings_follow_the_nearest_noise_level_in_log_scale():
+    table = [dict(noise_index=0.01, bc_lambda=0.2, bc_sigma_mm=3.0),
+             dict(noise_index=0.25, bc_lambda=0.05, bc_sigma_mm=12.0)]
+    assert tuned_bc_settings(table, 0.04)["bc_sigma_mm"] == 3.0  # log: 0.04 is nearer 0.01 than 0.25
+    assert tuned_bc_settings(table, 0.06)["bc_sigma_mm"] == 12.0
+    assert tuned_bc_settings(table, None) is None and tuned_bc_settings([], 0.1) is None
+
+    rng = np.random.default_rng(0)
+    low = rng.poisson(30.0 * np.full((24, 24, 24), 2.0)) / 30.0  # variance per SUV 1/30
+    lam, sigma, report = resolve_bc_settings(None, None, table, low)
+    assert report["noise_index"] == pytest.approx(noise_index(low))
+    assert 0.01 < report["noise_index"] < 0.06  # the high-pass estimate of 1/30 (gain < 1)
+    expected = tuned_bc_settings(table, report["noise_index"])
+    assert (lam, sigma) == (expected["bc_lambda"], expected["bc_sigma_mm"])
+    assert report["bc_lambda_source"] == report["bc_sigma_mm_source"] == "tuning"
+    # given values win; without a table the paper's lambda and the default sigma
+    lam, sigma, report = resolve_bc_settings(0.3, None, table, low)
+    assert lam == 0.3 and report["bc_lambda_source"] == "given" and report["bc_sigma_mm_source"] == "tuning"
+    assert resolve_bc_settings(None, None, None, low)[:2] == (BC_DEFAULT_LAMBDA, BC_DEFAULT_SIGMA_MM)
+    assert resolve_bc_settings(0.1, 5.0, table, low)[2]["noise_index"] is None  # nothing to look up

@@ -161,6 +161,33 @@ def test_bcdpm_moves_prior_sample_toward_low_dose(workdir):
     assert err_conditioned < 0.5 * err_unconditioned
 
 
+def test_bcdpm_settings_come_from_the_priors_tuning_table(workdir, make_tiny_checkpoint):
+    from guided_diffusion.pet.fusion import noise_index
+
+    low = np.load(workdir / "subject.npz")["arr_0"][0]
+    index = noise_index(low)
+    tuned = make_tiny_checkpoint(workdir / "tuned_prior.pt", "none", respacing="10")
+    sidecar = tuned.with_suffix(".json")
+    table = [dict(drf=4, noise_index=0.5 * index, bc_lambda=0.3, bc_sigma_mm=6.0),
+             dict(drf=100, noise_index=50 * index, bc_lambda=0.05, bc_sigma_mm=12.0)]
+    metadata = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(metadata, sampling=dict(bc_tuning=table))))
+    common = ("--model_path", tuned, "--base_samples", workdir / "subject.npz", "--cond_mode", "bcdpm",
+              "--bc_steps", 2, *PHYSICS, *COMMON)
+    out = workdir / "out_bc_tuned"
+    proc = run_script("--save_dir", out, *common)
+    report = json.loads((out / "subject.json").read_text())["bcdpm"]
+    assert (report["bc_lambda"], report["bc_sigma_mm"]) == (0.3, 6.0)  # the nearer noise level
+    assert report["bc_lambda_source"] == "tuning" and report["noise_index"] == pytest.approx(index)
+    assert "BC-DPM lambda 0.3 (tuning), sigma 6 mm (tuning)" in proc.stdout
+    # the same values given explicitly give the same volume
+    out_given = workdir / "out_bc_given"
+    run_script("--save_dir", out_given, "--bc_lambda", 0.3, "--bc_sigma_mm", 6, *common)
+    assert json.loads((out_given / "subject.json").read_text())["bcdpm"]["bc_lambda_source"] == "given"
+    np.testing.assert_array_equal(np.load(out / "subject_denoised.npz")["arr_0"],
+                                  np.load(out_given / "subject_denoised.npz")["arr_0"])
+
+
 def test_bcdpm_takes_a_cond_dropout_checkpoint_as_its_prior(workdir, make_tiny_checkpoint):
     both = make_tiny_checkpoint(workdir / "both.pt", "paired")
     sidecar = both.with_suffix(".json")

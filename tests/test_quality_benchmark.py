@@ -378,3 +378,33 @@ def test_tune_fusion_scores_a_biased_denoiser_and_runs_end_to_end(dataset, check
     assert result["volumes"] == len(dataset_manifest.split_files(dataset, "val"))
     assert len(result["rows"]) == 3 and "best: kappa" in proc.stdout
     assert result["best"] == {k: result["rows"][0][k] for k in ("kappa", "window")}
+
+
+def test_tune_bcdpm_picks_the_best_pair_per_drf_and_runs_end_to_end(dataset, checkpoints, tmp_path):
+    tune = _load_script("tune_bcdpm")
+    scores = [dict(volume=f"v{drf}_{v}", drf=drf, noise_index=index, bc_sigma_mm=sigma, bc_lambda=lam,
+                   psnr=psnr + v)
+              for drf, index in ((4.0, 0.01), (50.0, 0.2))
+              for v in (0, 1)
+              for sigma, lam, psnr in ((3.0, 0.1, 30.0 if drf == 4 else 20.0),
+                                       (9.0, 0.05, 25.0 if drf == 4 else 28.0))]
+    for score in scores:  # the DRF's noise index is the mean over its volumes
+        if score["volume"] == "v4.0_0":
+            score["noise_index"] = 0.03
+    table = tune.best_per_drf(scores)
+    assert [(r["drf"], r["bc_sigma_mm"], r["bc_lambda"]) for r in table] == [(4.0, 3.0, 0.1), (50.0, 9.0, 0.05)]
+    assert table[0]["noise_index"] == pytest.approx(0.02) and table[0]["psnr"] == pytest.approx(30.5)
+    assert table[1]["volumes"] == 2
+
+    out = tmp_path / "bcdpm.json"
+    proc = _run("tune_bcdpm.py", "--val", dataset, "--prior", checkpoints[1], "--out", out,
+                "--z_range", *Z_RANGE, "--bc_respacing", "ddim3", "--patch_overlap", 2,
+                "--lambdas", 0.1, 0.2, "--sigmas_mm", 12, "--threads", 1)
+    result = json.loads(out.read_text())
+    n_val = len(dataset_manifest.split_files(dataset, "val"))
+    assert len(result["scores"]) == 2 * n_val and "record it" in proc.stdout
+    assert [row["drf"] for row in result["bc_tuning"]] == list(DRFS)
+    assert all(row["bc_sigma_mm"] == 12 and row["bc_lambda"] in (0.1, 0.2) for row in result["bc_tuning"])
+    # the lower dose is the noisier input
+    assert result["bc_tuning"][0]["noise_index"] < result["bc_tuning"][1]["noise_index"]
+    assert result["settings"]["bc_steps"] == 2 and result["settings"]["bc_start"] is True

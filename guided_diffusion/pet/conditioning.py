@@ -22,6 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from .fusion import noise_index
 from .normalisation import model_to_suv, suv_to_model
 from .projector import make_projector
 from .recon import osem, osem_sensitivities
@@ -70,6 +71,50 @@ def gaussian_filter(x, sigma, truncate=4.0):
         filtered = F.conv1d(rows, taps.view(1, 1, -1)).reshape(moved.shape)
         x = filtered.movedim(-1, axis)
     return x
+
+
+BC_DEFAULT_LAMBDA = 0.2  # the paper's lambda (Shen et al. 2023, Sec. 3)
+BC_DEFAULT_SIGMA_MM = 4.0
+
+
+def tuned_bc_settings(tuning, index):
+    """The row of a prior's BC-DPM tuning table for an input of noise index ``index``.
+
+    :param tuning: ``[{"noise_index", "bc_lambda", "bc_sigma_mm", ...}, ...]``, one row per
+        tuned dose level (a checkpoint sidecar's ``sampling.bc_tuning``, written by
+        ``scripts/tune_bcdpm.py``); ``noise_index`` is the validation inputs' mean
+        :func:`~guided_diffusion.pet.fusion.noise_index` (SUV).
+    :param index: the input's noise index (SUV) or ``None`` (not measurable).
+    :return: the row nearest in log noise index, or ``None`` without a table or an index.
+    """
+    if not tuning or index is None or not index > 0:
+        return None
+    return min(tuning, key=lambda row: abs(math.log(index / float(row["noise_index"]))))
+
+
+def resolve_bc_settings(lam, sigma_mm, tuning, low_dose):
+    """BC-DPM's ``lambda`` and Gaussian-filter sigma (mm) for one input.
+
+    Values given (not ``None``) win; the others come from ``tuning``'s row for the noise index
+    of ``low_dose`` (SUV volume ``(X, Y, Z)``, :func:`tuned_bc_settings`), else the defaults
+    :data:`BC_DEFAULT_LAMBDA` and :data:`BC_DEFAULT_SIGMA_MM`.
+
+    :return: ``(lam, sigma_mm, report)``, ``report`` a dict with the noise index and where
+        each value came from (``"given"``, ``"tuning"`` or ``"default"``).
+    """
+    index = noise_index(low_dose) if tuning and (lam is None or sigma_mm is None) else None
+    row = tuned_bc_settings(tuning, index) or {}
+    chosen, report = {}, dict(noise_index=index)
+    for key, value, default in (("bc_lambda", lam, BC_DEFAULT_LAMBDA),
+                                ("bc_sigma_mm", sigma_mm, BC_DEFAULT_SIGMA_MM)):
+        if value is not None:
+            chosen[key], report[key + "_source"] = float(value), "given"
+        elif key in row:
+            chosen[key], report[key + "_source"] = float(row[key]), "tuning"
+        else:
+            chosen[key], report[key + "_source"] = default, "default"
+    report.update(chosen)
+    return chosen["bc_lambda"], chosen["bc_sigma_mm"], report
 
 
 def step_index(t):
