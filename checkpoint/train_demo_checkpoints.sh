@@ -5,7 +5,9 @@
 # The shipped weights come from the runs documented in checkpoint/README.md: demo_paired.pt is
 # model003400.pt of the paired run (1,200 steps at a constant learning rate, then resumed with
 # the learning rate annealed linearly to 0 at step 3,400: ~33 + ~42 min with 2 threads),
-# demo_prior.pt is model000500.pt of the prior run.
+# demo_prior.pt is model002500.pt of the prior run (500 steps at a constant learning rate, then
+# resumed with the learning rate annealed linearly to 0 at step 2,500), with BC-DPM's lambda and
+# Gaussian sigma tuned per noise level on the validation subjects.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -19,6 +21,9 @@ mpiexec -n 2 python scripts/make_dataset.py --out "$data/train_fdg" --subjects 1
   --tracers FDG --split 1 0 0
 mpiexec -n 2 python scripts/make_dataset.py --out "$data/train_mix" --subjects 6 --seed 200 \
   --tracers PSMA DOTATATE FAPI --split 1 0 0
+# Validation subjects (BC-DPM tuning here; Gaussian sigma and fusion kappa in checkpoint/README.md).
+mpiexec -n 2 python scripts/make_dataset.py --out "$data/val" --subjects 2 --seed 800 \
+  --tracers FDG PSMA --split 0 1 0
 
 # Small 3D UNet, published block layout (scale-shift norm, res-block up/down-sampling, X/Y-only
 # resampling, no attention), x0-prediction for few-step sampling, full-plane axial slabs.
@@ -36,10 +41,24 @@ python scripts/train.py "${paired[@]}" "${common[@]}" --max_steps 1200
 python scripts/train.py "${paired[@]}" "${common[@]}" --lr_anneal_steps 3400
 # The prior is trained on the low-noise end only (t < 200 of 1000): BC-DPM with --bc_start uses it
 # in the last l of 100 respaced steps (t <= 10 * l), so that is where the training time goes.
-python scripts/train.py --cond none --dims 3 --in_channels 1 --unet_layout published3d \
-  --threads 1 --save_interval 250 --log_dir "$runs/prior" --schedule_sampler uniform:200 "${common[@]}" \
-  --max_steps 500
+prior=(--cond none --dims 3 --in_channels 1 --unet_layout published3d --threads 1
+       --save_interval 250 --log_dir "$runs/prior" --schedule_sampler uniform:200)
+python scripts/train.py "${prior[@]}" "${common[@]}" --max_steps 500
+# Continued from model000500.pt with the learning rate decaying linearly to 0 at step 2500.
+python scripts/train.py "${prior[@]}" "${common[@]}" --lr_anneal_steps 2500
 python scripts/package_checkpoint.py "$runs/paired/model003400.pt" --name demo_paired \
   --sampling '{"timestep_respacing": "ddim10", "patch_z": 32, "patch_overlap": 8, "fusion_kappa": 2.0}'
-python scripts/package_checkpoint.py "$runs/prior/model000500.pt" --name demo_prior \
-  --sampling '{"timestep_respacing": "100", "bc_start": true, "bc_steps": 10, "trained_max_t": 200}'
+# The prior is sampled on slabs of its training depth (10 slices): on deeper slabs its group
+# norms see other statistics and its x0 estimate degrades. BC-DPM: l = 3 from the diffused input.
+prior_sampling='{"timestep_respacing": "100", "bc_start": true, "bc_steps": 3, "trained_max_t": 200,
+  "patch_z": 10, "patch_overlap": 4}'
+python scripts/package_checkpoint.py "$runs/prior/model002500.pt" --name demo_prior --sampling "$prior_sampling"
+# BC-DPM's lambda and Gaussian-filter sigma per noise level, tuned on the validation subjects
+# (a slab of 48 slices through liver, kidneys and lesions), recorded in the prior's sidecar.
+python scripts/tune_bcdpm.py --val "$data/val" --prior checkpoint/demo_prior.pt --z_range 120 168 \
+  --lambdas 0.05 0.1 0.2 0.3 --sigmas_mm 4 8 12 --precision bf16 --threads 2 --seed 0 \
+  --out "$runs/bcdpm_tuning.json"
+tuning=$(python -c "import json, sys; print(json.dumps({'bc_tuning': json.load(open(sys.argv[1]))['bc_tuning']}))" \
+  "$runs/bcdpm_tuning.json")
+python scripts/package_checkpoint.py "$runs/prior/model002500.pt" --name demo_prior \
+  --sampling "$prior_sampling" --sampling "$tuning"

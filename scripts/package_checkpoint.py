@@ -62,14 +62,19 @@ def main(argv=None):
     parser.add_argument("source", help="training checkpoint (.pt with its .json sidecar)")
     parser.add_argument("--name", required=True, help="shipped name, e.g. demo_paired")
     parser.add_argument("--dest", default=os.path.join(REPO, "checkpoint"))
-    parser.add_argument("--sampling", default="{}", help="JSON dict of recommended sampling flags")
+    parser.add_argument("--sampling", action="append", default=[],
+                        help="JSON dict of recommended sampling flags; repeat to merge several "
+                             "(later keys win), e.g. the 'bc_tuning' of scripts/tune_bcdpm.py")
     parser.add_argument("--validation", default=None, help="JSON file with validation numbers")
     args = parser.parse_args(argv)
     validation = None
     if args.validation:
         with open(args.validation) as handle:
             validation = json.load(handle)
-    target, card = package(args.source, args.name, args.dest, json.loads(args.sampling), validation)
+    sampling = {}
+    for text in args.sampling:
+        sampling.update(json.loads(text))
+    target, card = package(args.source, args.name, args.dest, sampling, validation)
     print(f"wrote {target} (sha256 {card['sha256']}) and {sidecar_path(target)}")
 
 

@@ -72,3 +72,22 @@ def test_demo_launcher_end_to_end(tmp_path):
         assert record["psnr"] is not None and 0 < record["psnr"] < 100
     denoised = np.load(out / "s0000_FDG_drf10_denoised.npz")["arr_0"]
     assert np.isfinite(denoised).all() and denoised.max() > 0
+
+
+def test_package_checkpoint_merges_sampling_and_lists_the_hash(tmp_path, make_tiny_checkpoint):
+    source = make_tiny_checkpoint(tmp_path / "model000010.pt", "none", sampling=dict(bc_steps=10))
+    dest = tmp_path / "shipped"
+    dest.mkdir()
+    tuning = [dict(drf=4.0, noise_index=0.01, bc_lambda=0.2, bc_sigma_mm=4.0)]
+    subprocess.run([sys.executable, str(REPO / "scripts" / "package_checkpoint.py"), str(source),
+                    "--name", "tiny_prior", "--dest", str(dest),
+                    "--sampling", json.dumps(dict(bc_steps=3, patch_z=10)),
+                    "--sampling", json.dumps(dict(bc_tuning=tuning))], check=True, cwd=REPO)
+    metadata = read_metadata(dest / "tiny_prior.pt")
+    # later --sampling dicts merge over earlier ones and over the training sidecar's
+    assert metadata["sampling"] == dict(timestep_respacing="ddim5", bc_steps=3, patch_z=10, bc_tuning=tuning)
+    digest = hashlib.sha256((dest / "tiny_prior.pt").read_bytes()).hexdigest()
+    assert metadata["sha256"] == digest
+    assert (dest / "SHA256SUMS").read_text() == f"{digest}  tiny_prior.pt\n"
+    state = torch.load(dest / "tiny_prior.pt", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in torch.load(source, weights_only=True).items())
