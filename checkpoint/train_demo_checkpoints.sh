@@ -54,10 +54,11 @@ prior_sampling='{"timestep_respacing": "100", "bc_start": true, "bc_steps": 3, "
   "patch_z": 10, "patch_overlap": 4}'
 python scripts/package_checkpoint.py "$runs/prior/model002500.pt" --name demo_prior --sampling "$prior_sampling"
 # BC-DPM's lambda and Gaussian-filter sigma per noise level, tuned on the validation subjects
-# (a slab of 48 slices through liver, kidneys and lesions), recorded in the prior's sidecar.
-python scripts/tune_bcdpm.py --val "$data/val" --prior checkpoint/demo_prior.pt --z_range 120 168 \
-  --lambdas 0.05 0.1 0.2 0.3 --sigmas_mm 4 8 12 --precision bf16 --threads 2 --seed 0 \
-  --out "$runs/bcdpm_tuning.json"
+# (first subject, FDG and PSMA, a slab of 48 slices through liver, kidneys and lesions), recorded
+# in the prior's sidecar.
+python scripts/tune_bcdpm.py --val "$data/val" --prior checkpoint/demo_prior.pt --max_subjects 1 \
+  --z_range 120 168 --lambdas 0.05 0.1 0.2 0.3 --sigmas_mm 4 8 12 --precision bf16 --threads 2 \
+  --seed 0 --out "$runs/bcdpm_tuning.json"
 tuning=$(python -c "import json, sys; print(json.dumps({'bc_tuning': json.load(open(sys.argv[1]))['bc_tuning']}))" \
   "$runs/bcdpm_tuning.json")
 python scripts/package_checkpoint.py "$runs/prior/model002500.pt" --name demo_prior \

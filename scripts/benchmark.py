@@ -53,6 +53,7 @@ from guided_diffusion.denoise import (  # noqa: E402
     recommended_fusion_kappa,
 )
 from guided_diffusion.pet import dataset_manifest, metrics, volumes  # noqa: E402
+from guided_diffusion.pet.conditioning import resolve_bc_settings  # noqa: E402
 
 import benchmark_unet  # noqa: E402
 from quality_report import (  # noqa: E402
@@ -60,6 +61,7 @@ from quality_report import (  # noqa: E402
     body_mask,
     load_denoiser,
     sampling_settings,
+    with_recommended_slabs,
 )
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -121,12 +123,16 @@ def create_argparser():
                         help="torch threads (scaling: total over the ranks)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="network precision of the denoiser")
-    parser.add_argument("--patch_z", type=int, default=None, help="slab depth (model voxels)")
-    parser.add_argument("--patch_overlap", type=int, default=8, help="patch overlap (voxels)")
+    parser.add_argument("--patch_z", type=int, default=None,
+                        help="slab depth (model voxels; default: each checkpoint's recommendation)")
+    parser.add_argument("--patch_overlap", type=int, default=None,
+                        help="patch overlap (voxels; default: each checkpoint's recommendation, else 8)")
     parser.add_argument("--batch_size", type=int, default=1, help="patches per network call")
     parser.add_argument("--mask_suv", type=float, default=0.05, help="body mask: full dose > this SUV")
-    parser.add_argument("--bc_lambda", type=float, default=0.2, help="BC-DPM lambda")
-    parser.add_argument("--bc_sigma_mm", type=float, default=4.0, help="BC-DPM Gaussian sigma (mm)")
+    parser.add_argument("--bc_lambda", type=float, default=None,
+                        help="BC-DPM lambda (default: the prior's tuning table, else 0.2)")
+    parser.add_argument("--bc_sigma_mm", type=float, default=None,
+                        help="BC-DPM Gaussian sigma in mm (default: the prior's tuning table, else 4)")
     parser.add_argument("--bc_recon_iters", type=int, default=2, help="OSEM iterations of P^+")
     parser.add_argument("--bc_recon_subsets", type=int, default=8, help="OSEM subsets of P^+")
     parser.add_argument("--bc_counts", type=float, default=None,
@@ -183,19 +189,21 @@ def run_configuration(spec):
     model, diffusion, metadata = load_denoiser(model_path, "none" if mode["cond"] == "bcdpm" else "paired",
                                                mode["respacing"], device)
     start_t = mode["bc_steps"] - 1 if mode["bc_start"] else None
-    arguments = argparse.Namespace(patch_z=spec["patch_z"], patch_overlap=spec["patch_overlap"],
-                                   batch_size=spec["batch_size"], precision=spec["precision"],
-                                   hot_voxels="rescale")
+    arguments = with_recommended_slabs(argparse.Namespace(
+        patch_z=spec["patch_z"], patch_overlap=spec["patch_overlap"], batch_size=spec["batch_size"],
+        precision=spec["precision"], hot_voxels="rescale"), metadata)
+    low, affine = volumes.load_volume(spec["input"], index=0)
     settings = sampling_settings(arguments, mode["respacing"], start_t, spec["stitch"],
                                  null_condition=is_null_conditioned_prior(metadata, mode["cond"]),
                                  fusion_kappa=recommended_fusion_kappa(metadata))
     factory = None
     if mode["cond"] != "paired":
+        lam, sigma_mm, _ = resolve_bc_settings(spec["bc_lambda"], spec["bc_sigma_mm"],
+                                               metadata.get("sampling", {}).get("bc_tuning"), low)
         factory = bcdpm_factory(acquisition_of(spec), metadata, bc_steps=mode["bc_steps"],
-                                bc_lambda=spec["bc_lambda"], bc_sigma_mm=spec["bc_sigma_mm"],
+                                bc_lambda=lam, bc_sigma_mm=sigma_mm,
                                 recon_iters=spec["bc_recon_iters"], recon_subsets=spec["bc_recon_subsets"])
     denoiser = VolumeDenoiser(model, diffusion, metadata, settings, conditioner_factory=factory)
-    low, affine = volumes.load_volume(spec["input"], index=0)
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds, result = [], None
     for _ in range(spec["repeats"]):
@@ -322,10 +330,10 @@ def run_scaling(args):
                        "--model_path", args.paired, "--base_samples", args.input, "--save_dir", save_dir,
                        "--cond_mode", "paired", "--timestep_respacing", args.scaling_respacing,
                        "--use_ddim", str(args.scaling_respacing.startswith("ddim")),
-                       "--threads", str(threads), "--seed", str(args.seed),
-                       "--patch_overlap", str(args.patch_overlap), "--precision", args.precision]
-            if args.patch_z:
-                command += ["--patch_z", str(args.patch_z)]
+                       "--threads", str(threads), "--seed", str(args.seed), "--precision", args.precision]
+            for flag in ("patch_z", "patch_overlap"):
+                if getattr(args, flag) is not None:
+                    command += [f"--{flag}", str(getattr(args, flag))]
             env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
             env["PYTHONPATH"] = REPO
             print(f"scaling: {ranks} rank(s) x {threads} thread(s) ...", file=sys.stderr, flush=True)
