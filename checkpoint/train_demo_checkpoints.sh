@@ -6,8 +6,8 @@
 # model003400.pt of the paired run (1,200 steps at a constant learning rate, then resumed with
 # the learning rate annealed linearly to 0 at step 3,400: ~33 + ~42 min with 2 threads),
 # demo_prior.pt is model002500.pt of the prior run (500 steps at a constant learning rate, then
-# resumed with the learning rate annealed linearly to 0 at step 2,500), with BC-DPM's lambda and
-# Gaussian sigma tuned per noise level on the validation subjects.
+# resumed with the learning rate annealed linearly to 0 at step 2,500), with BC-DPM's l, lambda,
+# Gaussian sigma and hot-voxel mode tuned per noise level on the validation subjects.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -49,16 +49,18 @@ python scripts/train.py "${prior[@]}" "${common[@]}" --lr_anneal_steps 2500
 python scripts/package_checkpoint.py "$runs/paired/model003400.pt" --name demo_paired \
   --sampling '{"timestep_respacing": "ddim10", "patch_z": 32, "patch_overlap": 8, "fusion_kappa": 2.0}'
 # The prior is sampled on slabs of its training depth (10 slices): on deeper slabs its group
-# norms see other statistics and its x0 estimate degrades. BC-DPM: l = 3 from the diffused input.
+# norms see other statistics and its x0 estimate degrades. BC-DPM starts at step l from the
+# diffused input (l = 3 where the tuning table below does not say otherwise).
 prior_sampling='{"timestep_respacing": "100", "bc_start": true, "bc_steps": 3, "trained_max_t": 200,
   "patch_z": 10, "patch_overlap": 4}'
 python scripts/package_checkpoint.py "$runs/prior/model002500.pt" --name demo_prior --sampling "$prior_sampling"
-# BC-DPM's lambda and Gaussian-filter sigma per noise level, tuned on the validation subjects
-# (first subject, FDG and PSMA, a slab of 48 slices through liver, kidneys and lesions), recorded
-# in the prior's sidecar.
+# BC-DPM's l, lambda, Gaussian-filter sigma and hot-voxel mode per noise level, tuned on the
+# validation subjects (first subject, FDG and PSMA, a slab of 48 slices through liver, kidneys
+# and lesions), recorded in the prior's sidecar (~12 min). A first grid (l 1 or 3, lambda 0 / 0.1
+# / 0.3, sigma 1.5-10 mm, rescale pass) chose l = 1 at every DRF: checkpoint/README.md.
 python scripts/tune_bcdpm.py --val "$data/val" --prior checkpoint/demo_prior.pt --max_subjects 1 \
-  --z_range 120 168 --lambdas 0.05 0.1 0.2 0.3 --sigmas_mm 4 8 12 --precision bf16 --threads 2 \
-  --seed 0 --out "$runs/bcdpm_tuning.json"
+  --z_range 120 168 --bc_steps 1 --lambdas 0 0.1 --sigmas_mm 1.5 2.25 3 4.5 6 10 \
+  --hot_voxels rescale input --precision bf16 --threads 2 --seed 0 --out "$runs/bcdpm_tuning.json"
 tuning=$(python -c "import json, sys; print(json.dumps({'bc_tuning': json.load(open(sys.argv[1]))['bc_tuning']}))" \
   "$runs/bcdpm_tuning.json")
 python scripts/package_checkpoint.py "$runs/prior/model002500.pt" --name demo_prior \

@@ -27,6 +27,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 HOT_MODES = ("rescale", "input", "clip")
+DEFAULT_HOT_MODE = "rescale"
 
 HOT_RAMP = (0.75, 1.0)
 """Blend range of :func:`replace_hot_voxels`, in units of the clip SUV."""

@@ -31,6 +31,7 @@ Writes ``--json OUT`` and ``OUT``'s stem + ``_psnr_vs_evaluations.png``; prints 
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -52,8 +53,10 @@ from guided_diffusion.denoise import (  # noqa: E402
     member_network_evaluations,
     recommended_fusion_kappa,
 )
+from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE  # noqa: E402
 from guided_diffusion.pet import dataset_manifest, metrics, volumes  # noqa: E402
-from guided_diffusion.pet.conditioning import resolve_bc_settings  # noqa: E402
+from guided_diffusion.pet.conditioning import (  # noqa: E402
+    BC_DEFAULT_LAMBDA, BC_DEFAULT_SIGMA_MM, BC_FACTORY_KEYS, resolve_bc_settings)
 
 import benchmark_unet  # noqa: E402
 from quality_report import (  # noqa: E402
@@ -191,17 +194,21 @@ def run_configuration(spec):
     start_t = mode["bc_steps"] - 1 if mode["bc_start"] else None
     arguments = with_recommended_slabs(argparse.Namespace(
         patch_z=spec["patch_z"], patch_overlap=spec["patch_overlap"], batch_size=spec["batch_size"],
-        precision=spec["precision"], hot_voxels="rescale"), metadata)
+        precision=spec["precision"], hot_voxels=DEFAULT_HOT_MODE), metadata)
     low, affine = volumes.load_volume(spec["input"], index=0)
     settings = sampling_settings(arguments, mode["respacing"], start_t, spec["stitch"],
                                  null_condition=is_null_conditioned_prior(metadata, mode["cond"]),
                                  fusion_kappa=recommended_fusion_kappa(metadata))
     factory = None
     if mode["cond"] != "paired":
-        lam, sigma_mm, _ = resolve_bc_settings(spec["bc_lambda"], spec["bc_sigma_mm"],
-                                               metadata.get("sampling", {}).get("bc_tuning"), low)
-        factory = bcdpm_factory(acquisition_of(spec), metadata, bc_steps=mode["bc_steps"],
-                                bc_lambda=lam, bc_sigma_mm=sigma_mm,
+        bc, _ = resolve_bc_settings(
+            dict(bc_lambda=spec["bc_lambda"], bc_sigma_mm=spec["bc_sigma_mm"], bc_steps=mode["bc_steps"],
+                 hot_voxels=None),
+            metadata.get("sampling", {}).get("bc_tuning"), low,
+            dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM, hot_voxels=DEFAULT_HOT_MODE))
+        settings = dataclasses.replace(settings, hot_voxels=bc["hot_voxels"])
+        factory = bcdpm_factory(acquisition_of(spec), metadata,
+                                **{key: bc[key] for key in BC_FACTORY_KEYS},
                                 recon_iters=spec["bc_recon_iters"], recon_subsets=spec["bc_recon_subsets"])
     denoiser = VolumeDenoiser(model, diffusion, metadata, settings, conditioner_factory=factory)
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -53,9 +53,11 @@ from guided_diffusion.denoise import (  # noqa: E402
     member_seed,
     serves_as_prior,
 )
-from guided_diffusion.hot_voxels import HOT_MODES  # noqa: E402
+from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES  # noqa: E402
 from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes  # noqa: E402
-from guided_diffusion.pet.conditioning import BCDPMFactory, resolve_bc_settings  # noqa: E402
+from guided_diffusion.pet.conditioning import (  # noqa: E402
+    BC_DEFAULT_LAMBDA, BC_DEFAULT_SIGMA_MM, BC_FACTORY_KEYS, BCDPMFactory, check_bc_steps,
+    resolve_bc_settings)
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
@@ -70,7 +72,7 @@ PAIRED_PSNR_MARGIN_DB_HIGH_DRF = 1.5   # DRF >= 10
 HIGH_DRF = 10.0
 DEFAULT_BC_STEPS = 10  # BC-DPM paper, medium noise
 DEFAULT_PATCH_OVERLAP = 8
-BC_COLUMNS = ("noise_index", "bc_lambda", "bc_sigma_mm")  # per-volume BC-DPM settings (CSV)
+BC_COLUMNS = ("noise_index", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels")  # per-volume BC-DPM settings (CSV)
 LESION_BIAS_LIMIT_PCT = 10.0
 
 
@@ -123,8 +125,9 @@ def create_argparser():
     parser.add_argument("--batch_size", type=int, default=1, help="patches per network call")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="network precision")
-    parser.add_argument("--hot_voxels", choices=HOT_MODES, default="rescale",
-                        help="voxels above the model's SUV range (as scripts/test.py)")
+    parser.add_argument("--hot_voxels", choices=HOT_MODES, default=None,
+                        help="voxels above the model's SUV range (as scripts/test.py; default: "
+                             f"BC-DPM the prior's tuning table, else {DEFAULT_HOT_MODE})")
     parser.add_argument("--fusion_kappa", type=float, default=None,
                         help="noise-adaptive fusion with the input (as scripts/test.py; 0: off; "
                              "default: each checkpoint's sidecar recommendation, else off)")
@@ -263,14 +266,16 @@ def with_recommended_slabs(args, metadata):
 
 
 def sampling_settings(args, respacing, start_t=None, stitch="seamfree", null_condition=False,
-                      fusion_kappa=None):
-    """SamplingSettings from ``args.patch_z / patch_overlap / batch_size / precision /
-    hot_voxels`` for one timestep respacing (``"ddimN"``: DDIM)."""
+                      fusion_kappa=None, hot_voxels=None):
+    """SamplingSettings from ``args.patch_z / patch_overlap / batch_size / precision`` and
+    ``hot_voxels`` (default ``args.hot_voxels``, else :data:`DEFAULT_HOT_MODE`) for one timestep
+    respacing (``"ddimN"``: DDIM)."""
     return SamplingSettings(use_ddim=respacing.startswith("ddim"), clip_denoised=True,
                             patch_z=args.patch_z, overlap=args.patch_overlap,
                             batch_size=args.batch_size, stitch=stitch, start_t=start_t,
                             precision=args.precision, progress=False,
-                            hot_voxels=args.hot_voxels, fusion_kappa=fusion_kappa or None,
+                            hot_voxels=hot_voxels or args.hot_voxels or DEFAULT_HOT_MODE,
+                            fusion_kappa=fusion_kappa or None,
                             null_condition=null_condition)
 
 
@@ -298,16 +303,13 @@ class DiffusionMethods:
             recommended = metadata.get("sampling", {})
             if args.bc_start is None:
                 args.bc_start = bool(recommended.get("bc_start", False))
-            if args.bc_steps is None:
-                args.bc_steps = int(recommended.get("bc_steps", DEFAULT_BC_STEPS))
+            self.default_bc_steps = int(recommended.get("bc_steps", DEFAULT_BC_STEPS))
             if recommended.get("trained_max_t") and not args.bc_start:
                 print(f"warning: {args.prior} was trained only for t < {recommended['trained_max_t']}: "
                       f"sampling from pure noise leaves its training range (use --bc_start)",
                       file=sys.stderr)
-            steps = diffusion.num_timesteps
-            if not 0 <= args.bc_steps <= steps or (args.bc_start and not args.bc_steps):
-                raise ValueError(f"--bc_steps {args.bc_steps} must lie in [{int(args.bc_start)}, "
-                                 f"{steps}] (the prior's {respacing!r} steps)")
+            if args.bc_steps is not None:
+                check_bc_steps(args.bc_steps, diffusion.num_timesteps, args.bc_start)
             self.models["bcdpm"] = (model, diffusion, metadata)
 
     @property
@@ -322,15 +324,20 @@ class DiffusionMethods:
         args = with_recommended_slabs(self.args, metadata)
         factory, report = None, {}
         if method == "bcdpm":
+            bc, report["bc"] = resolve_bc_settings(
+                dict(bc_lambda=args.bc_lambda, bc_sigma_mm=args.bc_sigma_mm, bc_steps=args.bc_steps,
+                     hot_voxels=args.hot_voxels),
+                metadata.get("sampling", {}).get("bc_tuning"), case["low"],
+                dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM,
+                     bc_steps=self.default_bc_steps, hot_voxels=DEFAULT_HOT_MODE))
+            check_bc_steps(bc["bc_steps"], diffusion.num_timesteps, args.bc_start)
             settings = sampling_settings(args, args.bc_respacing or args.steps,
-                                         args.bc_steps - 1 if args.bc_start else None,
+                                         bc["bc_steps"] - 1 if args.bc_start else None,
                                          null_condition=is_null_conditioned_prior(metadata, method),
-                                         fusion_kappa=recommended_fusion_kappa(metadata, args.fusion_kappa))
-            lam, sigma_mm, report["bc"] = resolve_bc_settings(
-                args.bc_lambda, args.bc_sigma_mm, metadata.get("sampling", {}).get("bc_tuning"),
-                case["low"])
+                                         fusion_kappa=recommended_fusion_kappa(metadata, args.fusion_kappa),
+                                         hot_voxels=bc["hot_voxels"])
             factory = bcdpm_factory(dataset_manifest.bcdpm_acquisition(case), metadata,
-                                    bc_steps=args.bc_steps, bc_lambda=lam, bc_sigma_mm=sigma_mm,
+                                    **{key: bc[key] for key in BC_FACTORY_KEYS},
                                     recon_iters=args.bc_recon_iters,
                                     recon_subsets=args.bc_recon_subsets)
         else:
@@ -464,15 +471,22 @@ def _cell(stat, digits):
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
+def describe_bc_settings(settings):
+    """``"3, 0.2, 4 mm"`` with ``"tuned"`` for each BC-DPM setting left to the prior's table."""
+    values = [settings["bc_steps"], settings["bc_lambda"], settings["bc_sigma_mm"]]
+    return ", ".join("tuned" if value is None else f"{value:g}{unit}"
+                     for value, unit in zip(values, ("", "", " mm")))
+
+
 def summary_markdown(summary, verdict, settings):
     lines = ["# Quality report", "",
              f"Test volumes: {settings['test_volumes']} ({settings['test_subjects']} subjects); "
              f"validation volumes: {settings['val_volumes']}; axial range: "
              f"{settings['z_range'] or 'whole volume'}; body mask: full dose > {settings['mask_suv']} SUV; "
              f"paired steps {settings['steps']}, BC-DPM steps {settings['bc_respacing']} "
-             f"(l = {settings['bc_steps']}, lambda = {settings['bc_lambda'] or 'tuned per input'}, "
+             f"(l, lambda, sigma: {describe_bc_settings(settings)}, "
              f"start from low dose: {settings['bc_start']}), ensemble {settings['num_ensemble']}, "
-             f"hot voxels: {settings['hot_voxels']}, fusion kappa: "
+             f"hot voxels: {settings['hot_voxels'] or 'rescale (BC-DPM: tuned)'}, fusion kappa: "
              f"{settings['fusion_kappa'] or 'checkpoint recommendation'}.", "",
              "| method | DRF | volumes | PSNR (dB) | SSIM | NRMSE | lesion SUVmean bias (%) |",
              "|---|---|---|---|---|---|---|"]

@@ -25,6 +25,7 @@ clean-image estimate towards the low-dose data, see ``guided_diffusion.pet.data_
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -45,7 +46,7 @@ from guided_diffusion.denoise import (  # noqa: E402
     serves_as_prior,
 )
 from guided_diffusion.fp16_util import resolve_precision  # noqa: E402
-from guided_diffusion.hot_voxels import HOT_MODES  # noqa: E402
+from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES  # noqa: E402
 from guided_diffusion.pet import conditioning, dataset_manifest, volumes  # noqa: E402
 from guided_diffusion.pet.data_consistency import DataConsistencyFactory  # noqa: E402
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
@@ -127,8 +128,9 @@ def create_argparser(metadata=None, argv=None):
                         help="blend overlapping patches at every step, or stitch independent "
                              "chains at the end (the published code's behaviour)")
     parser.add_argument("--bc_steps", type=int, default=None,
-                        help="BC-DPM: condition the last l reverse steps (default from --bc_noise; "
-                             "0 samples the prior alone)")
+                        help="BC-DPM: condition the last l reverse steps (default: the prior's "
+                             "tuning table, else its sidecar, else --bc_noise; 0 samples the "
+                             "prior alone)")
     parser.add_argument("--bc_noise", choices=tuple(BC_STEPS_BY_NOISE), default="medium",
                         help="BC-DPM paper defaults l = 5 / 10 / 15 for light / medium / heavy noise")
     parser.add_argument("--bc_lambda", type=float, default=None,
@@ -165,12 +167,12 @@ def create_argparser(metadata=None, argv=None):
                              "--bc_* scanner and count level; 0: off)")
     parser.add_argument("--dc_iters", type=int, default=1, help="EM iterations per active step")
     parser.add_argument("--dc_subsets", type=int, default=1, help="EM view subsets")
-    parser.add_argument("--hot_voxels", choices=HOT_MODES, default="rescale",
+    parser.add_argument("--hot_voxels", choices=HOT_MODES, default=None,
                         help="voxels near and above the model's SUV range (the checkpoint's "
                              "normalisation clip): 'rescale' denoises the input scaled into range "
-                             "a second time (volumes with hot voxels only; paired mode without "
-                             "data consistency, else 'input'), 'input' takes them from the input, "
-                             "'clip' keeps the saturated output")
+                             "a second time (volumes with hot voxels only), 'input' takes them "
+                             "from the input, 'clip' keeps the saturated output (default: BC-DPM "
+                             f"the prior's tuning table, else {DEFAULT_HOT_MODE})")
     parser.add_argument("--fusion_kappa", type=float, default=0.0,
                         help="fuse the output with the input where they differ by more than "
                              "FUSION_KAPPA times the input's estimated noise variance (restores "
@@ -186,7 +188,7 @@ def create_argparser(metadata=None, argv=None):
     add_dict_to_argparser(parser, flags)
     sampling = (metadata or {}).get("sampling", {})
     parser.set_defaults(**{k: v for k, v in sampling.items()
-                           if k in ("timestep_respacing", "use_ddim", "bc_start", "bc_steps",
+                           if k in ("timestep_respacing", "use_ddim", "bc_start",
                                     "patch_z", "patch_overlap", "fusion_kappa")})
     return parser
 
@@ -261,20 +263,24 @@ def conditioner_factory(args, mode, item, metadata):
     """The per-member sampler hook factory for ``item``: BC-DPM's block (``bcdpm``/``hybrid``)
     and/or Poisson data consistency (``--dc_steps``), both on the ``--bc_*`` acquisition model.
     Returns ``(factory or None, provenance)``: where the count level came from and BC-DPM's
-    lambda and sigma for this input (:func:`conditioning.resolve_bc_settings`)."""
+    l, lambda, sigma and hot-voxel mode for this input (:func:`conditioning.resolve_bc_settings`)."""
     use_bc = mode in ("bcdpm", "hybrid")
     if not use_bc and not args.dc_steps:
         return None, dict(counts_source=None, bcdpm=None)
     counts, counts_source = acquisition_counts(args, item)
-    lam, sigma_mm, bc_report = conditioning.resolve_bc_settings(
-        args.bc_lambda, args.bc_sigma_mm, metadata.get("sampling", {}).get("bc_tuning"),
-        item["low_dose"])
+    bc_settings, bc_report = conditioning.resolve_bc_settings(
+        dict(bc_lambda=args.bc_lambda, bc_sigma_mm=args.bc_sigma_mm, bc_steps=args.bc_steps,
+             hot_voxels=args.hot_voxels),
+        metadata.get("sampling", {}).get("bc_tuning"), item["low_dose"],
+        dict(bc_lambda=conditioning.BC_DEFAULT_LAMBDA, bc_sigma_mm=conditioning.BC_DEFAULT_SIGMA_MM,
+             bc_steps=args.default_bc_steps, hot_voxels=DEFAULT_HOT_MODE))
     acquisition = dict(
         scanner=args.bc_scanner, total_counts=counts, randoms_fraction=args.bc_randoms_fraction,
         normalisation=metadata["normalisation"], voxel_mm=metadata["voxel_mm"],
         view_mashing=args.bc_view_mashing, psf_fwhm_mm=args.bc_psf_fwhm_mm)
     bc = conditioning.BCDPMFactory(
-        num_steps_l=args.bc_steps, lam=lam, sigma_mm=sigma_mm,
+        num_steps_l=bc_settings["bc_steps"], lam=bc_settings["bc_lambda"],
+        sigma_mm=bc_settings["bc_sigma_mm"],
         recon_iters=args.bc_recon_iters, recon_subsets=args.bc_recon_subsets,
         **acquisition) if use_bc else None
     dc = DataConsistencyFactory(
@@ -350,7 +356,7 @@ def run_signature(args):
             "patch_overlap", "max_patch_voxels", "stitch", "bc_steps", "bc_lambda", "bc_sigma_mm",
             "bc_scanner", "bc_view_mashing", "bc_psf_fwhm_mm", "bc_counts", "bc_start", "precision",
             "batch_size", "dc_steps", "dc_iters", "dc_subsets", "hot_voxels",
-            "fusion_kappa")
+            "fusion_kappa", "default_bc_steps")
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -380,12 +386,15 @@ def main(argv=None):
     if trained_t and not args.bc_start:
         logger.warn(f"{args.model_path} was trained only for t < {trained_t}: sampling from pure "
                     f"noise leaves its training range (use --bc_start)")
-    if args.bc_steps is None:
-        args.bc_steps = BC_STEPS_BY_NOISE[args.bc_noise]
+    # l: --bc_steps, else the prior's tuning table per input, else its sidecar, else --bc_noise
+    args.default_bc_steps = int(metadata.get("sampling", {}).get("bc_steps")
+                                or BC_STEPS_BY_NOISE[args.bc_noise])
     if mode in ("bcdpm", "hybrid") or args.bc_start:
-        if not 0 <= args.bc_steps <= diffusion.num_timesteps or (args.bc_start and not args.bc_steps):
-            raise InputError(f"--bc_steps {args.bc_steps} must lie in [{int(args.bc_start)}, "
-                             f"{diffusion.num_timesteps}]")
+        try:
+            conditioning.check_bc_steps(args.default_bc_steps if args.bc_steps is None
+                                        else args.bc_steps, diffusion.num_timesteps, args.bc_start)
+        except ValueError as error:
+            raise InputError(f"--bc_steps: {error}") from None
     if not 0 <= args.dc_steps <= diffusion.num_timesteps or args.dc_iters < 1 or args.dc_subsets < 1:
         raise InputError(f"--dc_steps {args.dc_steps} must lie in [0, {diffusion.num_timesteps}] "
                          f"and --dc_iters / --dc_subsets be >= 1")
@@ -395,8 +404,8 @@ def main(argv=None):
         use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
         patch_z=args.patch_z, overlap=args.patch_overlap, max_patch_voxels=args.max_patch_voxels,
         batch_size=args.batch_size, stitch=args.stitch,
-        start_t=args.bc_steps - 1 if args.bc_start else None, precision=precision,
-        hot_voxels=args.hot_voxels, fusion_kappa=args.fusion_kappa or None,
+        start_t=None, precision=precision,
+        hot_voxels=args.hot_voxels or DEFAULT_HOT_MODE, fusion_kappa=args.fusion_kappa or None,
         null_condition=is_null_conditioned_prior(metadata, mode),
     )
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
@@ -416,12 +425,22 @@ def main(argv=None):
             logger.log(f"{item['name']}: {(item['low_dose'] < 0).mean():.2%} negative voxels "
                        f"clipped to 0")
         factory, provenance = conditioner_factory(args, mode, item, metadata)
+        bc_steps = args.default_bc_steps if args.bc_steps is None else args.bc_steps
+        hot_mode = settings.hot_voxels
         if provenance["bcdpm"] is not None:
             bc = provenance["bcdpm"]
-            logger.log(f"{item['name']}: BC-DPM lambda {bc['bc_lambda']:g} ({bc['bc_lambda_source']}), "
-                       f"sigma {bc['bc_sigma_mm']:g} mm ({bc['bc_sigma_mm_source']})"
+            bc_steps, hot_mode = bc["bc_steps"], bc["hot_voxels"]
+            logger.log(f"{item['name']}: BC-DPM l {bc_steps} ({bc['bc_steps_source']}), lambda "
+                       f"{bc['bc_lambda']:g} ({bc['bc_lambda_source']}), sigma {bc['bc_sigma_mm']:g} mm "
+                       f"({bc['bc_sigma_mm_source']}), hot voxels {hot_mode} ({bc['hot_voxels_source']})"
                        + (f", noise index {bc['noise_index']:.4f} SUV" if bc["noise_index"] else ""))
-        denoiser = VolumeDenoiser(model, diffusion, metadata, settings,
+            try:
+                conditioning.check_bc_steps(bc_steps, diffusion.num_timesteps, args.bc_start)
+            except ValueError as error:
+                raise InputError(f"{item['path']}: {error} ({bc['bc_steps_source']})") from None
+        item_settings = dataclasses.replace(settings, start_t=bc_steps - 1 if args.bc_start else None,
+                                            hot_voxels=hot_mode)
+        denoiser = VolumeDenoiser(model, diffusion, metadata, item_settings,
                                   conditioner_factory=factory, rank=rank, world_size=world)
         seeds = [member_seed(args.seed, item["name"], k) for k in range(args.num_ensemble)]
         store = MemberStore(args.save_dir, item["name"], signature)

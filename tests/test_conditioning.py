@@ -229,14 +229,27 @@ def test_tuned_settings_follow_the_nearest_noise_level_in_log_scale():
 
     rng = np.random.default_rng(0)
     low = rng.poisson(30.0 * np.full((24, 24, 24), 2.0)) / 30.0  # variance per SUV 1/30
-    lam, sigma, report = resolve_bc_settings(None, None, table, low)
+    defaults = dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM, bc_steps=7,
+                    hot_voxels="rescale")
+    none_given = dict(bc_lambda=None, bc_sigma_mm=None, bc_steps=None, hot_voxels=None)
+    settings, report = resolve_bc_settings(none_given, table, low, defaults)
     assert report["noise_index"] == pytest.approx(noise_index(low))
     assert 0.01 < report["noise_index"] < 0.06  # the high-pass estimate of 1/30 (gain < 1)
     expected = tuned_bc_settings(table, report["noise_index"])
-    assert (lam, sigma) == (expected["bc_lambda"], expected["bc_sigma_mm"])
+    assert settings == dict(bc_lambda=expected["bc_lambda"], bc_sigma_mm=expected["bc_sigma_mm"],
+                            bc_steps=7, hot_voxels="rescale")  # a row without them: the defaults
     assert report["bc_lambda_source"] == report["bc_sigma_mm_source"] == "tuning"
-    # given values win; without a table the paper's lambda and the default sigma
-    lam, sigma, report = resolve_bc_settings(0.3, None, table, low)
-    assert lam == 0.3 and report["bc_lambda_source"] == "given" and report["bc_sigma_mm_source"] == "tuning"
-    assert resolve_bc_settings(None, None, None, low)[:2] == (BC_DEFAULT_LAMBDA, BC_DEFAULT_SIGMA_MM)
-    assert resolve_bc_settings(0.1, 5.0, table, low)[2]["noise_index"] is None  # nothing to look up
+    assert report["bc_steps_source"] == "default"
+    # given values win; without a table the defaults; l from a row that has it, as an int
+    settings, report = resolve_bc_settings(dict(none_given, bc_lambda=0.3), table, low, defaults)
+    assert settings["bc_lambda"] == 0.3 and report["bc_lambda_source"] == "given"
+    assert report["bc_sigma_mm_source"] == "tuning"
+    assert resolve_bc_settings(none_given, None, low, defaults)[0] == defaults
+    with_l = [dict(row, bc_steps=float(k + 1), hot_voxels="input") for k, row in enumerate(table)]
+    settings, report = resolve_bc_settings(none_given, with_l, low, defaults)
+    assert settings["bc_steps"] == 1 and type(settings["bc_steps"]) is int
+    assert settings["hot_voxels"] == "input" and report["bc_steps_source"] == "tuning"
+    with pytest.raises(ValueError, match="bc_steps"):
+        resolve_bc_settings(none_given, None, low, dict(defaults, bc_steps=None))
+    all_given = dict(bc_lambda=0.1, bc_sigma_mm=5.0, bc_steps=2, hot_voxels="clip")
+    assert resolve_bc_settings(all_given, table, low, defaults)[1]["noise_index"] is None  # no lookup

@@ -168,22 +168,32 @@ def test_bcdpm_settings_come_from_the_priors_tuning_table(workdir, make_tiny_che
     index = noise_index(low)
     tuned = make_tiny_checkpoint(workdir / "tuned_prior.pt", "none", respacing="10")
     sidecar = tuned.with_suffix(".json")
-    table = [dict(drf=4, noise_index=0.5 * index, bc_lambda=0.3, bc_sigma_mm=6.0),
-             dict(drf=100, noise_index=50 * index, bc_lambda=0.05, bc_sigma_mm=12.0)]
+    table = [dict(drf=4, noise_index=0.5 * index, bc_lambda=0.3, bc_sigma_mm=6.0, bc_steps=1,
+                  hot_voxels="clip"),
+             dict(drf=100, noise_index=50 * index, bc_lambda=0.05, bc_sigma_mm=12.0, bc_steps=3)]
     metadata = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps(dict(metadata, sampling=dict(bc_tuning=table))))
+    sidecar.write_text(json.dumps(dict(metadata, sampling=dict(bc_tuning=table, bc_start=True,
+                                                                bc_steps=2))))
     common = ("--model_path", tuned, "--base_samples", workdir / "subject.npz", "--cond_mode", "bcdpm",
-              "--bc_steps", 2, *PHYSICS, *COMMON)
+              *PHYSICS, *COMMON)
     out = workdir / "out_bc_tuned"
     proc = run_script("--save_dir", out, *common)
-    report = json.loads((out / "subject.json").read_text())["bcdpm"]
-    assert (report["bc_lambda"], report["bc_sigma_mm"]) == (0.3, 6.0)  # the nearer noise level
-    assert report["bc_lambda_source"] == "tuning" and report["noise_index"] == pytest.approx(index)
-    assert "BC-DPM lambda 0.3 (tuning), sigma 6 mm (tuning)" in proc.stdout
+    result = json.loads((out / "subject.json").read_text())
+    report = result["bcdpm"]
+    # the nearer noise level's row, l included: one step from the diffused input
+    assert (report["bc_lambda"], report["bc_sigma_mm"], report["bc_steps"]) == (0.3, 6.0, 1)
+    assert report["bc_lambda_source"] == report["bc_steps_source"] == "tuning"
+    assert report["noise_index"] == pytest.approx(index)
+    assert result["members"][0]["network_evaluations_per_patch"] == 1
+    assert "BC-DPM l 1 (tuning), lambda 0.3 (tuning), sigma 6 mm (tuning), hot voxels clip (tuning)" \
+        in proc.stdout
+    assert result["members"][0]["hot_voxels"]["mode"] == "clip"
     # the same values given explicitly give the same volume
     out_given = workdir / "out_bc_given"
-    run_script("--save_dir", out_given, "--bc_lambda", 0.3, "--bc_sigma_mm", 6, *common)
-    assert json.loads((out_given / "subject.json").read_text())["bcdpm"]["bc_lambda_source"] == "given"
+    run_script("--save_dir", out_given, "--bc_lambda", 0.3, "--bc_sigma_mm", 6, "--bc_steps", 1,
+               "--hot_voxels", "clip", *common)
+    given = json.loads((out_given / "subject.json").read_text())["bcdpm"]
+    assert given["bc_lambda_source"] == given["bc_steps_source"] == "given"
     np.testing.assert_array_equal(np.load(out / "subject_denoised.npz")["arr_0"],
                                   np.load(out_given / "subject_denoised.npz")["arr_0"])
 

@@ -196,7 +196,8 @@ def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
     assert report == json.loads((tmp_path / "copy.json").read_text())
     assert report["settings"]["z_range"] == list(Z_RANGE)
     # BC-DPM's l and start follow the prior's sidecar recommendation when not given
-    assert report["settings"]["bc_start"] is True and report["settings"]["bc_steps"] == 2
+    assert report["settings"]["bc_start"] is True and report["settings"]["bc_steps"] is None
+    assert "(l, lambda, sigma: tuned, tuned, tuned" in (out / "summary.md").read_text()
     # the tuned widths are grid points and the best of the validation table
     sigmas = [f / (2 * math.sqrt(2 * math.log(2))) for f in FWHM_GRID]
     for drf in DRFS:
@@ -209,6 +210,7 @@ def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
     test_files = dataset_manifest.split_files(dataset, "test")
     assert len(rows) == len(test_files) * 4
     assert {r["method"] for r in rows} == {"low_dose", "gaussian", "paired", "bcdpm"}
+    assert {r["bc_steps"] for r in rows if r["method"] == "bcdpm"} == {"2"}
     for row in rows:
         for key in ("psnr", "ssim", "nrmse", "lesion_suvmean_bias_pct"):
             assert math.isfinite(float(row[key])), (row["method"], key)
@@ -383,28 +385,32 @@ def test_tune_fusion_scores_a_biased_denoiser_and_runs_end_to_end(dataset, check
 def test_tune_bcdpm_picks_the_best_pair_per_drf_and_runs_end_to_end(dataset, checkpoints, tmp_path):
     tune = _load_script("tune_bcdpm")
     scores = [dict(volume=f"v{drf}_{v}", drf=drf, noise_index=index, bc_sigma_mm=sigma, bc_lambda=lam,
-                   psnr=psnr + v)
+                   bc_steps=steps, hot_voxels="input", psnr=psnr + v)
               for drf, index in ((4.0, 0.01), (50.0, 0.2))
               for v in (0, 1)
-              for sigma, lam, psnr in ((3.0, 0.1, 30.0 if drf == 4 else 20.0),
-                                       (9.0, 0.05, 25.0 if drf == 4 else 28.0))]
+              for steps, sigma, lam, psnr in ((1, 3.0, 0.1, 30.0 if drf == 4 else 20.0),
+                                              (3, 9.0, 0.05, 25.0 if drf == 4 else 28.0),
+                                              (3, 3.0, 0.1, 29.0 if drf == 4 else 27.0))]
     for score in scores:  # the DRF's noise index is the mean over its volumes
         if score["volume"] == "v4.0_0":
             score["noise_index"] = 0.03
     table = tune.best_per_drf(scores)
-    assert [(r["drf"], r["bc_sigma_mm"], r["bc_lambda"]) for r in table] == [(4.0, 3.0, 0.1), (50.0, 9.0, 0.05)]
+    assert [(r["drf"], r["bc_steps"], r["bc_sigma_mm"], r["bc_lambda"]) for r in table] == [
+        (4.0, 1, 3.0, 0.1), (50.0, 3, 9.0, 0.05)]
     assert table[0]["noise_index"] == pytest.approx(0.02) and table[0]["psnr"] == pytest.approx(30.5)
     assert table[1]["volumes"] == 2
 
     out = tmp_path / "bcdpm.json"
     proc = _run("tune_bcdpm.py", "--val", dataset, "--prior", checkpoints[1], "--out", out,
                 "--z_range", *Z_RANGE, "--bc_respacing", "ddim3", "--patch_overlap", 2,
-                "--lambdas", 0.1, 0.2, "--sigmas_mm", 12, "--threads", 1)
+                "--lambdas", 0.1, 0.2, "--sigmas_mm", 12, "--bc_steps", 1, 2, "--hot_voxels", "rescale",
+                "input", "--threads", 1)
     result = json.loads(out.read_text())
     n_val = len(dataset_manifest.split_files(dataset, "val"))
-    assert len(result["scores"]) == 2 * n_val and "record it" in proc.stdout
+    assert len(result["scores"]) == 8 * n_val and "record it" in proc.stdout
     assert [row["drf"] for row in result["bc_tuning"]] == list(DRFS)
-    assert all(row["bc_sigma_mm"] == 12 and row["bc_lambda"] in (0.1, 0.2) for row in result["bc_tuning"])
+    assert all(row["bc_sigma_mm"] == 12 and row["bc_lambda"] in (0.1, 0.2) and row["bc_steps"] in (1, 2)
+               and row["hot_voxels"] in ("rescale", "input") for row in result["bc_tuning"])
     # the lower dose is the noisier input
     assert result["bc_tuning"][0]["noise_index"] < result["bc_tuning"][1]["noise_index"]
-    assert result["settings"]["bc_steps"] == 2 and result["settings"]["bc_start"] is True
+    assert result["settings"]["bc_steps"] == [1, 2] and result["settings"]["bc_start"] is True

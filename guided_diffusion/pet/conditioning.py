@@ -76,14 +76,24 @@ def gaussian_filter(x, sigma, truncate=4.0):
 BC_DEFAULT_LAMBDA = 0.2  # the paper's lambda (Shen et al. 2023, Sec. 3)
 BC_DEFAULT_SIGMA_MM = 4.0
 
+BC_TUNED_TYPES = dict(bc_lambda=float, bc_sigma_mm=float, bc_steps=int, hot_voxels=str)
+"""The per-noise-level BC-DPM settings of a tuning table row, with their types: ``lambda``,
+the Gaussian-filter sigma (mm), ``l`` (conditioned last steps; with ``--bc_start`` also where
+the chain starts, so it sets how much diffusion noise the prior has to remove) and the
+hot-voxel mode (:mod:`guided_diffusion.hot_voxels`)."""
+
+BC_FACTORY_KEYS = ("bc_lambda", "bc_sigma_mm", "bc_steps")
+"""The tuned settings that :class:`BCDPMFactory` takes (the hot-voxel mode is the sampler's)."""
+
 
 def tuned_bc_settings(tuning, index):
     """The row of a prior's BC-DPM tuning table for an input of noise index ``index``.
 
-    :param tuning: ``[{"noise_index", "bc_lambda", "bc_sigma_mm", ...}, ...]``, one row per
-        tuned dose level (a checkpoint sidecar's ``sampling.bc_tuning``, written by
-        ``scripts/tune_bcdpm.py``); ``noise_index`` is the validation inputs' mean
-        :func:`~guided_diffusion.pet.fusion.noise_index` (SUV).
+    :param tuning: ``[{"noise_index", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels",
+        ...}, ...]``, one row per tuned dose level (a checkpoint sidecar's
+        ``sampling.bc_tuning``, written by ``scripts/tune_bcdpm.py``; any of the settings may
+        be absent); ``noise_index`` is the
+        validation inputs' mean :func:`~guided_diffusion.pet.fusion.noise_index` (SUV).
     :param index: the input's noise index (SUV) or ``None`` (not measurable).
     :return: the row nearest in log noise index, or ``None`` without a table or an index.
     """
@@ -92,29 +102,41 @@ def tuned_bc_settings(tuning, index):
     return min(tuning, key=lambda row: abs(math.log(index / float(row["noise_index"]))))
 
 
-def resolve_bc_settings(lam, sigma_mm, tuning, low_dose):
-    """BC-DPM's ``lambda`` and Gaussian-filter sigma (mm) for one input.
+def resolve_bc_settings(given, tuning, low_dose, defaults):
+    """BC-DPM's ``lambda``, Gaussian-filter sigma (mm), ``l`` and hot-voxel mode for one input.
 
-    Values given (not ``None``) win; the others come from ``tuning``'s row for the noise index
-    of ``low_dose`` (SUV volume ``(X, Y, Z)``, :func:`tuned_bc_settings`), else the defaults
-    :data:`BC_DEFAULT_LAMBDA` and :data:`BC_DEFAULT_SIGMA_MM`.
+    For each key of :data:`BC_TUNED_TYPES`, a value given (not ``None``) wins; otherwise it
+    comes from ``tuning``'s row for the noise index of ``low_dose`` (SUV volume ``(X, Y, Z)``,
+    :func:`tuned_bc_settings`), else from ``defaults``.
 
-    :return: ``(lam, sigma_mm, report)``, ``report`` a dict with the noise index and where
-        each value came from (``"given"``, ``"tuning"`` or ``"default"``).
+    :param given: ``{key: value or None}`` (e.g. the command line's ``--bc_lambda``).
+    :param defaults: ``{key: value}`` for every key (e.g. :data:`BC_DEFAULT_LAMBDA`,
+        :data:`BC_DEFAULT_SIGMA_MM`, the checkpoint's recommended ``l`` and ``"rescale"``).
+    :return: ``(settings, report)``: ``settings`` maps each key to its value, ``report`` adds
+        the noise index and where each value came from (``key + "_source"``: ``"given"``,
+        ``"tuning"`` or ``"default"``).
     """
-    index = noise_index(low_dose) if tuning and (lam is None or sigma_mm is None) else None
+    missing = [key for key in BC_TUNED_TYPES if given.get(key) is None]
+    index = noise_index(low_dose) if tuning and missing else None
     row = tuned_bc_settings(tuning, index) or {}
-    chosen, report = {}, dict(noise_index=index)
-    for key, value, default in (("bc_lambda", lam, BC_DEFAULT_LAMBDA),
-                                ("bc_sigma_mm", sigma_mm, BC_DEFAULT_SIGMA_MM)):
-        if value is not None:
-            chosen[key], report[key + "_source"] = float(value), "given"
-        elif key in row:
-            chosen[key], report[key + "_source"] = float(row[key]), "tuning"
+    settings, report = {}, dict(noise_index=index)
+    for key, kind in BC_TUNED_TYPES.items():
+        for source, values in (("given", given), ("tuning", row), ("default", defaults)):
+            if values.get(key) is not None:
+                settings[key], report[key + "_source"] = kind(values[key]), source
+                break
         else:
-            chosen[key], report[key + "_source"] = default, "default"
-    report.update(chosen)
-    return chosen["bc_lambda"], chosen["bc_sigma_mm"], report
+            raise ValueError(f"no value for {key}: give it or a default")
+    report.update(settings)
+    return settings, report
+
+
+def check_bc_steps(bc_steps, num_timesteps, bc_start):
+    """Raise ``ValueError`` unless ``l`` fits the sampler: ``0 <= l <= num_timesteps``, and
+    ``l >= 1`` when the chain starts at step ``l`` (``bc_start``)."""
+    if not int(bc_start) <= bc_steps <= num_timesteps:
+        raise ValueError(f"BC-DPM's l = {bc_steps} must lie in [{int(bool(bc_start))}, "
+                         f"{num_timesteps}] (the sampler's steps)")
 
 
 def step_index(t):
