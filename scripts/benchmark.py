@@ -56,7 +56,7 @@ from guided_diffusion.denoise import (  # noqa: E402
 from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE  # noqa: E402
 from guided_diffusion.pet import dataset_manifest, metrics, volumes  # noqa: E402
 from guided_diffusion.pet.conditioning import (  # noqa: E402
-    BC_DEFAULT_LAMBDA, BC_DEFAULT_SIGMA_MM, BC_FACTORY_KEYS, resolve_bc_settings)
+    BC_FACTORY_KEYS, resolve_bc_settings)
 
 import benchmark_unet  # noqa: E402
 from quality_report import (  # noqa: E402
@@ -202,10 +202,8 @@ def run_configuration(spec):
     factory = None
     if mode["cond"] != "paired":
         bc, _ = resolve_bc_settings(
-            dict(bc_lambda=spec["bc_lambda"], bc_sigma_mm=spec["bc_sigma_mm"], bc_steps=mode["bc_steps"],
-                 hot_voxels=None),
-            metadata.get("sampling", {}).get("bc_tuning"), low,
-            dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM, hot_voxels=DEFAULT_HOT_MODE))
+            dict(bc_lambda=spec["bc_lambda"], bc_sigma_mm=spec["bc_sigma_mm"], bc_steps=mode["bc_steps"]),
+            metadata.get("sampling", {}).get("bc_tuning"), low)
         settings = dataclasses.replace(settings, hot_voxels=bc["hot_voxels"])
         factory = bcdpm_factory(acquisition_of(spec), metadata,
                                 **{key: bc[key] for key in BC_FACTORY_KEYS},

@@ -56,8 +56,7 @@ from guided_diffusion.denoise import (  # noqa: E402
 from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES  # noqa: E402
 from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes  # noqa: E402
 from guided_diffusion.pet.conditioning import (  # noqa: E402
-    BC_DEFAULT_LAMBDA, BC_DEFAULT_SIGMA_MM, BC_FACTORY_KEYS, BCDPMFactory, check_bc_steps,
-    resolve_bc_settings)
+    BC_FACTORY_KEYS, BCDPMFactory, check_bc_steps, resolve_bc_settings)
 from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
@@ -328,8 +327,7 @@ class DiffusionMethods:
                 dict(bc_lambda=args.bc_lambda, bc_sigma_mm=args.bc_sigma_mm, bc_steps=args.bc_steps,
                      hot_voxels=args.hot_voxels),
                 metadata.get("sampling", {}).get("bc_tuning"), case["low"],
-                dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM,
-                     bc_steps=self.default_bc_steps, hot_voxels=DEFAULT_HOT_MODE))
+                dict(bc_steps=self.default_bc_steps))
             check_bc_steps(bc["bc_steps"], diffusion.num_timesteps, args.bc_start)
             settings = sampling_settings(args, args.bc_respacing or args.steps,
                                          bc["bc_steps"] - 1 if args.bc_start else None,

@@ -272,8 +272,7 @@ def conditioner_factory(args, mode, item, metadata):
         dict(bc_lambda=args.bc_lambda, bc_sigma_mm=args.bc_sigma_mm, bc_steps=args.bc_steps,
              hot_voxels=args.hot_voxels),
         metadata.get("sampling", {}).get("bc_tuning"), item["low_dose"],
-        dict(bc_lambda=conditioning.BC_DEFAULT_LAMBDA, bc_sigma_mm=conditioning.BC_DEFAULT_SIGMA_MM,
-             bc_steps=args.default_bc_steps, hot_voxels=DEFAULT_HOT_MODE))
+        dict(bc_steps=args.default_bc_steps))
     acquisition = dict(
         scanner=args.bc_scanner, total_counts=counts, randoms_fraction=args.bc_randoms_fraction,
         normalisation=metadata["normalisation"], voxel_mm=metadata["voxel_mm"],

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ..hot_voxels import DEFAULT_HOT_MODE
 from .fusion import noise_index
 from .normalisation import model_to_suv, suv_to_model
 from .projector import make_projector
@@ -82,6 +83,10 @@ the Gaussian-filter sigma (mm), ``l`` (conditioned last steps; with ``--bc_start
 the chain starts, so it sets how much diffusion noise the prior has to remove) and the
 hot-voxel mode (:mod:`guided_diffusion.hot_voxels`)."""
 
+BC_DEFAULTS = dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM,
+                   hot_voxels=DEFAULT_HOT_MODE)
+"""Defaults of the tuned settings without a table (``l`` has none: it is the checkpoint's)."""
+
 BC_FACTORY_KEYS = ("bc_lambda", "bc_sigma_mm", "bc_steps")
 """The tuned settings that :class:`BCDPMFactory` takes (the hot-voxel mode is the sampler's)."""
 
@@ -102,16 +107,16 @@ def tuned_bc_settings(tuning, index):
     return min(tuning, key=lambda row: abs(math.log(index / float(row["noise_index"]))))
 
 
-def resolve_bc_settings(given, tuning, low_dose, defaults):
+def resolve_bc_settings(given, tuning, low_dose, defaults=None):
     """BC-DPM's ``lambda``, Gaussian-filter sigma (mm), ``l`` and hot-voxel mode for one input.
 
     For each key of :data:`BC_TUNED_TYPES`, a value given (not ``None``) wins; otherwise it
     comes from ``tuning``'s row for the noise index of ``low_dose`` (SUV volume ``(X, Y, Z)``,
-    :func:`tuned_bc_settings`), else from ``defaults``.
+    :func:`tuned_bc_settings`), else from ``defaults`` over :data:`BC_DEFAULTS`.
 
     :param given: ``{key: value or None}`` (e.g. the command line's ``--bc_lambda``).
-    :param defaults: ``{key: value}`` for every key (e.g. :data:`BC_DEFAULT_LAMBDA`,
-        :data:`BC_DEFAULT_SIGMA_MM`, the checkpoint's recommended ``l`` and ``"rescale"``).
+    :param defaults: ``{key: value}`` replacing or adding to :data:`BC_DEFAULTS` (e.g. the
+        checkpoint's recommended ``bc_steps``; a key without any value is a ``ValueError``).
     :return: ``(settings, report)``: ``settings`` maps each key to its value, ``report`` adds
         the noise index and where each value came from (``key + "_source"``: ``"given"``,
         ``"tuning"`` or ``"default"``).
@@ -119,6 +124,7 @@ def resolve_bc_settings(given, tuning, low_dose, defaults):
     missing = [key for key in BC_TUNED_TYPES if given.get(key) is None]
     index = noise_index(low_dose) if tuning and missing else None
     row = tuned_bc_settings(tuning, index) or {}
+    defaults = dict(BC_DEFAULTS, **(defaults or {}))
     settings, report = {}, dict(noise_index=index)
     for key, kind in BC_TUNED_TYPES.items():
         for source, values in (("given", given), ("tuning", row), ("default", defaults)):
