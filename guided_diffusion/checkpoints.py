@@ -22,7 +22,7 @@ import json
 import os
 
 from . import dist_util
-from .pet.normalisation import PUBLISHED_NORMALISATION
+from .normalisation import PUBLISHED_NORMALISATION
 from .script_util import (
     create_model_and_diffusion,
     infer_flags_from_state_dict,

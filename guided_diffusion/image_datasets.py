@@ -38,7 +38,7 @@ import numpy as np
 import torch as th
 
 from . import dist_util, logger
-from .pet.normalisation import (  # noqa: F401  (re-exported: the one SUV <-> model mapping)
+from .normalisation import (  # noqa: F401  (re-exported: the one SUV <-> model mapping)
     DEFAULT_NORMALISATION,
     model_to_suv,
     null_condition_like,
@@ -176,7 +176,7 @@ class VolumePatchDataset(th.utils.data.Dataset):
     :param dims: 3 (volume patches) or 2 (single slices for a 2D model: needs ``Z == 1`` in
         ``patch_size``; the Z axis is dropped from every item).
     :param cond_dropout: paired only: probability that an item's ``low_res`` is replaced by the
-        null condition (:func:`~guided_diffusion.pet.normalisation.null_condition_like`, an
+        null condition (:func:`~guided_diffusion.normalisation.null_condition_like`, an
         empty volume), so that one model also learns the unconditional prior.
     """
 

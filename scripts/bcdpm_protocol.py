@@ -90,7 +90,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from functools import partial
 
@@ -100,17 +99,17 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.checkpoints import load_model_and_diffusion  # noqa: E402
-from guided_diffusion.pet import baselines, metrics, simulate  # noqa: E402
-from guided_diffusion.pet.conditioning import BidirectionalConditioner, PoissonNoiseInserter  # noqa: E402
-from guided_diffusion.hot_voxels import replace_hot_voxels  # noqa: E402
-from guided_diffusion.pet.normalisation import model_to_suv, resolve_normalisation, suv_to_model  # noqa: E402
-from guided_diffusion.pet.phantoms import make_phantom  # noqa: E402
-from guided_diffusion.pet.projector import make_projector  # noqa: E402
-from guided_diffusion.pet.recon import mlem  # noqa: E402
-from guided_diffusion.pet.volumes import atomic_write, atomic_write_bytes  # noqa: E402
+from guided_diffusion.checkpoints import load_model_and_diffusion
+from guided_diffusion.evaluation import baselines, metrics
+from guided_diffusion.pet import simulate
+from guided_diffusion.sampling.guidance import BidirectionalConditioner, PoissonNoiseInserter
+from guided_diffusion.sampling.hot_voxels import replace_hot_voxels
+from guided_diffusion.normalisation import model_to_suv, resolve_normalisation, suv_to_model
+from guided_diffusion.pet.phantoms import make_phantom
+from guided_diffusion.pet.projector import make_projector
+from guided_diffusion.pet.recon import mlem
+from guided_diffusion.pet.volumes import atomic_write, atomic_write_bytes
 
 SCANNER = "ecat921_2d"
 RANDOMS_FRACTION = 0.2            # uniform randoms = 20 % of the trues (the paper)

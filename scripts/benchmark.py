@@ -41,25 +41,25 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from guided_diffusion.denoise import (  # noqa: E402
+from guided_diffusion.sampling.denoiser import (
     VolumeDenoiser,
     is_null_conditioned_prior,
     member_network_evaluations,
     recommended_fusion_kappa,
 )
-from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE  # noqa: E402
-from guided_diffusion.pet import dataset_manifest, metrics, volumes  # noqa: E402
-from guided_diffusion.pet.conditioning import (  # noqa: E402
+from guided_diffusion.sampling.hot_voxels import DEFAULT_HOT_MODE
+from guided_diffusion.evaluation import metrics
+from guided_diffusion.pet import dataset_manifest, volumes
+from guided_diffusion.sampling.guidance import (
     BC_FACTORY_KEYS, resolve_bc_settings)
 
-import benchmark_unet  # noqa: E402
-from quality_report import (  # noqa: E402
+import benchmark_unet
+from quality_report import (
     bcdpm_factory,
     body_mask,
     load_denoiser,

@@ -13,15 +13,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch as th
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from guided_diffusion import fp16_util  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
+from guided_diffusion import fp16_util
+from guided_diffusion.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )

@@ -2,7 +2,7 @@
 
 Image quality (NRMSE, PSNR, SSIM; ``--convention udpet`` challenge definitions or ``published``,
 the published 3D DDPM's script), and with label volumes the per-organ / per-lesion SUVmax,
-SUVmean, TLM biases and lesion CRC / background variability (guided_diffusion.pet.metrics).
+SUVmean, TLM biases and lesion CRC / background variability (guided_diffusion.evaluation.metrics).
 
 Every PATH is a volume file (``.npz`` in the published layout, NIfTI), a directory of them, or a
 text file listing them. ``--denoised`` may be repeated, one per method (``--method`` names them
@@ -31,9 +31,9 @@ import zipfile
 import nibabel as nib
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.pet import metrics, volumes  # noqa: E402
+from guided_diffusion.evaluation import metrics
+from guided_diffusion.pet import volumes
 
 SCALAR_KEYS = ("rmse", "nrmse", "psnr", "ssim")
 SUMMARY_KEYS = ("lesion_suvmean_bias_pct", "lesion_suvmax_bias_pct", "lesion_tlm_bias_pct",

@@ -48,14 +48,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from guided_diffusion.checkpoints import PUBLISHED_CONVENTIONS, sha256_file, sidecar_path  # noqa: E402
-from guided_diffusion.pet.volumes import atomic_write, atomic_write_bytes  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
+from guided_diffusion.checkpoints import PUBLISHED_CONVENTIONS, sha256_file, sidecar_path
+from guided_diffusion.pet.volumes import atomic_write, atomic_write_bytes
+from guided_diffusion.script_util import (
     _format_flags,
     create_model_and_diffusion,
     describe_state_dict_mismatch,

@@ -40,12 +40,11 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.pet import recon, simulate, volumes  # noqa: E402
-from guided_diffusion.pet.phantoms import ORGAN_LABELS, make_phantom, phantom_grid  # noqa: E402
-from guided_diffusion.pet.projector import make_projector  # noqa: E402
-from guided_diffusion.pet.tracers import TRACERS  # noqa: E402
+from guided_diffusion.pet import recon, simulate, volumes
+from guided_diffusion.pet.phantoms import ORGAN_LABELS, make_phantom, phantom_grid
+from guided_diffusion.pet.projector import make_projector
+from guided_diffusion.pet.tracers import TRACERS
 
 # Acquisition and reconstruction settings per scanner. "demo" is an ECAT-921-like ring used in
 # 2D (a 54 cm transaxial field of view holds a whole body with arms at 3.3 mm voxels; the tiny

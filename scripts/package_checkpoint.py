@@ -13,14 +13,12 @@ new file's ``sha256``. ``checkpoint/SHA256SUMS`` is rewritten from every ``.pt``
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-import torch  # noqa: E402
+import torch
 
-from guided_diffusion.checkpoints import read_metadata, sha256_file, sidecar_path  # noqa: E402
-from guided_diffusion.pet.volumes import atomic_write, atomic_write_bytes  # noqa: E402
+from guided_diffusion.checkpoints import read_metadata, sha256_file, sidecar_path
+from guided_diffusion.pet.volumes import atomic_write, atomic_write_bytes
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 

@@ -37,14 +37,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from guided_diffusion.checkpoints import load_model_and_diffusion  # noqa: E402
-from guided_diffusion.denoise import (  # noqa: E402
+from guided_diffusion.checkpoints import load_model_and_diffusion
+from guided_diffusion.sampling.denoiser import (
     SamplingSettings,
     VolumeDenoiser,
     is_null_conditioned_prior,
@@ -53,12 +52,13 @@ from guided_diffusion.denoise import (  # noqa: E402
     member_seed,
     serves_as_prior,
 )
-from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES  # noqa: E402
-from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes  # noqa: E402
-from guided_diffusion.pet.conditioning import (  # noqa: E402
+from guided_diffusion.sampling.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES
+from guided_diffusion.evaluation import baselines, metrics
+from guided_diffusion.pet import dataset_manifest, volumes
+from guided_diffusion.sampling.guidance import (
     BC_FACTORY_KEYS, BCDPMFactory, check_bc_steps, resolve_bc_settings)
-from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
-from guided_diffusion.script_util import str2bool  # noqa: E402
+from guided_diffusion.evaluation.figures import save_volume_panels
+from guided_diffusion.script_util import str2bool
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 METHODS = ("low_dose", "gaussian", "paired", "bcdpm")
@@ -318,7 +318,7 @@ class DiffusionMethods:
     def denoise(self, method, case):
         """``(SUV volume (X, Y, Z), info)`` of ``method`` on one case; ``info`` has the
         ``network_evaluations`` and, for BC-DPM, ``bc`` (lambda, sigma and their source, see
-        :func:`~guided_diffusion.pet.conditioning.resolve_bc_settings`)."""
+        :func:`~guided_diffusion.sampling.guidance.resolve_bc_settings`)."""
         model, diffusion, metadata = self.models[method]
         args = with_recommended_slabs(self.args, metadata)
         factory, report = None, {}

@@ -16,7 +16,7 @@ venv="${VENV:-$repo/.venv}"
 python="${PYTHON:-python3}"
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
 stamp="$venv/.toolkit-installed"
-want="$(cat "$repo/requirements.txt"; echo "$torch_spec")"
+want="$(cat "$repo/requirements.txt" "$repo/pyproject.toml"; echo "$torch_spec")"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating virtual environment in $venv"
@@ -25,9 +25,11 @@ fi
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "[setup] installing $torch_spec and requirements.txt (first run takes a few minutes)"
+echo "[setup] installing $torch_spec, requirements.txt and the toolkit (pip install -e .) (first run takes a few minutes)"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "$torch_spec"
 "$venv/bin/python" -m pip install --quiet -r "$repo/requirements.txt"
+# the toolkit itself, editable (scripts and notebooks import guided_diffusion from the checkout)
+"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo"
 "$venv/bin/python" -c "import torch, mpi4py, numpy, scipy, nibabel; print('[setup] torch', torch.__version__)"
 printf '%s' "$want" > "$stamp"

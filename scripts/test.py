@@ -21,7 +21,7 @@ Conditioning modes (``--cond_mode``):
           serves as the prior with the null condition;
   hybrid  the block on top of the paired model.
 Any mode can add Poisson data consistency in the last ``--dc_steps`` steps (EM updates of the
-clean-image estimate towards the low-dose data, see ``guided_diffusion.pet.data_consistency``).
+clean-image estimate towards the low-dose data, see ``guided_diffusion.sampling.data_consistency``).
 """
 
 import argparse
@@ -31,26 +31,26 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-import numpy as np  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import numpy as np
+import torch.distributed as dist
 
-from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata  # noqa: E402
-from guided_diffusion.denoise import (  # noqa: E402
+from guided_diffusion import dist_util, logger
+from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata
+from guided_diffusion.sampling.denoiser import (
     SamplingSettings,
     VolumeDenoiser,
     is_null_conditioned_prior,
     member_seed,
     serves_as_prior,
 )
-from guided_diffusion.fp16_util import resolve_precision  # noqa: E402
-from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES  # noqa: E402
-from guided_diffusion.pet import conditioning, dataset_manifest, volumes  # noqa: E402
-from guided_diffusion.pet.data_consistency import DataConsistencyFactory  # noqa: E402
-from guided_diffusion.pet.figures import save_volume_panels  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
+from guided_diffusion.fp16_util import resolve_precision
+from guided_diffusion.sampling.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES
+from guided_diffusion.pet import dataset_manifest, volumes
+from guided_diffusion.sampling import guidance as conditioning
+from guided_diffusion.sampling.data_consistency import DataConsistencyFactory
+from guided_diffusion.evaluation.figures import save_volume_panels
+from guided_diffusion.script_util import (
     add_dict_to_argparser,
     model_and_diffusion_defaults,
     sr_model_and_diffusion_defaults,
@@ -72,7 +72,7 @@ def load_data_for_worker(base_samples, batch_size, class_cond):
     """Yield the low-dose volumes to denoise: the hook users adapt to their own data.
 
     Every rank iterates over every volume (the ranks share the network evaluations of each
-    volume, see ``guided_diffusion.denoise``), so this loader does not shard; replace it to read
+    volume, see ``guided_diffusion.sampling.denoiser``), so this loader does not shard; replace it to read
     other formats, but keep what it yields.
 
     :param base_samples: a file, directory, DICOM series directory or text list of paths.

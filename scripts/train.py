@@ -18,7 +18,7 @@ Launch with ``python scripts/train.py ...`` or ``mpiexec -n N python scripts/tra
 Checkpoints (``modelNNNNNN.pt``, ``ema_RATE_NNNNNN.pt``, ``optNNNNNN.pt``, ``stateNNNNNN.pt``)
 and ``modelNNNNNN.json`` (flags, normalisation, voxel size, training data) go to --log_dir,
 with ``progress.csv`` and ``loss_curve.png`` (``--val_dir``: also ``val_psnr`` on held-out
-patches, see ``guided_diffusion.validation``). Rerunning with the same --log_dir resumes from
+patches, see ``guided_diffusion.evaluation.validation``). Rerunning with the same --log_dir resumes from
 its latest checkpoint exactly. --image_size / --large_size / --small_size 0 (default) mean
 the patch's X size.
 Data layout: see ``guided_diffusion.image_datasets``.
@@ -28,22 +28,20 @@ import argparse
 import json
 import os
 import random
-import sys
 
 import numpy as np
 import torch as th
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.image_datasets import (  # noqa: E402
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_datasets import (
     OrderedVolumePatchDataset,
     list_volume_sources,
     load_data,
     resolve_normalisation,
 )
-from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     create_diffusion_from_flags,
@@ -53,8 +51,8 @@ from guided_diffusion.script_util import (  # noqa: E402
     sr_model_and_diffusion_defaults,
     str2bool,
 )
-from guided_diffusion.train_util import TrainLoop  # noqa: E402
-from guided_diffusion.validation import PatchValidator  # noqa: E402
+from guided_diffusion.train_util import TrainLoop
+from guided_diffusion.evaluation.validation import PatchValidator
 
 PUBLISHED_VOXEL_MM = 1.65
 

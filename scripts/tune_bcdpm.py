@@ -16,7 +16,7 @@ DRF the point with the best mean PSNR becomes one row of the table
     [{"drf", "noise_index", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels", "psnr",
       "volumes"}, ...]
 
-with ``noise_index`` the mean :func:`guided_diffusion.pet.fusion.noise_index` (SUV) of that
+with ``noise_index`` the mean :func:`guided_diffusion.sampling.fusion.noise_index` (SUV) of that
 DRF's inputs. Recorded in the prior's sidecar (``scripts/package_checkpoint.py --sampling
 '{"bc_tuning": [...]}'``), ``scripts/test.py`` and ``scripts/quality_report.py`` pick the row
 nearest to each input's own noise index, so no DRF needs to be known at denoising time.
@@ -27,19 +27,20 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quality_report, when imported
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from guided_diffusion.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES, hot_weight  # noqa: E402
-from guided_diffusion.pet import fusion, metrics, volumes  # noqa: E402
-from guided_diffusion.pet.normalisation import resolve_normalisation  # noqa: E402
-from guided_diffusion.script_util import str2bool  # noqa: E402
+from guided_diffusion.sampling.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES, hot_weight
+from guided_diffusion.evaluation import metrics
+from guided_diffusion.pet import volumes
+from guided_diffusion.sampling import fusion
+from guided_diffusion.normalisation import resolve_normalisation
+from guided_diffusion.script_util import str2bool
 
-import quality_report  # noqa: E402
+import quality_report
 
 
 def create_argparser():

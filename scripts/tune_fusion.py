@@ -7,7 +7,7 @@ validation volumes of a make_dataset.py dataset.
 
 Every validation volume is denoised once with fusion off (``scripts/test.py``'s sampler,
 ``--hot_voxels`` as there); each ``(kappa, window)`` of the grid then fuses that output with the
-input (:func:`guided_diffusion.pet.fusion.fuse_with_input`, cheap) and is scored by the mean PSNR
+input (:func:`guided_diffusion.sampling.fusion.fuse_with_input`, cheap) and is scored by the mean PSNR
 (UDPET convention, inside the body mask) over all volumes. The table (mean PSNR and the gain
 per DRF over no fusion) goes to stdout and ``--out``; the best ``kappa`` is what
 ``scripts/package_checkpoint.py --sampling '{"fusion_kappa": K}'`` records as the checkpoint's
@@ -20,17 +20,18 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quality_report, when imported
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from guided_diffusion.hot_voxels import HOT_MODES  # noqa: E402
-from guided_diffusion.pet import fusion, metrics, volumes  # noqa: E402
+from guided_diffusion.sampling.hot_voxels import HOT_MODES
+from guided_diffusion.evaluation import metrics
+from guided_diffusion.pet import volumes
+from guided_diffusion.sampling import fusion
 
-import quality_report  # noqa: E402
+import quality_report
 
 
 def create_argparser():

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from guided_diffusion.pet import baselines, metrics
+from guided_diffusion.evaluation import baselines, metrics
 
 UNIFORM_CORNER = (slice(0, 6), slice(0, 6), slice(None))  # away from the hot sphere
 

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.pet.conditioning import (
+from guided_diffusion.sampling.guidance import (
     BC_DEFAULT_LAMBDA,
     BC_DEFAULT_SIGMA_MM,
     BidirectionalConditioner,
@@ -20,8 +20,8 @@ from guided_diffusion.pet.conditioning import (
     tuned_bc_settings,
     volume_to_model,
 )
-from guided_diffusion.pet.fusion import noise_index
-from guided_diffusion.pet.normalisation import suv_to_model
+from guided_diffusion.sampling.fusion import noise_index
+from guided_diffusion.normalisation import suv_to_model
 from guided_diffusion.pet.projector import make_projector
 
 torch.set_num_threads(1)

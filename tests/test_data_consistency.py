@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.pet.conditioning import (
+from guided_diffusion.sampling.guidance import (
     HookChain,
     LowDoseAcquisition,
     chain_factories,
     model_to_volume,
 )
-from guided_diffusion.pet.data_consistency import DataConsistencyFactory, PoissonDataConsistency
-from guided_diffusion.pet.normalisation import model_to_suv, suv_to_model
+from guided_diffusion.sampling.data_consistency import DataConsistencyFactory, PoissonDataConsistency
+from guided_diffusion.normalisation import model_to_suv, suv_to_model
 
 NORM = dict(clip=16.0, scale=16.0, range=(-1.0, 1.0))
 

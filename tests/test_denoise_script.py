@@ -162,7 +162,7 @@ def test_bcdpm_moves_prior_sample_toward_low_dose(workdir):
 
 
 def test_bcdpm_settings_come_from_the_priors_tuning_table(workdir, make_tiny_checkpoint):
-    from guided_diffusion.pet.fusion import noise_index
+    from guided_diffusion.sampling.fusion import noise_index
 
     low = np.load(workdir / "subject.npz")["arr_0"][0]
     index = noise_index(low)

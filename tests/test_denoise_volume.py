@@ -1,4 +1,4 @@
-"""Pieces of guided_diffusion.denoise: hot voxels (input passthrough, the rescale pass) and the
+"""Pieces of guided_diffusion.sampling.denoiser: hot voxels (input passthrough, the rescale pass) and the
 null condition."""
 
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from guided_diffusion.checkpoints import load_model_and_diffusion
-from guided_diffusion.denoise import SamplingSettings, VolumeDenoiser, member_network_evaluations
-from guided_diffusion.hot_voxels import hot_weight, replace_hot_voxels, rescale_factor
+from guided_diffusion.sampling.denoiser import SamplingSettings, VolumeDenoiser, member_network_evaluations
+from guided_diffusion.sampling.hot_voxels import hot_weight, replace_hot_voxels, rescale_factor
 
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 

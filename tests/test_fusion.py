@@ -1,11 +1,11 @@
-"""guided_diffusion.pet.fusion: the noise index against its known value for white noise, the
+"""guided_diffusion.sampling.fusion: the noise index against its known value for white noise, the
 fusion weight's closed form, and the fused image's limits."""
 
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from guided_diffusion.pet import fusion
+from guided_diffusion.sampling import fusion
 
 
 def _highpass_gain(sigma):

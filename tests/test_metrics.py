@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from guided_diffusion.pet import metrics
+from guided_diffusion.evaluation import metrics
 
 
 def ramp_volume(shape=(10, 9, 8)):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.patched_model import BoxDecomposition, PatchedModel, sample_independent_patches
-from guided_diffusion.pet.patches import PatchGrid, pad_to_multiple, unpad
+from guided_diffusion.sampling.distributed import BoxDecomposition, PatchedModel, sample_independent_patches
+from guided_diffusion.sampling.patches import PatchGrid, pad_to_multiple, unpad
 
 torch.set_num_threads(1)
 
@@ -236,7 +236,7 @@ HALO_PATCH_SHAPES = ((8, 16, 16), (8, 8, 16))
 def _sample_box_wise(rank, world_size, x_t, low_res, patch_shape):
     """Seam-free DDPM sampling with this rank's box, the whole-volume noise sliced, and a
     whole-volume hook in the last two steps; returns the gathered volume."""
-    from guided_diffusion.patched_model import SlicedNoise, whole_volume_hook
+    from guided_diffusion.sampling.distributed import SlicedNoise, whole_volume_hook
 
     grid = PatchGrid(x_t.shape[2:], patch_shape, 2)
     patched = PatchedModel(pointwise_model, grid, batch_size=1, rank=rank, world_size=world_size)

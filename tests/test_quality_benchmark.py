@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.pet import baselines, dataset_manifest, metrics, volumes
-from guided_diffusion.pet.conditioning import BCDPMFactory
+from guided_diffusion.evaluation import baselines, metrics
+from guided_diffusion.pet import dataset_manifest, volumes
+from guided_diffusion.sampling.guidance import BCDPMFactory
 from guided_diffusion.pet.geometry import get_preset
-from guided_diffusion.pet.patches import PatchGrid
+from guided_diffusion.sampling.patches import PatchGrid
 from tests.mpi_helpers import REPO, mpiexec_path
 
 SCRIPTS = REPO / "scripts"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.pet.normalisation import suv_to_model
+from guided_diffusion.normalisation import suv_to_model
 from guided_diffusion.script_util import create_diffusion_from_flags
-from guided_diffusion.validation import PatchValidator
+from guided_diffusion.evaluation.validation import PatchValidator
 
 NORM = dict(clip=16.0, scale=16.0, range=(-1.0, 1.0))
 

@@ -80,7 +80,7 @@ def describe_file(path):
 
 
 def bcdpm_acquisition(description):
-    """Keyword arguments of :class:`~guided_diffusion.pet.conditioning.BCDPMFactory` that
+    """Keyword arguments of :class:`~guided_diffusion.sampling.guidance.BCDPMFactory` that
     simulate the acquisition of a described file (:func:`describe_file`).
 
     The factory models the additive background as uniform, so the dataset's scatter fraction

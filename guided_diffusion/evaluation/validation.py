@@ -23,9 +23,9 @@ import contextlib
 import numpy as np
 import torch
 
-from . import dist_util, logger
-from .pet.metrics import psnr
-from .pet.normalisation import model_to_suv
+from .. import dist_util, logger
+from .metrics import psnr
+from ..normalisation import model_to_suv
 
 
 class PatchValidator:

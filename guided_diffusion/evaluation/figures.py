@@ -7,7 +7,7 @@ Volumes are ``(X, Y, Z)`` arrays (Z axial, feet -> head) in SUV; the figures sho
 
 import numpy as np
 
-from .volumes import atomic_write
+from ..pet.volumes import atomic_write
 
 
 def _views(volume):

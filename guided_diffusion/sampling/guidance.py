@@ -22,11 +22,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..hot_voxels import DEFAULT_HOT_MODE
+from .hot_voxels import DEFAULT_HOT_MODE
 from .fusion import noise_index
-from .normalisation import model_to_suv, suv_to_model
-from .projector import make_projector
-from .recon import osem, osem_sensitivities
+from ..normalisation import model_to_suv, suv_to_model
+from ..pet.projector import make_projector
+from ..pet.recon import osem, osem_sensitivities
 
 
 def _symmetric_indices(length, radius, device):
@@ -81,7 +81,7 @@ BC_TUNED_TYPES = dict(bc_lambda=float, bc_sigma_mm=float, bc_steps=int, hot_voxe
 """The per-noise-level BC-DPM settings of a tuning table row, with their types: ``lambda``,
 the Gaussian-filter sigma (mm), ``l`` (conditioned last steps; with ``--bc_start`` also where
 the chain starts, so it sets how much diffusion noise the prior has to remove) and the
-hot-voxel mode (:mod:`guided_diffusion.hot_voxels`)."""
+hot-voxel mode (:mod:`guided_diffusion.sampling.hot_voxels`)."""
 
 BC_DEFAULTS = dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM,
                    hot_voxels=DEFAULT_HOT_MODE)
@@ -98,7 +98,7 @@ def tuned_bc_settings(tuning, index):
         ...}, ...]``, one row per tuned dose level (a checkpoint sidecar's
         ``sampling.bc_tuning``, written by ``scripts/tune_bcdpm.py``; any of the settings may
         be absent); ``noise_index`` is the
-        validation inputs' mean :func:`~guided_diffusion.pet.fusion.noise_index` (SUV).
+        validation inputs' mean :func:`~guided_diffusion.sampling.fusion.noise_index` (SUV).
     :param index: the input's noise index (SUV) or ``None`` (not measurable).
     :return: the row nearest in log noise index, or ``None`` without a table or an index.
     """

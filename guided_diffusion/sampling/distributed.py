@@ -3,7 +3,7 @@ Run a patch-sized network on whole volumes, with the volume split into per-rank 
 
 :class:`PatchedModel` wraps a model with the guided-diffusion signature ``model(x, t, **kwargs)``
 so that the sampler runs on a volume ``(N, C, *volume_shape)`` (model layout, e.g.
-``(1, 1, Z, X, Y)``) cut into the patches of a :class:`~guided_diffusion.pet.patches.PatchGrid`:
+``(1, 1, Z, X, Y)``) cut into the patches of a :class:`~guided_diffusion.sampling.patches.PatchGrid`:
 at every reverse step the network runs on groups of patches and the outputs (all channels: eps
 and the learned variance values) are blended with the grid's weights. The volume follows a
 single trajectory, so there are no seams: overlapping predictions are averaged at every step,
@@ -71,7 +71,7 @@ def _split_model_kwargs(model_kwargs, shape, patch_slices, batch):
 class BoxDecomposition:
     """Which patches, box and halos belong to each rank (pure bookkeeping, no communication).
 
-    :param grid: the :class:`~guided_diffusion.pet.patches.PatchGrid`.
+    :param grid: the :class:`~guided_diffusion.sampling.patches.PatchGrid`.
     :param batch_size: patches per network call; group ``g`` = patches
         ``[g * batch_size, (g + 1) * batch_size)``, and each rank owns a contiguous block of
         groups, the first ranks the larger blocks (ranks beyond the number of groups own none and
@@ -140,7 +140,7 @@ class PatchedModel:
     rank's box (see the module docstring).
 
     :param model: network ``model(x, t, **kwargs)`` accepting patches ``(n, C, *patch_shape)``.
-    :param grid: :class:`~guided_diffusion.pet.patches.PatchGrid` over the volume's spatial shape.
+    :param grid: :class:`~guided_diffusion.sampling.patches.PatchGrid` over the volume's spatial shape.
     :param batch_size: patches per network call (fixes the groups, see :class:`BoxDecomposition`).
     :param rank: this process's rank; ``world_size``: number of ranks sharing the volume. With
         ``world_size > 1`` an initialised :mod:`torch.distributed` group is needed, and every
@@ -322,7 +322,7 @@ def sample_patches_independently(diffusion, model, grid, noise, indices, *, mode
     :param diffusion: a ``GaussianDiffusion`` (or ``SpacedDiffusion``); its ``p_sample_loop``
         (or ``ddim_sample_loop`` with ``use_ddim``) runs on each patch in turn.
     :param model: the patch-sized network.
-    :param grid: the :class:`~guided_diffusion.pet.patches.PatchGrid`.
+    :param grid: the :class:`~guided_diffusion.sampling.patches.PatchGrid`.
     :param noise: whole-volume start noise ``(N, C, *volume_shape)``; patch ``i`` starts from
         its cut-out, so the two modes can be compared from the same ``x_T``.
     :param indices: the patches to sample (e.g. one rank's share).

@@ -7,16 +7,16 @@ denoised volume on the same grid:
 1. negative values (FBP images have them) are clipped to 0, the volume is resampled to the
    model's voxel size, X and Y are zero-padded (air) to the multiple the UNet needs;
 2. SUV -> model space with the checkpoint's normalisation, layout ``(1, 1, Z, X, Y)``;
-3. the reverse diffusion runs on the whole volume: a :class:`~guided_diffusion.patched_model.PatchedModel`
+3. the reverse diffusion runs on the whole volume: a :class:`~guided_diffusion.sampling.distributed.PatchedModel`
    blends overlapping patch predictions at every step (seam-free), or, for comparison, every
    patch runs its own chain and the samples are stitched at the end (``stitch="independent"``);
 4. conditioning: ``paired`` feeds the low-dose volume as the model's ``low_res`` channel; a
    ``conditioner_factory`` adds a per-step hook (BC-DPM's bidirectional block); ``start_t``
    starts from the diffused low-dose volume instead of pure noise;
 5. model space -> SUV, padding removed, resampled back to the input grid;
-6. voxels above the model's SUV range (:mod:`guided_diffusion.hot_voxels`: by default a second
+6. voxels above the model's SUV range (:mod:`guided_diffusion.sampling.hot_voxels`: by default a second
    pass on the input scaled into range) and, when ``fusion_kappa`` is set, the noise-adaptive
-   fusion with the input (:mod:`guided_diffusion.pet.fusion`).
+   fusion with the input (:mod:`guided_diffusion.sampling.fusion`).
 
 Every ensemble member has its own seed and a ``torch.Generator`` that makes every random draw
 (start noise, per-step noise, conditioning noise), so a member's result does not depend on the
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import fp16_util
+from .. import fp16_util
 from .hot_voxels import HOT_MODES, replace_hot_voxels, rescale_factor
-from .pet.fusion import fuse_with_input
-from .pet.normalisation import model_to_suv, null_condition_like, resolve_normalisation, suv_to_model
-from .patched_model import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
-from .pet import volumes
-from .pet.patches import PatchGrid
+from .fusion import fuse_with_input
+from ..normalisation import model_to_suv, null_condition_like, resolve_normalisation, suv_to_model
+from .distributed import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
+from ..pet import volumes
+from .patches import PatchGrid
 
 STITCH_MODES = ("seamfree", "independent")
 
@@ -61,10 +61,10 @@ class SamplingSettings:
     :param hot_voxels: where the low-dose input approaches the top of the model's SUV range
         (the normalisation's ``clip``): ``"rescale"`` (a second pass on the input scaled into
         range, hooks included), ``"input"`` (take the input) or
-        ``"clip"`` (keep the saturated output); see :mod:`guided_diffusion.hot_voxels`.
+        ``"clip"`` (keep the saturated output); see :mod:`guided_diffusion.sampling.hot_voxels`.
     :param fusion_kappa: fuse each member with the input where it departs from it by more
         than ``fusion_kappa`` times the input's estimated noise variance
-        (:func:`guided_diffusion.pet.fusion.fuse_with_input`); ``None``: off.
+        (:func:`guided_diffusion.sampling.fusion.fuse_with_input`); ``None``: off.
     :param null_condition: feed a paired model the null condition (an empty volume) instead of
         the low-dose volume: a checkpoint trained with conditioning dropout
         (``cond_dropout`` in its metadata) then acts as an unconditional prior (BC-DPM).
@@ -144,7 +144,7 @@ class VolumeDenoiser:
         a sampler ``step_hook`` (e.g. BC-DPM's block) for one member; ``y0`` is the low-dose
         volume in model space ``(1, 1, Z, X, Y)``. The hot-voxel rescale pass calls it on
         ``y0 / k``: a factory must derive its activity-to-counts scale from ``y0`` at a fixed
-        count level (as :class:`~guided_diffusion.pet.conditioning.LowDoseAcquisition` does),
+        count level (as :class:`~guided_diffusion.sampling.guidance.LowDoseAcquisition` does),
         so that the scaled pass simulates the same acquisition.
     :param rank, world_size: this process's share of the network evaluations.
     """
@@ -276,7 +276,7 @@ class VolumeDenoiser:
 
     def _sample_seamfree(self, patched, loop_kwargs):
         """One trajectory for the whole volume; each rank holds its box of patches and the
-        ranks exchange only the overlap regions (see :mod:`guided_diffusion.patched_model`)."""
+        ranks exchange only the overlap regions (see :mod:`guided_diffusion.sampling.distributed`)."""
         noise = loop_kwargs["noise"]
         hook = loop_kwargs["step_hook"]
         loop_kwargs.update(
@@ -316,7 +316,7 @@ class VolumeDenoiser:
 
     def handle_hot_voxels(self, volume, low_dose, affine, seed):
         """Replace the voxels above the model's range (``settings.hot_voxels``, see
-        :mod:`guided_diffusion.hot_voxels`) in one member's SUV ``volume`` ``(X, Y, Z)``.
+        :mod:`guided_diffusion.sampling.hot_voxels`) in one member's SUV ``volume`` ``(X, Y, Z)``.
 
         :return: ``(volume, info)``; ``info["mode"]`` is the mode applied, ``"rescale"`` adds
             the factor and the second pass's network evaluations.

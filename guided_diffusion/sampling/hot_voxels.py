@@ -3,7 +3,7 @@ Voxels above the model's SUV range.
 
 A model represents SUV in ``[0, clip]`` only (the normalisation's ``clip``, 16 SUV for the
 shipped weights), so its output saturates there, while PSMA or DOTATATE kidneys, spleen and
-bladder reach 30-50 SUV. :class:`~guided_diffusion.denoise.VolumeDenoiser` handles such
+bladder reach 30-50 SUV. :class:`~guided_diffusion.sampling.denoiser.VolumeDenoiser` handles such
 voxels in one of three ways (``SamplingSettings.hot_voxels``):
 
 - ``"rescale"``: denoise a second time the input divided by ``k`` (:func:`rescale_factor`),

@@ -14,7 +14,7 @@ is exactly the EM-updated estimate.
 
 The data ``d = A y + r`` are the expected counts of the low-dose volume ``y`` itself (the
 toolkit gets reconstructed images, not sinograms), on the acquisition model of
-:class:`~guided_diffusion.pet.conditioning.LowDoseAcquisition` (count level, randoms).
+:class:`~guided_diffusion.sampling.guidance.LowDoseAcquisition` (count level, randoms).
 One or two EM updates restore the low-frequency, quantitative agreement with the data while
 adding little of its noise (EM converges slowly at high spatial frequencies); many updates
 would return the noisy input.
@@ -25,15 +25,15 @@ Tensors: model layout ``(B, 1, Z, X, Y)``; the PET operators use ``(B, X, Y, Z)`
 import numpy as np
 import torch
 
-from .conditioning import LowDoseAcquisition, model_to_volume, step_index, volume_to_model
-from .recon import osem, osem_sensitivities
+from .guidance import LowDoseAcquisition, model_to_volume, step_index, volume_to_model
+from ..pet.recon import osem, osem_sensitivities
 
 
 class PoissonDataConsistency:
     """The data-consistency hook for one volume (see the module docstring).
 
     :param y0: low-dose volume, model space ``(1, 1, Z, X, Y)``.
-    :param acquisition: :class:`~guided_diffusion.pet.conditioning.LowDoseAcquisition`.
+    :param acquisition: :class:`~guided_diffusion.sampling.guidance.LowDoseAcquisition`.
     :param x0_weight: per (respaced) step index, the weight of ``x0`` in the sampler's update.
     :param num_steps: act in the last ``num_steps`` reverse steps (``t < num_steps``).
     :param iters, subsets: EM iterations and view subsets per active step.

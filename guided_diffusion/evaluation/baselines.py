@@ -34,7 +34,7 @@ from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
 from . import metrics
-from .volumes import atomic_write_bytes
+from ..pet.volumes import atomic_write_bytes
 
 MODES = ("slice", "volume")
 

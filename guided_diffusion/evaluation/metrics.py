@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from .normalisation import PUBLISHED_NORMALISATION
+from ..normalisation import PUBLISHED_NORMALISATION
 
 CONVENTIONS = ("udpet", "published")
 PUBLISHED_SUV_CLIP = PUBLISHED_NORMALISATION["clip"]
