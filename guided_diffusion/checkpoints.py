@@ -100,7 +100,14 @@ def load_model_and_diffusion(model_path, overrides=None, device=None, verify_has
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"{model_path}: checkpoint not found")
     metadata = read_metadata(model_path)
-    state_dict = dist_util.load_state_dict(model_path, map_location="cpu")
+    try:
+        state_dict = dist_util.load_state_dict(model_path, map_location="cpu")
+    except Exception as error:  # pickle, zip and format errors all mean the same to the user
+        raise ValueError(f"{model_path}: not a readable torch checkpoint of tensors "
+                         f"({type(error).__name__})") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{model_path}: not a checkpoint (a state_dict of tensors); it holds a "
+                         f"{type(state_dict).__name__}")
     digest = sha256_file(model_path)
     if metadata is None:
         inferred = infer_flags_from_state_dict(state_dict)

@@ -13,6 +13,7 @@ Two model paths:
 """
 
 import argparse
+import os
 import shlex
 
 import torch as th
@@ -485,6 +486,39 @@ def str2bool(v):
     if v.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_runtime_arguments(parser, seed_help="seed of every random draw", precision=True, device=False):
+    """The argument group every script shares, one default each: ``--seed`` (0), ``--threads``
+    (torch CPU threads per process; default: the cores / MPI ranks), ``--precision`` (auto:
+    fp16 on CUDA for a ``use_fp16`` checkpoint, bf16 on a CPU, else fp32) and, with ``device``,
+    ``--device`` (default: cuda when available, else cpu)."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads per process (default: the cores / MPI ranks)")
+    if precision:
+        group.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                           help="network precision (auto: fp16 on CUDA for a use_fp16 checkpoint, "
+                                "bf16 on a CPU, else fp32)")
+    if device:
+        group.add_argument("--device", default=None,
+                           help="torch device (default: cuda when available, else cpu)")
+    return group
+
+
+def runtime_device(args):
+    """``--device`` as a torch.device (cuda when available without one)."""
+    name = getattr(args, "device", None) or ("cuda" if th.cuda.is_available() else "cpu")
+    return th.device(name)
+
+
+def set_threads(threads, ranks=1):
+    """``torch.set_num_threads(threads)``, or the cores / ``ranks`` when ``threads`` is None/0."""
+    th.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // max(1, ranks)))
 
 
 # ---------------------------------------------------------------------------------

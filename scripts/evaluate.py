@@ -67,14 +67,6 @@ def create_argparser():
 # ----------------------------------------------------------------------------- inputs
 
 
-def volume_stem(path):
-    name = os.path.basename(path)
-    for suffix in volumes.VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
-
-
 def stack_size(path):
     """Number of volumes stacked in ``path`` (1 for a 3D file), read from the header only."""
     try:
@@ -117,14 +109,14 @@ def match(targets, sources, what):
     """For each target file, its source file: by stem, the single source, or sorted order."""
     if len(sources) == 1:
         return [sources[0]] * len(targets)
-    by_stem = {volume_stem(s): s for s in sources}
-    if all(volume_stem(t) in by_stem for t in targets):
-        return [by_stem[volume_stem(t)] for t in targets]
+    by_stem = {volumes.stem(s): s for s in sources}
+    if all(volumes.stem(t) in by_stem for t in targets):
+        return [by_stem[volumes.stem(t)] for t in targets]
     if len(sources) == len(targets):
         print(f"evaluate.py: note: {what} files paired with volumes in sorted order", file=sys.stderr)
         by_order = dict(zip(sorted(targets), sorted(sources)))
         return [by_order[t] for t in targets]
-    unmatched = [t for t in targets if volume_stem(t) not in by_stem]
+    unmatched = [t for t in targets if volumes.stem(t) not in by_stem]
     raise ValueError(
         f"cannot pair {len(targets)} volumes with {len(sources)} {what} files "
         f"(no {what} named like {unmatched[0]})"
@@ -179,7 +171,7 @@ def read_labels(path, shape, what, partner):
 
 def evaluate(args):
     references = expand(args.reference, "reference")
-    methods = args.method or [volume_stem(os.path.normpath(p)) for p in args.denoised]
+    methods = args.method or [volumes.stem(os.path.normpath(p)) for p in args.denoised]
     if len(methods) != len(args.denoised):
         raise ValueError(f"{len(methods)} --method names for {len(args.denoised)} --denoised paths")
     label_files = {
@@ -214,7 +206,7 @@ def evaluate_one(args, method, reference_file, denoised_file, label_files):
         raise ValueError(f"{denoised_file} vs {reference_file}: {error}") from error
     drf = find_drf(denoised_file)
     return {
-        "method": method, "subject": volume_stem(reference_file),
+        "method": method, "subject": volumes.stem(reference_file),
         "drf": drf if drf is not None else find_drf(reference_file),
         "reference": reference_file, "denoised": denoised_file, **result,
     }

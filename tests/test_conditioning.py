@@ -1,4 +1,4 @@
-"""BC-DPM conditioning block: Gaussian filter, Eq. (10) hook, Poisson noise insertion."""
+"""BC-DPM guidance: the toolkit's Gaussian filter, the Eq. (10) hook, Poisson noise insertion."""
 
 import math
 
@@ -8,20 +8,15 @@ import torch
 from scipy import ndimage
 
 from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion.normalisation import suv_to_model
+from guided_diffusion.pet.filters import gaussian_filter
 from guided_diffusion.sampling.guidance import (
-    BC_DEFAULT_LAMBDA,
-    BC_DEFAULT_SIGMA_MM,
     BidirectionalConditioner,
     LowDoseAcquisition,
     PoissonNoiseInserter,
-    gaussian_filter,
     model_to_volume,
-    resolve_bc_settings,
-    tuned_bc_settings,
     volume_to_model,
 )
-from guided_diffusion.sampling.fusion import noise_index
-from guided_diffusion.normalisation import suv_to_model
 from guided_diffusion.pet.projector import make_projector
 
 torch.set_num_threads(1)
@@ -218,38 +213,3 @@ def test_acquisition_of_a_scaled_input_simulates_the_same_counts():
     trues_k = scale_k * projector.forward(activity / k)
     assert torch.allclose(trues, trues_k, rtol=1e-5)
     assert math.isclose(float(trues.sum() + additive.sum()), 5e4, rel_tol=1e-4)
-
-
-def test_tuned_settings_follow_the_nearest_noise_level_in_log_scale():
-    table = [dict(noise_index=0.01, bc_lambda=0.2, bc_sigma_mm=3.0),
-             dict(noise_index=0.25, bc_lambda=0.05, bc_sigma_mm=12.0)]
-    assert tuned_bc_settings(table, 0.04)["bc_sigma_mm"] == 3.0  # log: 0.04 is nearer 0.01 than 0.25
-    assert tuned_bc_settings(table, 0.06)["bc_sigma_mm"] == 12.0
-    assert tuned_bc_settings(table, None) is None and tuned_bc_settings([], 0.1) is None
-
-    rng = np.random.default_rng(0)
-    low = rng.poisson(30.0 * np.full((24, 24, 24), 2.0)) / 30.0  # variance per SUV 1/30
-    defaults = dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM, bc_steps=7,
-                    hot_voxels="rescale")
-    none_given = dict(bc_lambda=None, bc_sigma_mm=None, bc_steps=None, hot_voxels=None)
-    settings, report = resolve_bc_settings(none_given, table, low, defaults)
-    assert report["noise_index"] == pytest.approx(noise_index(low))
-    assert 0.01 < report["noise_index"] < 0.06  # the high-pass estimate of 1/30 (gain < 1)
-    expected = tuned_bc_settings(table, report["noise_index"])
-    assert settings == dict(bc_lambda=expected["bc_lambda"], bc_sigma_mm=expected["bc_sigma_mm"],
-                            bc_steps=7, hot_voxels="rescale")  # a row without them: the defaults
-    assert report["bc_lambda_source"] == report["bc_sigma_mm_source"] == "tuning"
-    assert report["bc_steps_source"] == "default"
-    # given values win; without a table the defaults; l from a row that has it, as an int
-    settings, report = resolve_bc_settings(dict(none_given, bc_lambda=0.3), table, low, defaults)
-    assert settings["bc_lambda"] == 0.3 and report["bc_lambda_source"] == "given"
-    assert report["bc_sigma_mm_source"] == "tuning"
-    assert resolve_bc_settings(none_given, None, low, defaults)[0] == defaults
-    with_l = [dict(row, bc_steps=float(k + 1), hot_voxels="input") for k, row in enumerate(table)]
-    settings, report = resolve_bc_settings(none_given, with_l, low, defaults)
-    assert settings["bc_steps"] == 1 and type(settings["bc_steps"]) is int
-    assert settings["hot_voxels"] == "input" and report["bc_steps_source"] == "tuning"
-    with pytest.raises(ValueError, match="bc_steps"):
-        resolve_bc_settings(none_given, None, low, dict(defaults, bc_steps=None))
-    all_given = dict(bc_lambda=0.1, bc_sigma_mm=5.0, bc_steps=2, hot_voxels="clip")
-    assert resolve_bc_settings(all_given, table, low, defaults)[1]["noise_index"] is None  # no lookup

@@ -73,9 +73,9 @@ def test_factory_weight_is_one_at_the_last_step(use_ddim):
                                      model_mean_type=gd.ModelMeanType.EPSILON,
                                      model_var_type=gd.ModelVarType.FIXED_SMALL,
                                      loss_type=gd.LossType.MSE)
-    factory = DataConsistencyFactory(num_steps=3, use_ddim=use_ddim, scanner="demo",
-                                     total_counts=1e6, randoms_fraction=0.2,
+    acquisition = LowDoseAcquisition(scanner="demo", total_counts=1e6, randoms_fraction=0.2,
                                      normalisation=NORM, voxel_mm=4.0)
+    factory = DataConsistencyFactory(acquisition, num_steps=3, use_ddim=use_ddim)
     hook = factory(_low_dose(), diffusion)
     assert float(hook.x0_weight[0]) == pytest.approx(1.0)
     expected = np.sqrt(diffusion.alphas_cumprod_prev) if use_ddim else diffusion.posterior_mean_coef1

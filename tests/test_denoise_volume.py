@@ -113,7 +113,7 @@ def test_rescale_pass_hands_the_hooks_the_scaled_input(tiny_paired):
         return lambda x_prev, t, out=None, model_kwargs=None: None  # leaves every step as is
 
     settings = SamplingSettings(use_ddim=True, patch_z=8, overlap=2, progress=False)
-    denoiser = VolumeDenoiser(model, diffusion, metadata, settings, conditioner_factory=factory)
+    denoiser = VolumeDenoiser(model, diffusion, metadata, settings, guidance_factory=factory)
     mean, _, _, info = denoiser.denoise(low, AFFINE, [0])
     assert info["members"][0]["hot_voxels"]["mode"] == "rescale"
     assert len(seen) == 2

@@ -8,7 +8,7 @@ import torch
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.sampling.distributed import BoxDecomposition, PatchedModel, sample_independent_patches
-from guided_diffusion.sampling.patches import PatchGrid, pad_to_multiple, unpad
+from guided_diffusion.sampling.patches import PatchGrid
 
 torch.set_num_threads(1)
 
@@ -105,20 +105,6 @@ def test_grid_rejects_bad_arguments():
         grid.extract(torch.zeros(1, 1, 40, 8, 9), 0)
     with pytest.raises(ValueError, match="patch outputs"):
         grid.stitch([torch.zeros(10, 8, 8)])
-
-
-@pytest.mark.parametrize("mode, numpy_mode", [("zero", "constant"), ("edge", "edge"), ("reflect", "reflect")])
-def test_pad_to_multiple_matches_numpy_and_unpads_exactly(mode, numpy_mode):
-    torch.manual_seed(1)
-    volume = torch.randn(1, 1, 5, 3, 37)
-    padded, padding = pad_to_multiple(volume, 16, axes=(-2, -1), mode=mode)
-    assert padded.shape == (1, 1, 5, 16, 48)
-    assert padding.widths == ((6, 7), (5, 6))
-    expected = np.pad(volume.numpy(), ((0, 0), (0, 0), (0, 0), (6, 7), (5, 6)), mode=numpy_mode)
-    assert np.array_equal(padded.numpy(), expected)
-    assert torch.equal(unpad(padded, padding), volume)
-    with pytest.raises(ValueError, match="pad mode"):
-        pad_to_multiple(volume, 16, mode="wrap")
 
 
 # --- PatchedModel -------------------------------------------------------------------------

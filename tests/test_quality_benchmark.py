@@ -16,7 +16,7 @@ import torch
 
 from guided_diffusion.evaluation import baselines, metrics
 from guided_diffusion.pet import dataset_manifest, volumes
-from guided_diffusion.sampling.guidance import BCDPMFactory
+from guided_diffusion.sampling.guidance import LowDoseAcquisition
 from guided_diffusion.pet.geometry import get_preset
 from guided_diffusion.sampling.patches import PatchGrid
 from tests.mpi_helpers import REPO, mpiexec_path
@@ -112,13 +112,12 @@ def test_test_script_reads_low_dose_counts_from_the_subject_manifest(dataset, tm
     assert denoise_cli.acquisition_counts(args, dict(path=str(alone), name="alone"))[0] == 5e5
 
 
-def test_bcdpm_factory_passes_view_mashing_and_psf_to_its_projector():
-    common = dict(num_steps_l=2, lam=0.2, sigma_mm=4.0, scanner="ecat921_2d", total_counts=1e6,
-                  randoms_fraction=0.2, recon_iters=1, recon_subsets=2,
+def test_acquisition_passes_view_mashing_and_psf_to_its_projector():
+    common = dict(scanner="ecat921_2d", total_counts=1e6, randoms_fraction=0.2,
                   normalisation=dict(clip=16, scale=16, range=[-1, 1]), voxel_mm=VOXEL_MM)
     shape = (24, 16, 2)
-    plain = BCDPMFactory(**common).projector(shape, torch.device("cpu"))
-    mashed = BCDPMFactory(**common, view_mashing=2, psf_fwhm_mm=24.0).projector(shape, torch.device("cpu"))
+    plain = LowDoseAcquisition(**common).projector(shape, torch.device("cpu"))
+    mashed = LowDoseAcquisition(**common, view_mashing=2, psf_fwhm_mm=24.0).projector(shape, torch.device("cpu"))
     views = get_preset("ecat921_2d").n_views
     assert plain.sinogram_shape[1] == views and mashed.sinogram_shape[1] == views // 2
     point = torch.zeros(shape)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from guided_diffusion.pet import volumes
+from tests.dicom_helpers import write_pet_series
 
 
 def _volume(shape=(6, 5, 4), seed=0):
@@ -138,53 +139,11 @@ def test_list_inputs(tmp_path):
         volumes.list_inputs(empty)
 
 
-def _write_pet_series(directory, pixels, slope, intercept, weight_kg, dose_bq, half_life_s,
-                      injection_time, series_time, drop=None):
-    """A tiny axial PET series (X = columns, Y = rows), slices written in reverse z order."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    nx, ny, nz = pixels.shape
-    series_uid = generate_uid()
-    for k in reversed(range(nz)):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.128"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID = series_uid
-        ds.Modality = "PT"
-        ds.Rows, ds.Columns = ny, nx
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelSpacing = [2.0, 4.0]  # row spacing (Y), column spacing (X)
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-10.0, -20.0, 100.0 + 3.0 * k]
-        ds.SliceThickness = 3.0
-        ds.RescaleSlope, ds.RescaleIntercept = slope[k], intercept
-        ds.Units, ds.DecayCorrection = "BQML", "START"
-        ds.PatientWeight = weight_kg
-        ds.SeriesTime = series_time
-        info = Dataset()
-        info.RadionuclideTotalDose = dose_bq
-        info.RadionuclideHalfLife = half_life_s
-        info.RadiopharmaceuticalStartTime = injection_time
-        ds.RadiopharmaceuticalInformationSequence = [info]
-        if drop:
-            delattr(info if drop.startswith("Radionuclide") else ds, drop)
-        ds.PixelData = np.ascontiguousarray(pixels[:, :, k].T.astype(np.uint16)).tobytes()
-        ds.save_as(os.path.join(directory, f"slice{k:03d}.dcm"), enforce_file_format=True)
-
-
 def test_dicom_suv_conversion(tmp_path):
     pixels = np.arange(3 * 2 * 4, dtype=np.uint16).reshape(3, 2, 4) * 100
     slope = [0.5, 1.0, 2.0, 0.25]
     # 70 kg, 370 MBq at 10:00:00, scan at 11:00:00, F-18 half-life 6586.2 s
-    _write_pet_series(tmp_path, pixels, slope, 1.0, 70.0, 370e6, 6586.2, "100000.00", "110000")
+    write_pet_series(tmp_path, pixels, slope, 1.0, 70.0, 370e6, 6586.2, "100000.00", "110000")
     suv, affine = volumes.load_volume(tmp_path)
     decayed_dose = 370e6 * 2.0 ** (-3600.0 / 6586.2)
     expected = (pixels * np.array(slope) + 1.0) * 70000.0 / decayed_dose
@@ -199,8 +158,8 @@ def test_dicom_suv_conversion(tmp_path):
 
 @pytest.mark.parametrize("field", ["PatientWeight", "RadionuclideTotalDose", "RadionuclideHalfLife"])
 def test_dicom_missing_field_is_named(tmp_path, field):
-    _write_pet_series(tmp_path, np.ones((2, 2, 2)), [1.0, 1.0], 0.0, 70.0, 370e6, 6586.2,
-                      "100000", "110000", drop=field)
+    write_pet_series(tmp_path, np.ones((2, 2, 2)), [1.0, 1.0], 0.0, 70.0, 370e6, 6586.2,
+                     "100000", "110000", drop=field)
     with pytest.raises(ValueError, match=field):
         volumes.load_volume(tmp_path)
 
@@ -227,7 +186,7 @@ def test_resample_to_voxel_and_back():
 def test_published_normalisation():
     """The published [0, 1] mapping (SUV clipped at 16, divided by 16) via the one SUV <-> model
     module, on numpy arrays and torch tensors."""
-    from guided_diffusion.pet.normalisation import PUBLISHED_NORMALISATION, model_to_suv, suv_to_model
+    from guided_diffusion.normalisation import PUBLISHED_NORMALISATION, model_to_suv, suv_to_model
 
     suv = np.array([-1.0, 0.0, 2.0, 16.0, 40.0])
     model = suv_to_model(suv, PUBLISHED_NORMALISATION)

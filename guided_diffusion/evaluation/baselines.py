@@ -30,10 +30,10 @@ import math
 import numpy as np
 from bm3d import bm3d as bm3d_2d
 from bm4d import bm4d as bm4d_3d
-from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
 from . import metrics
+from ..pet.filters import gaussian_filter
 from ..pet.volumes import atomic_write_bytes
 
 MODES = ("slice", "volume")
@@ -60,8 +60,8 @@ def _per_axial_slice(function, volume):
 def gaussian(volume, sigma_mm=None, sigma_vox=None, voxel_mm=(1.0, 1.0, 1.0)):
     """3D Gaussian filter; give exactly one of ``sigma_mm`` (with ``voxel_mm``) or ``sigma_vox``.
 
-    Sigmas are standard deviations (FWHM = 2.355 sigma), scalar or one per axis ``(X, Y, Z)``.
-    Borders use reflection.
+    Sigmas are standard deviations (:func:`~guided_diffusion.pet.filters.fwhm_to_sigma`), scalar
+    or one per axis ``(X, Y, Z)``; the toolkit's filter (:mod:`guided_diffusion.pet.filters`).
     """
     volume = _check_volume(volume)
     if (sigma_mm is None) == (sigma_vox is None):
@@ -74,7 +74,7 @@ def gaussian(volume, sigma_mm=None, sigma_vox=None, voxel_mm=(1.0, 1.0, 1.0)):
     sigma_vox = np.broadcast_to(np.asarray(sigma_vox, dtype=np.float64), (3,))
     if (sigma_vox < 0).any():
         raise ValueError(f"Gaussian sigma must be non-negative, got {sigma_vox}")
-    return ndimage.gaussian_filter(volume, sigma=tuple(sigma_vox), mode="reflect")
+    return gaussian_filter(volume, tuple(sigma_vox))
 
 
 def bm3d(volume, sigma, mode="slice", profile="np"):

@@ -19,7 +19,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .linear_operator import LinearOperator, convolve_axis, gaussian_kernel
+from .filters import convolve_axis, fwhm_to_sigma
+from .linear_operator import LinearOperator, psf_kernel
 from .projector import geometric_projector
 
 MU_MAX_PER_MM = 0.05          # bone at 511 keV is ~0.017/mm; 0.05/mm can only be a unit error
@@ -106,7 +107,7 @@ def smooth_scatter_shape(attenuated_emission: torch.Tensor, support: torch.Tenso
                          fwhm_mm: float = DEFAULT_SCATTER_FWHM_MM) -> torch.Tensor:
     """A smooth scatter distribution: Gaussian low-pass of the attenuated emission sinogram along
     the radial (and plane) axes, restricted to the body ``support`` (a 0/1 sinogram)."""
-    kernel = gaussian_kernel(fwhm_mm / 2.3548 / radial_bin_mm)
+    kernel = psf_kernel(fwhm_to_sigma(fwhm_mm) / radial_bin_mm)
     smooth = convolve_axis(attenuated_emission, kernel, -3)
     if attenuated_emission.shape[-1] > 1:
         smooth = convolve_axis(smooth, kernel, -1)

@@ -71,6 +71,16 @@ def _suffix(path):
     return os.path.splitext(name)[1]
 
 
+def stem(path):
+    """The name of a volume file without its suffix (``.nii.gz``, ``.nii``, ``.npz``; any
+    case), or of a DICOM series directory: what output files are named after."""
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    for suffix in (".nii.gz",) + VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def load_volume(path, key=None, index=0, voxel_mm=PUBLISHED_VOXEL_MM):
     """Read one volume: ``(float32 (X, Y, Z) SUV, 4x4 affine in mm)``.
 
@@ -116,6 +126,10 @@ def _load_npz(path, key, index, voxel_mm):
         raise ValueError(f"{path}: unreadable npz file ({type(error).__name__}: {error})") from None
     if stack is None:
         raise ValueError(f"{path}: missing key {key!r} (keys present: {keys})")
+    if stack.ndim == 3 and stack.shape[0] <= 2 < min(stack.shape[1:]):
+        raise ValueError(f"{path}: key {key!r} has shape {stack.shape}, a stack of 2D images "
+                         f"({key}[0] is {stack.shape[1:]}); expected an (X, Y, Z) volume or a "
+                         f"stack (N, X, Y, Z)")
     arr = check_volume(_pick(stack, index, path, f"key {key!r}"), path)
     if affine is None:
         affine = np.diag(np.append(np.broadcast_to(np.asarray(voxel_mm, float), (3,)), 1.0))
@@ -147,10 +161,10 @@ def _dicom_seconds(value):
     return hours * 3600 + minutes * 60 + seconds
 
 
-def _required(ds, name, path):
+def _required(ds, name, path, consequence="cannot convert to SUV"):
     value = getattr(ds, name, None)
     if value is None or value == "":
-        raise ValueError(f"{path}: DICOM field {name} is missing; cannot convert to SUV")
+        raise ValueError(f"{path}: DICOM field {name} is missing; {consequence}")
     return value
 
 
@@ -193,12 +207,11 @@ def dicom_suv_factor(ds, path):
     return weight_kg * 1000.0 / dose_bq
 
 
-def load_dicom_series(directory):
-    """Read a DICOM PET series directory as ``(float32 (X, Y, Z) SUV, 4x4 RAS affine)``.
-
-    X follows the image columns, Y the rows, Z the slices sorted along the slice normal
-    (feet -> head for axial images). Each slice's RescaleSlope/Intercept is applied.
-    """
+def read_dicom_slices(directory):
+    """The image datasets of a DICOM series directory, sorted along the slice normal (image row
+    direction x column direction: feet -> head for axial images). Raises ValueError naming
+    ``directory`` when it holds no images, a geometry field is missing or the slices differ in
+    size."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -215,20 +228,29 @@ def load_dicom_series(directory):
             slices.append(ds)
     if not slices:
         raise ValueError(f"{directory}: no DICOM images found")
-    for name in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-        _required(slices[0], name, directory)
-    orientation = np.array(slices[0].ImageOrientationPatient, dtype=float)
-    row_dir, col_dir = orientation[:3], orientation[3:]
-    normal = np.cross(row_dir, col_dir)
+    for name in ("ImageOrientationPatient", "PixelSpacing"):
+        _required(slices[0], name, directory, "cannot build the affine")
+    for ds in slices:
+        _required(ds, "ImagePositionPatient", directory, "cannot build the affine")
+    normal = _dicom_directions(slices[0])[2]
     slices.sort(key=lambda ds: float(np.dot(np.array(ds.ImagePositionPatient, float), normal)))
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in slices}
     if len(shapes) != 1:
         raise ValueError(f"{directory}: slices have different sizes {sorted(shapes)}")
-    volume = np.stack([
-        ds.pixel_array.astype(np.float64).T * float(getattr(ds, "RescaleSlope", 1.0))
-        + float(getattr(ds, "RescaleIntercept", 0.0)) for ds in slices], axis=-1)
-    volume *= dicom_suv_factor(slices[0], directory)
+    return slices
 
+
+def _dicom_directions(ds):
+    """Unit row direction, column direction and slice normal (LPS) of a DICOM image."""
+    orientation = np.array(ds.ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    return row_dir, col_dir, np.cross(row_dir, col_dir)
+
+
+def dicom_affine(slices):
+    """4x4 voxel index -> RAS+ mm affine of sorted DICOM slices (from :func:`read_dicom_slices`):
+    X along the image columns, Y along the rows, Z along the slices."""
+    row_dir, col_dir, normal = _dicom_directions(slices[0])
     row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
     first = np.array(slices[0].ImagePositionPatient, dtype=float)
     if len(slices) > 1:
@@ -240,7 +262,21 @@ def load_dicom_series(directory):
     affine_lps[:3, 1] = col_dir * row_spacing
     affine_lps[:3, 2] = step
     affine_lps[:3, 3] = first
-    return check_volume(volume, directory), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+
+
+def load_dicom_series(directory):
+    """Read a DICOM PET series directory as ``(float32 (X, Y, Z) SUV, 4x4 RAS affine)``.
+
+    X follows the image columns, Y the rows, Z the slices sorted along the slice normal
+    (feet -> head for axial images). Each slice's RescaleSlope/Intercept is applied.
+    """
+    slices = read_dicom_slices(directory)
+    volume = np.stack([
+        ds.pixel_array.astype(np.float64).T * float(getattr(ds, "RescaleSlope", 1.0))
+        + float(getattr(ds, "RescaleIntercept", 0.0)) for ds in slices], axis=-1)
+    volume *= dicom_suv_factor(slices[0], directory)
+    return check_volume(volume, directory), dicom_affine(slices)
 
 
 def list_inputs(path):

@@ -25,7 +25,7 @@ Tensors: model layout ``(B, 1, Z, X, Y)``; the PET operators use ``(B, X, Y, Z)`
 import numpy as np
 import torch
 
-from .guidance import LowDoseAcquisition, model_to_volume, step_index, volume_to_model
+from .guidance import model_to_volume, step_index, volume_to_model
 from ..pet.recon import osem, osem_sensitivities
 
 
@@ -72,16 +72,17 @@ class PoissonDataConsistency:
             return x_prev + weight * (self.em_update(x0) - x0)
 
 
-class DataConsistencyFactory(LowDoseAcquisition):
-    """Builds :class:`PoissonDataConsistency` per volume and member (``scripts/test.py``).
+class DataConsistencyFactory:
+    """Builds :class:`PoissonDataConsistency` per volume and member (a guidance factory).
 
+    :param acquisition: the acquisition model
+        (:class:`~guided_diffusion.sampling.guidance.LowDoseAcquisition`).
     :param num_steps, iters, subsets: see :class:`PoissonDataConsistency`.
     :param use_ddim: the sampler is DDIM (picks the ``x0`` weight).
-    :param acquisition: keyword arguments of :class:`LowDoseAcquisition`.
     """
 
-    def __init__(self, *, num_steps, iters=1, subsets=1, use_ddim=False, **acquisition):
-        super().__init__(**acquisition)
+    def __init__(self, acquisition, *, num_steps, iters=1, subsets=1, use_ddim=False):
+        self.acquisition = acquisition
         self.num_steps = int(num_steps)
         self.iters = int(iters)
         self.subsets = int(subsets)
@@ -92,5 +93,5 @@ class DataConsistencyFactory(LowDoseAcquisition):
             weight = np.sqrt(diffusion.alphas_cumprod_prev)
         else:
             weight = diffusion.posterior_mean_coef1
-        return PoissonDataConsistency(y0, self, weight, num_steps=self.num_steps,
+        return PoissonDataConsistency(y0, self.acquisition, weight, num_steps=self.num_steps,
                                       iters=self.iters, subsets=self.subsets)

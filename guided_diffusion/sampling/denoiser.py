@@ -2,24 +2,22 @@
 Denoise whole PET volumes with a patch-trained diffusion model.
 
 :class:`VolumeDenoiser` takes a low-dose volume ``(X, Y, Z)`` in SUV on any grid and returns the
-denoised volume on the same grid:
+denoised volume on the same grid, running the stages of this package in order:
 
-1. negative values (FBP images have them) are clipped to 0, the volume is resampled to the
-   model's voxel size, X and Y are zero-padded (air) to the multiple the UNet needs;
-2. SUV -> model space with the checkpoint's normalisation, layout ``(1, 1, Z, X, Y)``;
-3. the reverse diffusion runs on the whole volume: a :class:`~guided_diffusion.sampling.distributed.PatchedModel`
-   blends overlapping patch predictions at every step (seam-free), or, for comparison, every
-   patch runs its own chain and the samples are stitched at the end (``stitch="independent"``);
-4. conditioning: ``paired`` feeds the low-dose volume as the model's ``low_res`` channel; a
-   ``conditioner_factory`` adds a per-step hook (BC-DPM's bidirectional block); ``start_t``
-   starts from the diffused low-dose volume instead of pure noise;
-5. model space -> SUV, padding removed, resampled back to the input grid;
-6. voxels above the model's SUV range (:mod:`guided_diffusion.sampling.hot_voxels`: by default a second
-   pass on the input scaled into range) and, when ``fusion_kappa`` is set, the noise-adaptive
-   fusion with the input (:mod:`guided_diffusion.sampling.fusion`).
+1. the input transforms (:mod:`.transforms`): negatives to 0, resampling to the model's voxel
+   size, transaxial padding, SUV -> model space ``(1, 1, Z, X, Y)``;
+2. the reverse diffusion on the whole volume: a :class:`~.distributed.PatchedModel` blends
+   overlapping patch predictions at every step (seam-free), or, for comparison, every patch
+   runs its own chain and the samples are stitched at the end (``stitch="independent"``);
+   ``paired`` feeds the low-dose volume as the model's ``low_res`` channel, a
+   ``guidance_factory`` adds the per-step hook (:mod:`.guidance`), ``start_t`` starts from the
+   diffused low-dose volume instead of pure noise;
+3. the inverse transforms back to SUV on the input grid;
+4. the post-processing steps (:mod:`.postprocess`) on each member;
+5. the ensemble mean and, for two or more members, the voxel-wise standard deviation.
 
 Every ensemble member has its own seed and a ``torch.Generator`` that makes every random draw
-(start noise, per-step noise, conditioning noise), so a member's result does not depend on the
+(start noise, per-step noise, guidance noise), so a member's result does not depend on the
 number of ranks: in seam-free mode each rank samples its box of the volume, exchanging only the
 overlap regions of the network outputs with the other ranks, and draws its part of the whole
 volume's noise.
@@ -34,12 +32,11 @@ import torch
 import torch.distributed as dist
 
 from .. import fp16_util
-from .hot_voxels import HOT_MODES, replace_hot_voxels, rescale_factor
-from .fusion import fuse_with_input
-from ..normalisation import model_to_suv, null_condition_like, resolve_normalisation, suv_to_model
+from ..normalisation import null_condition_like, resolve_normalisation
 from .distributed import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
-from ..pet import volumes
 from .patches import PatchGrid
+from .postprocess import Member, default_steps
+from .transforms import model_input_transforms
 
 STITCH_MODES = ("seamfree", "independent")
 
@@ -98,13 +95,6 @@ def is_null_conditioned_prior(metadata, mode):
     return mode == "bcdpm" and metadata["cond"] == "paired"
 
 
-def recommended_fusion_kappa(metadata, requested=None):
-    """``requested`` if given (0: off), else the checkpoint's ``sampling.fusion_kappa``
-    recommendation; ``None`` means no fusion."""
-    kappa = metadata.get("sampling", {}).get("fusion_kappa") if requested is None else requested
-    return kappa or None
-
-
 def member_network_evaluations(info):
     """Network evaluations of one ensemble member (its ``info`` from :meth:`VolumeDenoiser.denoise`),
     the hot-voxel rescale pass included."""
@@ -140,30 +130,30 @@ class VolumeDenoiser:
     :param metadata: checkpoint metadata (``normalisation``, ``voxel_mm``, ``patch_size_zxy``,
         ``cond``), see :mod:`guided_diffusion.checkpoints`.
     :param settings: :class:`SamplingSettings`.
-    :param conditioner_factory: optional ``factory(y0, diffusion, generator, prepared)`` returning
-        a sampler ``step_hook`` (e.g. BC-DPM's block) for one member; ``y0`` is the low-dose
-        volume in model space ``(1, 1, Z, X, Y)``. The hot-voxel rescale pass calls it on
-        ``y0 / k``: a factory must derive its activity-to-counts scale from ``y0`` at a fixed
-        count level (as :class:`~guided_diffusion.sampling.guidance.LowDoseAcquisition` does),
-        so that the scaled pass simulates the same acquisition.
+    :param guidance_factory: optional ``factory(y0, diffusion, generator, prepared)`` returning
+        a sampler ``step_hook`` (:mod:`.guidance`, e.g. BC-DPM's block) for one member; ``y0``
+        is the low-dose volume in model space ``(1, 1, Z, X, Y)``. The hot-voxel rescale pass
+        calls it on ``y0 / k``: a factory must derive its activity-to-counts scale from ``y0``
+        at a fixed count level (as :class:`~.guidance.LowDoseAcquisition` does), so that the
+        scaled pass simulates the same acquisition.
+    :param post_steps: the post-processing steps (:mod:`.postprocess`); default: from the
+        settings' ``hot_voxels`` and ``fusion_kappa``.
     :param rank, world_size: this process's share of the network evaluations.
     """
 
-    def __init__(self, model, diffusion, metadata, settings, *, conditioner_factory=None,
-                 rank=0, world_size=1):
+    def __init__(self, model, diffusion, metadata, settings, *, guidance_factory=None,
+                 post_steps=None, rank=0, world_size=1):
         if settings.stitch not in STITCH_MODES:
             raise ValueError(f"stitch must be one of {STITCH_MODES}, got {settings.stitch!r}")
-        if settings.hot_voxels not in HOT_MODES:
-            raise ValueError(f"hot_voxels must be one of {HOT_MODES}, got {settings.hot_voxels!r}")
-        if settings.stitch == "independent" and conditioner_factory is not None:
-            raise ValueError("the physics conditioning (BC-DPM, data consistency) acts on whole "
+        if settings.stitch == "independent" and guidance_factory is not None:
+            raise ValueError("the physics guidance (BC-DPM, data consistency) acts on whole "
                              "volumes: use stitch='seamfree'")
         self.model = model
         self.network = _PrecisionModel(model, settings.precision)
         self.diffusion = diffusion
         self.metadata = metadata
         self.settings = settings
-        self.conditioner_factory = conditioner_factory
+        self.guidance_factory = guidance_factory
         self.rank = rank
         self.world_size = world_size
         self.paired = metadata["cond"] == "paired"
@@ -174,48 +164,24 @@ class VolumeDenoiser:
         self.voxel_mm = np.broadcast_to(np.asarray(metadata["voxel_mm"], dtype=float), (3,))
         self.multiple = 2 ** (len(model.channel_mult) - 1)
         self.device = self.network.device
+        self.transforms = model_input_transforms(self.normalisation, self.voxel_mm, self.multiple,
+                                                 self.device)
+        if post_steps is None:
+            post_steps = default_steps(settings.hot_voxels,
+                                       resolve_normalisation(self.normalisation)["clip"],
+                                       settings.fusion_kappa)
+        self.post_steps = list(post_steps)
 
     # ------------------------------------------------------------------ grid and space changes
 
     def prepare(self, suv, affine):
-        """Low-dose SUV volume ``(X, Y, Z)`` -> dict with the model-space tensor ``y0``
-        ``(1, 1, Z, X', Y')`` and what :meth:`finish` needs to undo every step."""
-        suv = np.asarray(suv, dtype=np.float32)
-        affine = np.asarray(affine, dtype=np.float64)
-        negative = float((suv < 0).mean())
-        suv = np.clip(suv, 0.0, None)
-        input_voxel = volumes.voxel_sizes(affine)
-        resampled = not np.allclose(input_voxel, self.voxel_mm, rtol=0.01)
-        model_grid_affine = affine
-        if resampled:
-            suv, model_grid_affine = volumes.resample_to_voxel(suv, affine, self.voxel_mm)
-        pads = [(0, 0)]
-        for n in suv.shape[:2]:
-            total = -n % self.multiple
-            pads.append((total // 2, total - total // 2))
-        pads = [pads[1], pads[2], (0, 0)]
-        padded = np.pad(suv, pads)
-        y0 = suv_to_model(torch.from_numpy(padded).permute(2, 0, 1)[None, None], self.normalisation)
-        return dict(
-            y0=y0.to(self.device, torch.float32).contiguous(),
-            pads=pads,
-            model_shape=tuple(suv.shape),
-            model_grid_affine=model_grid_affine,
-            input_affine=affine,
-            resampled=resampled,
-            negative_fraction=negative,
-            padded_suv=padded,
-        )
+        """Low-dose SUV volume ``(X, Y, Z)`` -> the transforms' record, with the model-space
+        tensor ``y0`` ``(1, 1, Z, X', Y')`` (see :mod:`.transforms`)."""
+        return self.transforms.forward(suv, affine)
 
-    def finish(self, sample, prepared, input_shape):
+    def finish(self, sample, prepared):
         """Model-space sample ``(1, 1, Z, X', Y')`` -> SUV ``(X, Y, Z)`` on the input grid."""
-        suv = model_to_suv(sample[0, 0].permute(1, 2, 0).float().cpu(), self.normalisation).numpy()
-        (x0, x1), (y0, y1), _ = prepared["pads"]
-        suv = suv[x0:suv.shape[0] - x1, y0:suv.shape[1] - y1, :]
-        if prepared["resampled"]:
-            suv = volumes.resample_like(suv, prepared["model_grid_affine"], input_shape,
-                                        prepared["input_affine"])
-        return np.clip(suv, 0.0, None).astype(np.float32)
+        return self.transforms.inverse(sample, prepared)
 
     def grid_for(self, prepared):
         """The patch grid over the padded model-space volume ``(Z, X', Y')``."""
@@ -240,17 +206,14 @@ class VolumeDenoiser:
         noise = torch.randn(y0.shape, generator=generator).to(self.device)
         start_t = settings.start_t
         if start_t is not None:
-            if not 0 <= start_t < self.diffusion.num_timesteps:
-                raise ValueError(f"start_t={start_t} outside [0, {self.diffusion.num_timesteps})")
-            t = torch.full((y0.shape[0],), start_t, device=self.device, dtype=torch.long)
-            noise = self.diffusion.q_sample(y0, t, noise=noise)
+            noise = diffused_start(self.diffusion, y0, start_t, noise)
         model_kwargs = {}
         if self.paired:
             model_kwargs["low_res"] = (null_condition_like(y0, self.normalisation)
                                        if settings.null_condition else y0)
         hook = None
-        if self.conditioner_factory is not None:
-            hook = self.conditioner_factory(y0, self.diffusion, generator, prepared)
+        if self.guidance_factory is not None:
+            hook = self.guidance_factory(y0, self.diffusion, generator, prepared)
         loop_kwargs = dict(
             noise=noise, clip_denoised=settings.clip_denoised, model_kwargs=model_kwargs,
             progress=settings.progress and self.rank == 0, generator=generator,
@@ -309,30 +272,10 @@ class VolumeDenoiser:
             samples = {i: s.to(self.device) for share in shares for i, s in share.items()}
         return grid.stitch([samples[i] for i in range(len(grid))])
 
-    def sample_suv(self, prepared, seed, input_shape):
+    def sample_suv(self, prepared, seed):
         """:meth:`sample` then :meth:`finish`: ``(SUV volume (X, Y, Z), info)``."""
         sample, info = self.sample(prepared, seed)
-        return self.finish(sample, prepared, input_shape), info
-
-    def handle_hot_voxels(self, volume, low_dose, affine, seed):
-        """Replace the voxels above the model's range (``settings.hot_voxels``, see
-        :mod:`guided_diffusion.sampling.hot_voxels`) in one member's SUV ``volume`` ``(X, Y, Z)``.
-
-        :return: ``(volume, info)``; ``info["mode"]`` is the mode applied, ``"rescale"`` adds
-            the factor and the second pass's network evaluations.
-        """
-        clip_suv = resolve_normalisation(self.normalisation)["clip"]
-        mode = self.settings.hot_voxels
-        if mode == "clip":
-            return volume, dict(mode=mode)
-        factor = rescale_factor(low_dose, clip_suv)
-        if mode == "input" or factor == 1.0:
-            return replace_hot_voxels(volume, low_dose, low_dose, clip_suv), dict(mode="input")
-        scaled, info = self.sample_suv(self.prepare(low_dose / factor, affine), seed, low_dose.shape)
-        hot = replace_hot_voxels(scaled * factor, low_dose, low_dose, clip_suv * factor)
-        return replace_hot_voxels(volume, hot, low_dose, clip_suv), dict(
-            mode=mode, factor=factor,
-            network_evaluations=info["network_evaluations_per_patch"] * info["patches"])
+        return self.finish(sample, prepared), info
 
     def denoise(self, suv, affine, seeds, on_member=None, skip=None):
         """Run the ensemble on one volume.
@@ -342,11 +285,10 @@ class VolumeDenoiser:
         :param on_member: optional ``callback(member, suv_volume, info)`` after each member
             (used to save finished members, so an interrupted run can resume).
         :param skip: optional ``{member: suv_volume}`` of members already done (not re-run).
-        :return: ``(mean, std, members, infos)``: SUV volumes ``(X, Y, Z)`` on the input grid
-            (``std`` is the voxel-wise ensemble standard deviation, zero for one member).
+        :return: ``(mean, std, members, infos)``: SUV volumes ``(X, Y, Z)`` on the input grid;
+            ``std`` is the voxel-wise ensemble standard deviation, ``None`` for one member.
         """
         prepared = self.prepare(suv, affine)
-        input_shape = np.shape(suv)
         low_dose = np.clip(np.asarray(suv, dtype=np.float32), 0.0, None)
         members, infos = [], []
         for k, seed in enumerate(seeds):
@@ -354,10 +296,12 @@ class VolumeDenoiser:
                 members.append(np.asarray(skip[k], dtype=np.float32))
                 infos.append(dict(member=k, seed=int(seed), resumed=True))
                 continue
-            volume, info = self.sample_suv(prepared, seed, input_shape)
-            volume, info["hot_voxels"] = self.handle_hot_voxels(volume, low_dose, affine, seed)
-            if self.settings.fusion_kappa is not None:
-                volume, info["fusion"] = fuse_with_input(volume, low_dose, self.settings.fusion_kappa)
+            volume, info = self.sample_suv(prepared, seed)
+            member = Member(low_dose=low_dose, affine=affine, seed=seed,
+                            denoise=lambda other, seed=seed: self.sample_suv(
+                                self.prepare(other, affine), seed))
+            for step in self.post_steps:
+                volume, info[step.name] = step(volume, member)
             info = dict(info, member=k, seed=int(seed))
             if on_member is not None:
                 on_member(k, volume, info)
@@ -365,8 +309,16 @@ class VolumeDenoiser:
             infos.append(info)
         stack = np.stack(members)
         mean = stack.mean(axis=0).astype(np.float32)
-        std = stack.std(axis=0).astype(np.float32) if len(members) > 1 else np.zeros_like(mean)
+        std = stack.std(axis=0).astype(np.float32) if len(members) > 1 else None
         return mean, std, members, dict(members=infos, negative_fraction=prepared["negative_fraction"],
                                         resampled=prepared["resampled"],
                                         model_shape_zxy=list(prepared["y0"].shape[2:]))
 
+
+def diffused_start(diffusion, y0, start_t, noise):
+    """``q_sample(y0, start_t)`` with the given standard normal ``noise``: where a chain that
+    starts at (respaced) step ``start_t`` from the diffused low-dose input begins."""
+    if not 0 <= start_t < diffusion.num_timesteps:
+        raise ValueError(f"start_t={start_t} outside [0, {diffusion.num_timesteps})")
+    t = torch.full((y0.shape[0],), start_t, device=y0.device, dtype=torch.long)
+    return diffusion.q_sample(y0, t, noise=noise)

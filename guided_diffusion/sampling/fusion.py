@@ -27,7 +27,9 @@ All volumes are SUV arrays of one shape in any axis order; filter widths are in 
 """
 
 import numpy as np
-from scipy.ndimage import gaussian_filter, uniform_filter
+from scipy.ndimage import uniform_filter
+
+from ..pet.filters import gaussian_filter
 
 NOISE_BAND_SUV = (1.0, 8.0)
 """Local-mean SUV range of the voxels that estimate the noise index (soft tissue, liver,

@@ -1,6 +1,20 @@
-"""The BC-DPM bidirectional conditioning block (Shen et al. 2023, Eq. (10)) as a sampler hook.
+"""Guidance: the sampler's per-step hooks that steer a sample towards the measured data.
 
-In the last ``l`` reverse transitions, the unconditional sample ``x'_{t-1}`` is replaced by
+The hook interface (one for every kind of guidance): the sampling loop calls
+``hook(x_prev, t, out, model_kwargs)`` after each reverse step with the proposal ``x_prev`` (=
+``x'_{t-1}``), the respaced step index ``t`` and the model output ``out`` (``pred_xstart``...);
+the hook returns the replacement for ``x_prev`` or ``None`` (unchanged). An optional
+``active(t)`` says at which steps it acts (a box-wise sampler gathers the whole volume only
+then). A *factory* ``factory(y0, diffusion, generator, prepared) -> hook`` builds the hook of one
+volume and ensemble member; :func:`chain_factories` runs several in order (:class:`HookChain`).
+
+Hooks here: :class:`BidirectionalConditioner`, the BC-DPM block (Shen et al. 2023, Eq. (10)),
+built by :class:`BCDPMFactory`; Poisson data consistency lives in :mod:`.data_consistency`. Both
+simulate the acquisition through an *acquisition model*: :class:`LowDoseAcquisition` (the
+count level of a low-dose reconstruction, on the model grid) or :class:`KnownAcquisition` (the
+projector, scale and randoms of a simulated scan, as the paper's 2D protocol has them).
+
+In the last ``l`` reverse transitions, BC-DPM replaces the unconditional sample ``x'_{t-1}`` by
 
     x_{t-1} = (1 - lam) * (GF(y_{t-1}) + (I - GF)(x'_{t-1}))
               + lam * (y_{t-1} + x'_{t-1} - N(x'_{t-1})),
@@ -16,133 +30,14 @@ slices, the paper's protocol); the PET operators use the volume layout ``(B, X, 
 """
 
 import math
-import numbers
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-from .hot_voxels import DEFAULT_HOT_MODE
-from .fusion import noise_index
 from ..normalisation import model_to_suv, suv_to_model
+from ..pet.filters import gaussian_filter
 from ..pet.projector import make_projector
 from ..pet.recon import osem, osem_sensitivities
-
-
-def _symmetric_indices(length, radius, device):
-    """Source indices for half-sample symmetric padding (scipy's ``reflect``), any radius."""
-    index = torch.arange(-radius, length + radius, device=device).remainder(2 * length)
-    return torch.where(index >= length, 2 * length - 1 - index, index)
-
-
-def gaussian_kernel_1d(sigma, truncate=4.0, dtype=torch.float64, device=None):
-    """Normalised Gaussian taps for ``sigma`` voxels, radius ``int(truncate * sigma + 0.5)``
-    (the same taps as ``scipy.ndimage.gaussian_filter``)."""
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return taps / taps.sum()
-
-
-def gaussian_filter(x, sigma, truncate=4.0):
-    """Separable Gaussian filter over the spatial axes of ``x`` (all axes after the first two).
-
-    :param x: ``(B, C, *spatial)`` floating tensor, 1 to 3 spatial axes (``(Z, X, Y)`` in 3D).
-    :param sigma: standard deviation in voxels, a scalar or one value per spatial axis; 0 leaves
-        an axis unfiltered.
-    :param truncate: kernel radius in standard deviations.
-    Borders use half-sample symmetric padding (``d c b a | a b c d``), i.e. scipy.ndimage's
-    ``mode="reflect"``, so a constant image stays constant. Returns a tensor like ``x``.
-    """
-    spatial = x.ndim - 2
-    if spatial < 1 or not torch.is_floating_point(x):
-        raise ValueError(f"gaussian_filter needs a floating (B, C, *spatial) tensor, got {x.shape}")
-    sigmas = (sigma,) * spatial if isinstance(sigma, numbers.Real) else tuple(sigma)
-    if len(sigmas) != spatial or any(s < 0 for s in sigmas):
-        raise ValueError(f"sigma must be >= 0, scalar or {spatial} values, got {sigma}")
-    for axis, s in zip(range(2, x.ndim), sigmas):
-        if s == 0:
-            continue
-        taps = gaussian_kernel_1d(float(s), truncate, x.dtype, x.device)
-        radius = (taps.numel() - 1) // 2
-        moved = x.movedim(axis, -1)
-        length = moved.shape[-1]
-        padded = moved.index_select(-1, _symmetric_indices(length, radius, x.device))
-        rows = padded.reshape(-1, 1, length + 2 * radius)
-        filtered = F.conv1d(rows, taps.view(1, 1, -1)).reshape(moved.shape)
-        x = filtered.movedim(-1, axis)
-    return x
-
-
-BC_DEFAULT_LAMBDA = 0.2  # the paper's lambda (Shen et al. 2023, Sec. 3)
-BC_DEFAULT_SIGMA_MM = 4.0
-
-BC_TUNED_TYPES = dict(bc_lambda=float, bc_sigma_mm=float, bc_steps=int, hot_voxels=str)
-"""The per-noise-level BC-DPM settings of a tuning table row, with their types: ``lambda``,
-the Gaussian-filter sigma (mm), ``l`` (conditioned last steps; with ``--bc_start`` also where
-the chain starts, so it sets how much diffusion noise the prior has to remove) and the
-hot-voxel mode (:mod:`guided_diffusion.sampling.hot_voxels`)."""
-
-BC_DEFAULTS = dict(bc_lambda=BC_DEFAULT_LAMBDA, bc_sigma_mm=BC_DEFAULT_SIGMA_MM,
-                   hot_voxels=DEFAULT_HOT_MODE)
-"""Defaults of the tuned settings without a table (``l`` has none: it is the checkpoint's)."""
-
-BC_FACTORY_KEYS = ("bc_lambda", "bc_sigma_mm", "bc_steps")
-"""The tuned settings that :class:`BCDPMFactory` takes (the hot-voxel mode is the sampler's)."""
-
-
-def tuned_bc_settings(tuning, index):
-    """The row of a prior's BC-DPM tuning table for an input of noise index ``index``.
-
-    :param tuning: ``[{"noise_index", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels",
-        ...}, ...]``, one row per tuned dose level (a checkpoint sidecar's
-        ``sampling.bc_tuning``, written by ``scripts/tune_bcdpm.py``; any of the settings may
-        be absent); ``noise_index`` is the
-        validation inputs' mean :func:`~guided_diffusion.sampling.fusion.noise_index` (SUV).
-    :param index: the input's noise index (SUV) or ``None`` (not measurable).
-    :return: the row nearest in log noise index, or ``None`` without a table or an index.
-    """
-    if not tuning or index is None or not index > 0:
-        return None
-    return min(tuning, key=lambda row: abs(math.log(index / float(row["noise_index"]))))
-
-
-def resolve_bc_settings(given, tuning, low_dose, defaults=None):
-    """BC-DPM's ``lambda``, Gaussian-filter sigma (mm), ``l`` and hot-voxel mode for one input.
-
-    For each key of :data:`BC_TUNED_TYPES`, a value given (not ``None``) wins; otherwise it
-    comes from ``tuning``'s row for the noise index of ``low_dose`` (SUV volume ``(X, Y, Z)``,
-    :func:`tuned_bc_settings`), else from ``defaults`` over :data:`BC_DEFAULTS`.
-
-    :param given: ``{key: value or None}`` (e.g. the command line's ``--bc_lambda``).
-    :param defaults: ``{key: value}`` replacing or adding to :data:`BC_DEFAULTS` (e.g. the
-        checkpoint's recommended ``bc_steps``; a key without any value is a ``ValueError``).
-    :return: ``(settings, report)``: ``settings`` maps each key to its value, ``report`` adds
-        the noise index and where each value came from (``key + "_source"``: ``"given"``,
-        ``"tuning"`` or ``"default"``).
-    """
-    missing = [key for key in BC_TUNED_TYPES if given.get(key) is None]
-    index = noise_index(low_dose) if tuning and missing else None
-    row = tuned_bc_settings(tuning, index) or {}
-    defaults = dict(BC_DEFAULTS, **(defaults or {}))
-    settings, report = {}, dict(noise_index=index)
-    for key, kind in BC_TUNED_TYPES.items():
-        for source, values in (("given", given), ("tuning", row), ("default", defaults)):
-            if values.get(key) is not None:
-                settings[key], report[key + "_source"] = kind(values[key]), source
-                break
-        else:
-            raise ValueError(f"no value for {key}: give it or a default")
-    report.update(settings)
-    return settings, report
-
-
-def check_bc_steps(bc_steps, num_timesteps, bc_start):
-    """Raise ``ValueError`` unless ``l`` fits the sampler: ``0 <= l <= num_timesteps``, and
-    ``l >= 1`` when the chain starts at step ``l`` (``bc_start``)."""
-    if not int(bc_start) <= bc_steps <= num_timesteps:
-        raise ValueError(f"BC-DPM's l = {bc_steps} must lie in [{int(bool(bc_start))}, "
-                         f"{num_timesteps}] (the sampler's steps)")
 
 
 def step_index(t):
@@ -302,7 +197,28 @@ class PoissonNoiseInserter:
         return self.activity_to_model(volume_to_model(recon, x.ndim)).to(x.dtype)
 
 
-class LowDoseAcquisition:
+class AcquisitionModel:
+    """What the physics guidance needs of an acquisition: the map between model space and
+    activity (the checkpoint's ``normalisation``), the voxel size ``voxel_mm`` (scalar or
+    ``(x, y, z)``, mm) and :meth:`acquisition_of`."""
+
+    def __init__(self, normalisation, voxel_mm):
+        self.normalisation = normalisation
+        self.voxel_mm = tuple(float(v) for v in torch.as_tensor(voxel_mm, dtype=torch.float64)
+                              .expand(3).tolist())
+
+    def model_to_activity(self, x):
+        return model_to_suv(x, self.normalisation)
+
+    def activity_to_model(self, a):
+        return suv_to_model(a, self.normalisation)
+
+    def acquisition_of(self, y0):
+        """``(projector, counts_scale, additive)`` for the low-dose ``y0`` (model space)."""
+        raise NotImplementedError
+
+
+class LowDoseAcquisition(AcquisitionModel):
     """The low-dose PET acquisition of a volume on the model grid, for the physics conditions.
 
     Projector of scanner ``scanner`` on the model grid (``mode``, default ``"2d"``: one
@@ -322,12 +238,10 @@ class LowDoseAcquisition:
                  mode="2d", view_mashing=None, psf_fwhm_mm=None):
         if not total_counts > 0:
             raise ValueError(f"total_counts must be > 0, got {total_counts}")
+        super().__init__(normalisation, voxel_mm)
         self.scanner = scanner
         self.total_counts = float(total_counts)
         self.randoms_fraction = float(randoms_fraction)
-        self.normalisation = normalisation
-        self.voxel_mm = tuple(float(v) for v in torch.as_tensor(voxel_mm, dtype=torch.float64)
-                              .expand(3).tolist())
         self.mode = mode
         self.view_mashing = None if view_mashing is None else int(view_mashing)
         self.psf_fwhm_mm = psf_fwhm_mm
@@ -342,12 +256,6 @@ class LowDoseAcquisition:
                                                    view_mashing=self.view_mashing,
                                                    psf_fwhm_mm=self.psf_fwhm_mm)
         return self._projectors[key]
-
-    def model_to_activity(self, x):
-        return model_to_suv(x, self.normalisation)
-
-    def activity_to_model(self, a):
-        return suv_to_model(a, self.normalisation)
 
     def acquisition_of(self, y0):
         """For the low-dose ``y0`` ``(1, 1, Z, X, Y)`` (model space): ``(projector,
@@ -365,47 +273,75 @@ class LowDoseAcquisition:
         return projector, trues / trues_per_unit, additive
 
 
-class BCDPMFactory(LowDoseAcquisition):
-    """Builds the BC-DPM hook for one volume and ensemble member (used by ``scripts/test.py``).
+class KnownAcquisition(AcquisitionModel):
+    """An acquisition whose projector, scale and randoms are known (a simulated scan).
 
-    The noise-insertion condition simulates the low-dose acquisition
-    (:class:`LowDoseAcquisition`) of the current sample: Poisson noise, then
-    ``recon_iters`` x ``recon_subsets`` OSEM as ``P^+``.
-
-    :param num_steps_l, lam: BC-DPM's ``l`` and ``lambda``.
-    :param sigma_mm: Gaussian-filter condition sigma in mm.
-    :param acquisition: keyword arguments of :class:`LowDoseAcquisition`.
+    :param projector: the scan's projector (``.forward`` on ``(B, X, Y, Z)``).
+    :param counts_scale: expected trues per unit of projected activity.
+    :param additive: expected randoms (+ scatter) sinogram in counts, or ``None``.
+    :param normalisation: the checkpoint's model-space normalisation; ``voxel_mm``: voxel size
+        (scalar or ``(x, y, z)``, mm).
     """
 
-    def __init__(self, *, num_steps_l, lam, sigma_mm, recon_iters, recon_subsets, **acquisition):
-        super().__init__(**acquisition)
+    def __init__(self, projector, counts_scale, additive, *, normalisation, voxel_mm):
+        super().__init__(normalisation, voxel_mm)
+        self._acquisition = (projector, float(counts_scale), additive)
+
+    def acquisition_of(self, y0):
+        """``(projector, counts_scale, additive)``, whatever the low-dose ``y0``."""
+        return self._acquisition
+
+
+class BCDPMFactory:
+    """Builds the BC-DPM hook for one volume and ensemble member (every script's BC-DPM).
+
+    The noise-insertion condition simulates the acquisition of the current sample: Poisson
+    noise on ``acquisition``'s expected counts, then ``recon_iters`` x ``recon_subsets`` OSEM
+    (one subset: MLEM) as ``P^+``.
+
+    :param acquisition: :class:`LowDoseAcquisition` or :class:`KnownAcquisition`.
+    :param num_steps_l, lam: BC-DPM's ``l`` and ``lambda``.
+    :param sigma_mm: Gaussian-filter condition sigma in mm (converted per axis with the
+        acquisition's voxel size).
+    """
+
+    def __init__(self, acquisition, *, num_steps_l, lam, sigma_mm, recon_iters, recon_subsets):
+        self.acquisition = acquisition
         self.num_steps_l = int(num_steps_l)
         self.lam = float(lam)
         self.sigma_mm = float(sigma_mm)
         self.recon_iters = int(recon_iters)
         self.recon_subsets = int(recon_subsets)
 
+    def sigma_vox(self, ndim):
+        """The filter sigma per spatial axis of a model tensor with ``ndim`` axes: ``(Z, X, Y)``
+        for 5, ``(X, Y)`` for 4."""
+        vx, vy, vz = self.acquisition.voxel_mm
+        if ndim == 4:
+            return (self.sigma_mm / vx, self.sigma_mm / vy)
+        return (self.sigma_mm / vz, self.sigma_mm / vx, self.sigma_mm / vy)
+
     def __call__(self, y0, diffusion, generator, prepared=None):
-        """The hook for low-dose ``y0`` ``(1, 1, Z, X, Y)`` (model space) and one member's
+        """The hook for low-dose ``y0`` (model space and layout) and one member's
         ``generator``; ``diffusion`` supplies the (respaced) ``alphas_cumprod``."""
-        projector, counts_scale, additive = self.acquisition_of(y0)
+        acquisition = self.acquisition
+        projector, counts_scale, additive = acquisition.acquisition_of(y0)
         # Every conditioned step reconstructs the same acquisition: its EM denominators once.
         sensitivities = osem_sensitivities(projector, self.recon_subsets, scale=counts_scale)
         inserter = PoissonNoiseInserter(
             projector,
-            model_to_activity=self.model_to_activity,
-            activity_to_model=self.activity_to_model,
+            model_to_activity=acquisition.model_to_activity,
+            activity_to_model=acquisition.activity_to_model,
             counts_scale=counts_scale,
             additive=additive,
             recon=partial(osem, n_iter=self.recon_iters, n_subsets=self.recon_subsets,
                           sensitivities=sensitivities),
             generator=generator,
         )
-        vx, vy, vz = self.voxel_mm
-        sigma_vox = (self.sigma_mm / vz, self.sigma_mm / vx, self.sigma_mm / vy)
         return BidirectionalConditioner(
             y0, diffusion.alphas_cumprod, num_steps_l=self.num_steps_l, lam=self.lam,
-            gaussian_sigma_vox=sigma_vox, noise_inserter=inserter, generator=generator)
+            gaussian_sigma_vox=self.sigma_vox(y0.ndim), noise_inserter=inserter,
+            generator=generator)
 
 
 class HookChain:

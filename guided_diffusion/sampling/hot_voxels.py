@@ -24,7 +24,8 @@ copied into the output. All volumes are SUV arrays of one shape in any axis orde
 """
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+
+from ..pet.filters import gaussian_filter
 
 HOT_MODES = ("rescale", "input", "clip")
 DEFAULT_HOT_MODE = "rescale"
@@ -34,7 +35,6 @@ HOT_RAMP = (0.75, 1.0)
 
 HOT_SMOOTHING_SIGMA = 1.0
 """Gaussian width (voxels) of the smoothing of the input that decides which voxels are hot."""
-
 
 
 def smoothed_input(low_dose):

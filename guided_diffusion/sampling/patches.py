@@ -1,4 +1,4 @@
-"""Patch grids over volumes of any shape, smooth blending weights, stitching and padding.
+"""Patching: a grid of overlapping patches (the splitter) and their weighted blend (the merger).
 
 Shapes here are the *spatial* shapes of model tensors: ``(Z, X, Y)`` for 3D (model layout
 ``(B, C, Z, X, Y)``) or ``(X, Y)`` for 2D slices; the grid itself works for any number of axes.
@@ -19,22 +19,18 @@ Blending weights
     patches covering a voxel sum to one (to float64 rounding), and a voxel covered by only one
     patch has weight exactly 1, also at the volume border. Weights are float64.
 
-Padding
-    The published UNet needs the transaxial sizes to be multiples of 16: use
-    :func:`pad_to_multiple` on the volume (and build the grid on the padded shape), then
-    :func:`unpad` on the result.
+The published UNet needs transaxial sizes that are multiples of 16: build the grid on the
+padded volume (:class:`~guided_diffusion.sampling.transforms.PadTransaxial`).
 """
 
 import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_SLAB_DEPTH = 96
 """Axial patch length of the published 3D model (its test script uses 96-slice slabs)."""
 
-PAD_MODES = ("zero", "edge", "reflect")
 
 
 def _per_axis(value, ndim, name):
@@ -251,65 +247,3 @@ class PatchGrid:
         for i, output in enumerate(patch_outputs):
             self.add_weighted(result, (0,) * self.ndim, i, output)
         return result.to(first.dtype if dtype is None else dtype)
-
-
-class Padding:
-    """What :func:`pad_to_multiple` added: ``(before, after)`` voxels per padded axis."""
-
-    def __init__(self, axes, widths):
-        self.axes = tuple(axes)
-        self.widths = tuple(widths)
-
-    def __repr__(self):
-        return f"Padding(axes={self.axes}, widths={self.widths})"
-
-
-def _pad_indices(length, before, after, mode):
-    """Source indices along an axis for ``edge`` or ``reflect`` padding, any pad width."""
-    index = torch.arange(-before, length + after)
-    if mode == "edge" or length == 1:
-        return index.clamp(0, length - 1)
-    period = 2 * (length - 1)
-    index = index.remainder(period)
-    return torch.where(index >= length, period - index, index)
-
-
-def pad_to_multiple(tensor, multiple=16, axes=(-2, -1), mode="zero"):
-    """Pad ``axes`` of ``tensor`` up to a multiple of ``multiple``, split evenly around it.
-
-    ``before = total // 2``, ``after = total - before``. Modes: ``"zero"`` (constant 0, the
-    default: PET background outside the body is air), ``"edge"`` (repeat the border voxel),
-    ``"reflect"`` (mirror without repeating the border voxel, numpy's ``reflect``; any width).
-    Returns ``(padded, padding)``; ``unpad(padded, padding)`` gives back ``tensor`` exactly.
-    """
-    if mode not in PAD_MODES:
-        raise ValueError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
-    if int(multiple) < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    axes = tuple(a % tensor.ndim for a in axes)
-    widths = []
-    padded = tensor
-    for axis in axes:
-        length = tensor.shape[axis]
-        total = -length % int(multiple)
-        before, after = total // 2, total - total // 2
-        widths.append((before, after))
-        if total == 0:
-            continue
-        if mode == "zero":
-            pad = [0, 0] * (tensor.ndim - 1 - axis) + [before, after]
-            padded = F.pad(padded, pad)
-        else:
-            index = _pad_indices(length, before, after, mode).to(tensor.device)
-            padded = padded.index_select(axis, index)
-    return padded, Padding(axes, widths)
-
-
-def unpad(tensor, padding):
-    """Undo :func:`pad_to_multiple`: crop ``padding.widths`` from ``padding.axes``."""
-    index = [slice(None)] * tensor.ndim
-    for axis, (before, after) in zip(padding.axes, padding.widths):
-        if axis >= tensor.ndim:
-            raise ValueError(f"tensor with {tensor.ndim} axes cannot be unpadded on axis {axis}")
-        index[axis] = slice(before, tensor.shape[axis] - after)
-    return tensor[tuple(index)]

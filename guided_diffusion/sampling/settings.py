@@ -1,0 +1,254 @@
+"""The one resolver of sampling settings, and the denoiser built from them.
+
+Every script (``test.py``, the quality report, the benchmark, the tuning scripts) asks
+:func:`resolve_settings` and builds its denoiser with :func:`build_denoiser`. Each setting comes
+from the first of these that has a value (``None`` means "no value"):
+
+1. ``given``: what the caller asked for (a command-line flag);
+2. the checkpoint's BC-DPM tuning table (sidecar ``sampling.bc_tuning``): the row nearest in
+   log noise index to the input's (:func:`tuned_row`), for the keys of :data:`TUNED_KEYS`, in
+   the modes that use BC-DPM's block, when an input is given;
+3. the checkpoint sidecar's ``sampling`` recommendations (:data:`SIDECAR_KEYS`); the diffusion
+   flags (``timestep_respacing``) fall back to the sidecar's ``flags``;
+4. :data:`DEFAULTS`.
+
+The acquisition that BC-DPM and data consistency simulate resolves the same way per key
+(:func:`resolve_acquisition`): given > the input's make_dataset.py subject manifest >
+:data:`ACQUISITION_DEFAULTS`.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+from .. import fp16_util
+from ..pet import dataset_manifest
+from .data_consistency import DataConsistencyFactory
+from .denoiser import SamplingSettings, VolumeDenoiser, is_null_conditioned_prior, serves_as_prior
+from .fusion import noise_index
+from .guidance import BCDPMFactory, LowDoseAcquisition, chain_factories
+from .hot_voxels import HOT_MODES
+
+MODES = ("paired", "bcdpm", "hybrid")
+
+BC_STEPS_BY_NOISE = {"light": 5, "medium": 10, "heavy": 15}
+"""BC-DPM paper: l = 5 / 10 / 15 conditioned reverse steps for light / medium / heavy noise."""
+
+DEFAULTS = dict(
+    timestep_respacing="", use_ddim=None, eta=0.0, clip_denoised=True,
+    patch_z=None, patch_overlap=8, max_patch_voxels=None, batch_size=1, stitch="seamfree",
+    precision="auto", hot_voxels="rescale", fusion_kappa=0.0,
+    bc_steps=BC_STEPS_BY_NOISE["medium"], bc_lambda=0.2, bc_sigma_mm=4.0, bc_start=False,
+    bc_recon_iters=2, bc_recon_subsets=8, dc_steps=0, dc_iters=1, dc_subsets=1,
+)
+"""The last layer. ``use_ddim`` None: DDIM when the respacing is ``"ddimN"``; ``patch_z``
+None: the checkpoint's training patch depth; ``precision`` auto: the checkpoint's
+``use_fp16`` on CUDA, bf16 on a CPU; ``fusion_kappa`` 0: off; ``bc_lambda`` 0.2: the paper's."""
+
+SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "fusion_kappa",
+                "bc_steps", "bc_start")
+"""Keys a checkpoint sidecar's ``sampling`` may recommend."""
+
+TUNED_KEYS = dict(bc_lambda=float, bc_sigma_mm=float, bc_steps=int, hot_voxels=str)
+"""Keys of a BC-DPM tuning-table row, with their types (``scripts/tune_bcdpm.py`` writes them)."""
+
+ACQUISITION_DEFAULTS = dict(scanner="quadra", mode="2d", view_mashing=None, psf_fwhm_mm=None,
+                            randoms_fraction=0.2, total_counts=None)
+"""The simulated acquisition without a flag or a manifest (randoms 20 % of trues: the paper's)."""
+
+
+@dataclass
+class Resolved:
+    """Resolved settings: ``values[key]``, where each came from (``sources[key]``: ``"given"``,
+    ``"tuning"``, ``"checkpoint"``, ``"default"``) and the input's noise index when a tuning
+    row was looked up."""
+
+    values: dict
+    sources: dict
+    mode: str
+    noise_index: float = None
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    def describe(self, keys):
+        """``"key value (source), ..."`` for a log line."""
+        return ", ".join(f"{key} {self.values[key]} ({self.sources[key]})" for key in keys)
+
+
+def resolve_mode(requested, metadata, model_path):
+    """The conditioning mode for ``requested`` (``"auto"``, ``"paired"``, ``"bcdpm"``,
+    ``"hybrid"``): ``auto`` is paired for a paired checkpoint, bcdpm for an unconditional one.
+    Raises ValueError naming ``model_path`` when the checkpoint cannot serve the mode."""
+    cond = metadata["cond"]
+    mode = ("paired" if cond == "paired" else "bcdpm") if requested in (None, "auto") else requested
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected auto or one of {MODES}")
+    if mode in ("paired", "hybrid") and cond != "paired":
+        raise ValueError(f"{model_path}: mode {mode} needs a paired checkpoint; this one is "
+                         f"unconditional (use bcdpm)")
+    if mode == "bcdpm" and not serves_as_prior(metadata):
+        raise ValueError(f"{model_path}: mode bcdpm needs an unconditional prior or a paired "
+                         f"checkpoint trained with --cond_dropout; this one is paired only "
+                         f"(use hybrid)")
+    return mode
+
+
+def uses_bcdpm(mode):
+    """Whether ``mode`` runs BC-DPM's block."""
+    return mode in ("bcdpm", "hybrid")
+
+
+def tuned_row(tuning, index):
+    """The row of a BC-DPM tuning table nearest in log noise index to ``index`` (SUV), or
+    ``None`` without a table or a measurable index. Rows carry ``noise_index`` (the validation
+    inputs' mean :func:`~guided_diffusion.sampling.fusion.noise_index`) and any of
+    :data:`TUNED_KEYS`."""
+    if not tuning or index is None or not index > 0:
+        return None
+    return min(tuning, key=lambda row: abs(math.log(index / float(row["noise_index"]))))
+
+
+def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
+    """Resolve every key of :data:`DEFAULTS` (see the module docstring).
+
+    :param given: ``{key: value or None}``; keys outside :data:`DEFAULTS` are ignored.
+    :param metadata: the checkpoint's sidecar (``sampling``, ``flags``).
+    :param mode: the resolved mode (:func:`resolve_mode`).
+    :param low_dose: the input SUV volume ``(X, Y, Z)`` for the tuning-table lookup; ``None``
+        skips it (run-level settings).
+    :param defaults: entries replacing those of :data:`DEFAULTS` (e.g. ``bc_steps`` from the
+        paper's noise class, ``--bc_noise``).
+    :return: :class:`Resolved`.
+    """
+    sampling = metadata.get("sampling", {})
+    sidecar = {key: sampling.get(key) for key in SIDECAR_KEYS}
+    if sidecar["timestep_respacing"] is None:
+        sidecar["timestep_respacing"] = metadata.get("flags", {}).get("timestep_respacing")
+    tuning = sampling.get("bc_tuning") if uses_bcdpm(mode) else None
+    index, row = None, {}
+    if tuning and low_dose is not None and any(given.get(key) is None for key in TUNED_KEYS):
+        index = noise_index(low_dose)
+        row = tuned_row(tuning, index) or {}
+    values, sources = {}, {}
+    for key, default in dict(DEFAULTS, **(defaults or {})).items():
+        for source, layer in (("given", given), ("tuning", row), ("checkpoint", sidecar),
+                              ("default", {key: default})):
+            if layer.get(key) is not None:
+                value = layer[key]
+                values[key], sources[key] = (TUNED_KEYS[key](value) if source == "tuning" else value), source
+                break
+        else:
+            values[key], sources[key] = None, "default"
+    if values["use_ddim"] is None:
+        values["use_ddim"] = str(values["timestep_respacing"]).startswith("ddim")
+        sources["use_ddim"] = sources["timestep_respacing"]
+    return Resolved(values, sources, mode, index)
+
+
+def check_settings(resolved, num_timesteps):
+    """Raise ValueError (one line, naming the flag) for settings the sampler of
+    ``num_timesteps`` steps cannot run."""
+    v = resolved.values
+    if uses_bcdpm(resolved.mode) or v["bc_start"]:
+        low = int(bool(v["bc_start"]))
+        if not low <= v["bc_steps"] <= num_timesteps:
+            raise ValueError(f"--bc_steps: BC-DPM's l = {v['bc_steps']} ({resolved.sources['bc_steps']}) must lie in "
+                             f"[{low}, {num_timesteps}] (the sampler's steps)")
+    if not 0 <= v["dc_steps"] <= num_timesteps or v["dc_iters"] < 1 or v["dc_subsets"] < 1:
+        raise ValueError(f"--dc_steps {v['dc_steps']} must lie in [0, {num_timesteps}] and --dc_iters / "
+                         f"--dc_subsets be >= 1")
+    if v["fusion_kappa"] < 0:
+        raise ValueError(f"--fusion_kappa must be >= 0 (0: off), got {v['fusion_kappa']}")
+    if v["hot_voxels"] not in HOT_MODES:
+        raise ValueError(f"--hot_voxels must be one of {HOT_MODES}, got {v['hot_voxels']!r}")
+    if not 0.0 <= v["bc_lambda"] <= 1.0:
+        raise ValueError(f"--bc_lambda must lie in [0, 1], got {v['bc_lambda']}")
+    for key in ("patch_overlap", "batch_size", "bc_recon_iters", "bc_recon_subsets"):
+        if v[key] < (0 if key == "patch_overlap" else 1):
+            raise ValueError(f"--{key} must be >= {0 if key == 'patch_overlap' else 1}, got {v[key]}")
+
+
+def resolve_precision(requested, use_fp16, device):
+    """``auto``: ``use_fp16`` (the checkpoint's flag) on CUDA, bf16 on a CPU; else as requested."""
+    if requested in (None, "auto"):
+        precision = fp16_util.resolve_precision(use_fp16, device)
+        return "bf16" if getattr(device, "type", str(device)) == "cpu" else precision
+    return fp16_util.resolve_precision(use_fp16, device, requested)
+
+
+def sampling_settings(resolved, metadata, precision, progress=True):
+    """The :class:`~.denoiser.SamplingSettings` of resolved settings (``precision`` resolved)."""
+    v = resolved.values
+    return SamplingSettings(
+        use_ddim=bool(v["use_ddim"]), eta=v["eta"], clip_denoised=v["clip_denoised"],
+        patch_z=v["patch_z"], overlap=v["patch_overlap"], max_patch_voxels=v["max_patch_voxels"],
+        batch_size=v["batch_size"], stitch=v["stitch"],
+        start_t=v["bc_steps"] - 1 if v["bc_start"] else None, precision=precision,
+        progress=progress, hot_voxels=v["hot_voxels"], fusion_kappa=v["fusion_kappa"] or None,
+        null_condition=is_null_conditioned_prior(metadata, resolved.mode))
+
+
+def resolve_acquisition(given, path=None):
+    """The simulated low-dose acquisition: ``(kwargs of LowDoseAcquisition without the
+    normalisation and voxel size, sources)``.
+
+    :param given: ``{key: value or None}`` for the keys of :data:`ACQUISITION_DEFAULTS`, plus
+        ``full_counts`` and ``drf``: without ``total_counts`` or a manifest's counts,
+        ``full_counts / drf`` sets the count level.
+    :param path: the input file; a make_dataset.py subject manifest beside it supplies the
+        scanner settings and the file's counts
+        (:func:`~guided_diffusion.pet.dataset_manifest.bcdpm_acquisition`).
+    Raises ValueError naming ``path`` when no count level is known.
+    """
+    described = {}
+    description = dataset_manifest.describe_file(path) if path and os.path.isfile(path) else None
+    if description is not None and description.get("counts") is not None:
+        described = dataset_manifest.bcdpm_acquisition(description)
+    from_dose = {}
+    if given.get("drf") and given.get("full_counts"):
+        from_dose["total_counts"] = float(given["full_counts"]) / float(given["drf"])
+    manifest = dataset_manifest.subject_manifest_path(path) if described else None
+    kwargs, sources = {}, {}
+    for key, default in ACQUISITION_DEFAULTS.items():
+        for source, layer in (("given", given), (manifest, described), ("full_counts / drf", from_dose),
+                              ("default", {key: default})):
+            if layer.get(key) is not None or source == "default":
+                kwargs[key], sources[key] = layer.get(key), source
+                break
+    if kwargs["total_counts"] is None:
+        raise ValueError(f"{path}: the physics guidance needs the low-dose count level: give the "
+                         f"counts, or the full-dose counts with the DRF, or a make_dataset.py "
+                         f"subject manifest listing the file's counts")
+    return kwargs, sources
+
+
+def guidance_factory(resolved, metadata, acquisition=None):
+    """The guidance factory of resolved settings: BC-DPM's block (bcdpm / hybrid) and/or
+    Poisson data consistency (``dc_steps``) on ``acquisition`` (an
+    :class:`~.guidance.AcquisitionModel`, or the kwargs of :class:`~.guidance.LowDoseAcquisition`
+    from :func:`resolve_acquisition`); ``None`` when neither runs."""
+    v = resolved.values
+    use_bc, use_dc = uses_bcdpm(resolved.mode), v["dc_steps"] > 0
+    if not (use_bc or use_dc):
+        return None
+    if acquisition is None:
+        raise ValueError("the physics guidance needs an acquisition (count level, scanner)")
+    if isinstance(acquisition, dict):
+        acquisition = LowDoseAcquisition(normalisation=metadata["normalisation"],
+                                         voxel_mm=metadata["voxel_mm"], **acquisition)
+    bc = BCDPMFactory(acquisition, num_steps_l=v["bc_steps"], lam=v["bc_lambda"],
+                      sigma_mm=v["bc_sigma_mm"], recon_iters=v["bc_recon_iters"],
+                      recon_subsets=v["bc_recon_subsets"]) if use_bc else None
+    dc = DataConsistencyFactory(acquisition, num_steps=v["dc_steps"], iters=v["dc_iters"],
+                                subsets=v["dc_subsets"], use_ddim=v["use_ddim"]) if use_dc else None
+    return chain_factories([bc, dc])
+
+
+def build_denoiser(model, diffusion, metadata, resolved, *, precision, acquisition=None,
+                   progress=True, rank=0, world_size=1):
+    """The :class:`~.denoiser.VolumeDenoiser` of resolved settings (checked first)."""
+    check_settings(resolved, diffusion.num_timesteps)
+    return VolumeDenoiser(model, diffusion, metadata, sampling_settings(resolved, metadata, precision, progress),
+                          guidance_factory=guidance_factory(resolved, metadata, acquisition),
+                          rank=rank, world_size=world_size)

@@ -1,0 +1,145 @@
+"""The one settings resolver: flag > tuning-table row > checkpoint sidecar > default, tested
+directly (no subprocess)."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from guided_diffusion.sampling import arguments, settings
+from guided_diffusion.sampling.fusion import noise_index
+from guided_diffusion.pet import volumes
+
+TABLE = [dict(noise_index=0.01, bc_lambda=0.2, bc_sigma_mm=3.0),
+         dict(noise_index=0.25, bc_lambda=0.05, bc_sigma_mm=12.0)]
+
+
+def metadata(cond="none", **sampling):
+    return dict(cond=cond, flags=dict(timestep_respacing="100"), normalisation=dict(clip=16, scale=16),
+                voxel_mm=4.0, sampling=sampling)
+
+
+@pytest.fixture(scope="module")
+def low():
+    rng = np.random.default_rng(0)
+    return rng.poisson(30.0 * np.full((24, 24, 24), 2.0)) / 30.0  # variance per SUV 1/30
+
+
+def test_tuned_row_follows_the_nearest_noise_level_in_log_scale():
+    assert settings.tuned_row(TABLE, 0.04)["bc_sigma_mm"] == 3.0  # 0.04 is nearer 0.01 than 0.25
+    assert settings.tuned_row(TABLE, 0.06)["bc_sigma_mm"] == 12.0
+    assert settings.tuned_row(TABLE, None) is None and settings.tuned_row([], 0.1) is None
+
+
+def test_every_key_has_a_default_and_its_source():
+    resolved = settings.resolve_settings({}, metadata("paired"), "paired")
+    assert set(resolved.values) == set(settings.DEFAULTS)
+    assert resolved["patch_overlap"] == 8 and resolved.sources["patch_overlap"] == "default"
+    assert resolved["precision"] == "auto" and resolved["fusion_kappa"] == 0.0
+    # the respacing falls back to the checkpoint's diffusion flags; DDIM follows it
+    assert resolved["timestep_respacing"] == "100" and resolved.sources["timestep_respacing"] == "checkpoint"
+    assert resolved["use_ddim"] is False
+    assert resolved.noise_index is None
+
+
+def test_flag_beats_sidecar_beats_default():
+    meta = metadata("paired", timestep_respacing="ddim10", patch_z=32, patch_overlap=4, fusion_kappa=2.0)
+    resolved = settings.resolve_settings(dict(patch_overlap=6, patch_z=None), meta, "paired")
+    assert resolved["patch_overlap"] == 6 and resolved.sources["patch_overlap"] == "given"
+    assert resolved["patch_z"] == 32 and resolved.sources["patch_z"] == "checkpoint"
+    assert resolved["fusion_kappa"] == 2.0 and resolved["use_ddim"] is True
+    # an explicit 0 is a value (fusion off), not "not given"
+    assert settings.resolve_settings(dict(fusion_kappa=0.0), meta, "paired")["fusion_kappa"] == 0.0
+
+
+def test_tuning_rows_apply_per_input_in_bcdpm_modes_only(low):
+    meta = metadata(bc_tuning=TABLE, bc_steps=7)
+    resolved = settings.resolve_settings({}, meta, "bcdpm", low_dose=low)
+    assert resolved.noise_index == pytest.approx(noise_index(low))
+    assert 0.01 < resolved.noise_index < 0.06  # the high-pass estimate of 1/30 (gain < 1)
+    row = settings.tuned_row(TABLE, resolved.noise_index)
+    assert (resolved["bc_lambda"], resolved["bc_sigma_mm"]) == (row["bc_lambda"], row["bc_sigma_mm"])
+    assert resolved.sources["bc_lambda"] == resolved.sources["bc_sigma_mm"] == "tuning"
+    # a row without l: the sidecar's; without a hot-voxel mode: the default
+    assert resolved["bc_steps"] == 7 and resolved.sources["bc_steps"] == "checkpoint"
+    assert resolved["hot_voxels"] == "rescale" and resolved.sources["hot_voxels"] == "default"
+    given = settings.resolve_settings(dict(bc_lambda=0.3), meta, "bcdpm", low_dose=low)
+    assert given["bc_lambda"] == 0.3 and given.sources["bc_lambda"] == "given"
+    assert given.sources["bc_sigma_mm"] == "tuning"
+    # the paired mode, and run-level resolution without an input, never read the table
+    assert settings.resolve_settings({}, dict(meta, cond="paired"), "paired", low_dose=low).noise_index is None
+    assert settings.resolve_settings({}, meta, "bcdpm")["bc_lambda"] == settings.DEFAULTS["bc_lambda"]
+    # l and the hot-voxel mode from rows that have them, typed as ints / strings
+    with_l = [dict(row, bc_steps=float(k + 1), hot_voxels="input") for k, row in enumerate(TABLE)]
+    resolved = settings.resolve_settings({}, metadata(bc_tuning=with_l), "bcdpm", low_dose=low)
+    assert resolved["bc_steps"] == 1 and type(resolved["bc_steps"]) is int
+    assert resolved["hot_voxels"] == "input" and resolved.sources["bc_steps"] == "tuning"
+    # everything tuned given: no noise-index lookup
+    all_given = dict(bc_lambda=0.1, bc_sigma_mm=5.0, bc_steps=2, hot_voxels="clip")
+    assert settings.resolve_settings(all_given, meta, "bcdpm", low_dose=low).noise_index is None
+
+
+def test_the_noise_class_sets_the_default_l():
+    parser = argparse.ArgumentParser()
+    arguments.add_guidance_arguments(parser)
+    args = parser.parse_args(["--bc_noise", "heavy"])
+    resolved = settings.resolve_settings(arguments.given_settings(args), metadata(), "bcdpm",
+                                         defaults=arguments.noise_class_defaults(args))
+    assert resolved["bc_steps"] == 15 and resolved.sources["bc_steps"] == "default"
+    resolved = settings.resolve_settings(arguments.given_settings(args), metadata(bc_steps=3), "bcdpm",
+                                         defaults=arguments.noise_class_defaults(args))
+    assert resolved["bc_steps"] == 3  # the sidecar's recommendation beats the noise class
+
+
+def test_check_settings_names_the_bad_value():
+    resolved = settings.resolve_settings(dict(bc_steps=20), metadata(), "bcdpm")
+    with pytest.raises(ValueError, match=r"l = 20 \(given\).*\[0, 10\]"):
+        settings.check_settings(resolved, 10)
+    with pytest.raises(ValueError, match=r"\[1, 10\]"):
+        settings.check_settings(settings.resolve_settings(dict(bc_steps=0, bc_start=True), metadata(),
+                                                          "bcdpm"), 10)
+    for bad in (dict(fusion_kappa=-1.0), dict(dc_steps=11), dict(bc_lambda=1.5), dict(batch_size=0)):
+        with pytest.raises(ValueError):
+            settings.check_settings(settings.resolve_settings(bad, metadata("paired"), "paired"), 10)
+
+
+def test_mode_resolution_checks_the_checkpoint():
+    assert settings.resolve_mode("auto", metadata("paired"), "x.pt") == "paired"
+    assert settings.resolve_mode("auto", metadata("none"), "x.pt") == "bcdpm"
+    with pytest.raises(ValueError, match="x.pt.*unconditional"):
+        settings.resolve_mode("hybrid", metadata("none"), "x.pt")
+    with pytest.raises(ValueError, match="--cond_dropout"):
+        settings.resolve_mode("bcdpm", metadata("paired"), "x.pt")
+    assert settings.resolve_mode("bcdpm", dict(metadata("paired"), cond_dropout=0.2), "x.pt") == "bcdpm"
+
+
+def test_sampling_settings_of_a_cond_dropout_prior_feed_the_null_condition():
+    meta = dict(metadata("paired"), cond_dropout=0.2)
+    for mode, null in (("bcdpm", True), ("paired", False), ("hybrid", False)):
+        resolved = settings.resolve_settings(dict(bc_start=True, bc_steps=3), meta, mode)
+        sampling = settings.sampling_settings(resolved, meta, "fp32")
+        assert sampling.null_condition is null and sampling.start_t == 2
+    plain_prior = metadata("none")
+    resolved = settings.resolve_settings({}, plain_prior, "bcdpm")
+    assert settings.sampling_settings(resolved, plain_prior, "fp32").null_condition is False
+
+
+def test_precision_auto_is_bf16_on_a_cpu():
+    assert settings.resolve_precision("auto", False, "cpu") == "bf16"
+    assert settings.resolve_precision(None, True, "cpu") == "bf16"
+    assert settings.resolve_precision("fp32", True, "cpu") == "fp32"
+
+
+def test_acquisition_flag_beats_manifest_beats_default(tmp_path):
+    alone = tmp_path / "alone.npz"
+    volumes.save_npz(alone, np.ones((4, 4, 4), np.float32))
+    none = dict.fromkeys(("scanner", "view_mashing", "psf_fwhm_mm", "randoms_fraction", "total_counts",
+                          "drf", "full_counts"))
+    with pytest.raises(ValueError, match="alone.npz.*count level"):
+        settings.resolve_acquisition(none, str(alone))
+    kwargs, sources = settings.resolve_acquisition(dict(none, drf=10.0, full_counts=5e6), str(alone))
+    assert kwargs["total_counts"] == 5e5 and sources["total_counts"] == "full_counts / drf"
+    assert kwargs["scanner"] == "quadra" and kwargs["randoms_fraction"] == 0.2
+    kwargs, sources = settings.resolve_acquisition(dict(none, total_counts=123.0, scanner="demo"), str(alone))
+    assert (kwargs["total_counts"], kwargs["scanner"]) == (123.0, "demo")
+    assert sources["total_counts"] == sources["scanner"] == "given"
