@@ -93,7 +93,7 @@ def test_the_noise_class_sets_the_default_l():
 
 def test_check_settings_names_the_bad_value():
     resolved = settings.resolve_settings(dict(bc_steps=20), metadata(), "bcdpm")
-    with pytest.raises(ValueError, match=r"l = 20 \(given\).*\[0, 10\]"):
+    with pytest.raises(ValueError, match=r"--bc_steps.*l = 20 \(given\).*\[0, 10\]"):
         settings.check_settings(resolved, 10)
     with pytest.raises(ValueError, match=r"\[1, 10\]"):
         settings.check_settings(settings.resolve_settings(dict(bc_steps=0, bc_start=True), metadata(),
