@@ -18,11 +18,11 @@ conventions (normalisation to ``[0, 1]``, 1.65 mm voxels) are then assumed for t
 """
 
 import hashlib
-import json
 import os
 
 from . import dist_util
 from .normalisation import PUBLISHED_NORMALISATION
+from .pet.volumes import read_json
 from .script_util import (
     create_model_and_diffusion,
     infer_flags_from_state_dict,
@@ -68,13 +68,9 @@ def read_metadata(model_path):
     ``cond``.
     """
     path = sidecar_path(model_path)
-    if not os.path.exists(path):
+    metadata = read_json(path, "checkpoint metadata")
+    if metadata is None:
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            metadata = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the checkpoint metadata ({error})") from None
     for key in ("flags", "cond"):
         if key not in metadata:
             raise ValueError(f"{path}: checkpoint metadata lacks the key {key!r}")

@@ -30,6 +30,6 @@ echo "[setup] installing $torch_spec, requirements.txt and the toolkit (pip inst
 "$venv/bin/python" -m pip install --quiet "$torch_spec"
 "$venv/bin/python" -m pip install --quiet -r "$repo/requirements.txt"
 # the toolkit itself, editable (scripts and notebooks import guided_diffusion from the checkout)
-"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo"
+"$venv/bin/python" -m pip install --quiet --no-deps -e "$repo"
 "$venv/bin/python" -c "import torch, mpi4py, numpy, scipy, nibabel; print('[setup] torch', torch.__version__)"
 printf '%s' "$want" > "$stamp"

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from guided_diffusion.pet import volumes
 from tests.mpi_helpers import REPO, mpiexec_path
 
 SCRIPT = REPO / "scripts" / "test.py"
@@ -71,6 +72,18 @@ def test_paired_outputs_keep_grid_and_affine(workdir):
     proc = run_script("--model_path", workdir / "paired.pt", "--base_samples",
                       workdir / "subject.npz", "--save_dir", out, *COMMON)
     assert "skipped" in proc.stdout
+
+
+def test_one_member_writes_no_uncertainty_map(workdir):
+    out = workdir / "out_one_member"
+    proc = run_script("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
+                      "--save_dir", out, *COMMON)
+    names = set(os.listdir(out))
+    assert {"subject_denoised.nii.gz", "subject_denoised.npz", "subject.png", "subject.json"} <= names
+    assert not [n for n in names if "uncertainty" in n]
+    report = json.loads((out / "subject.json").read_text())
+    assert report["uncertainty"].startswith("none") and "uncertainty_nii" not in report["outputs"]
+    assert "no uncertainty map" in proc.stdout
 
 
 def test_sidecar_fusion_recommendation_is_the_default(workdir, make_tiny_checkpoint):
@@ -253,7 +266,7 @@ def _bad_npz(path, **arrays):
     return path
 
 
-@pytest.mark.parametrize("case", ["nan", "2d", "empty", "missing_key", "garbage"])
+@pytest.mark.parametrize("case", ["nan", "2d", "2d_stack", "2d_nifti", "empty", "missing_key", "garbage"])
 def test_bad_inputs_exit_with_one_line_naming_the_file(workdir, case):
     bad = workdir / f"bad_{case}.npz"
     if case == "nan":
@@ -262,6 +275,11 @@ def test_bad_inputs_exit_with_one_line_naming_the_file(workdir, case):
         _bad_npz(bad, arr_0=volume)
     elif case == "2d":
         _bad_npz(bad, arr_0=np.ones((16, 16), np.float32))
+    elif case == "2d_stack":  # [low, full] 2D slices: arr_0[0] is (X, Y)
+        _bad_npz(bad, arr_0=np.ones((2, 16, 16), np.float32))
+    elif case == "2d_nifti":  # one slice
+        bad = workdir / "bad_2d_nifti.nii.gz"
+        nib.save(nib.Nifti1Image(np.ones((16, 16, 1), np.float32), AFFINE), bad)
     elif case == "empty":
         bad.write_bytes(b"")
     elif case == "missing_key":
@@ -274,7 +292,20 @@ def test_bad_inputs_exit_with_one_line_naming_the_file(workdir, case):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and str(bad.name) in lines[-1]
+    assert "Traceback" not in proc.stderr
+    if case.startswith("2d"):
+        assert "2D" in lines[-1] and "(16, 16" in lines[-1]
     assert not [n for n in os.listdir(out) if not n.startswith(".")]
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(workdir):
+    garbage = workdir / "garbage.pt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    proc = run_script("--model_path", garbage, "--base_samples", workdir / "subject.npz",
+                      "--save_dir", workdir / "out_garbage", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "garbage.pt" in lines[0] and "not a readable torch checkpoint" in lines[0]
 
 
 def test_unwritable_save_dir_and_mismatched_checkpoint(workdir):
@@ -292,3 +323,36 @@ def test_unwritable_save_dir_and_mismatched_checkpoint(workdir):
                       "--base_samples", workdir / "subject.npz", "--save_dir",
                       workdir / "out_wrong_mode", *COMMON, check=False)
     assert proc.returncode == 2 and "unconditional" in proc.stderr
+
+
+def test_dicom_in_gives_a_denoised_dicom_series_out(workdir):
+    """DICOM in -> test.py -> DICOM out, read back: the npz output's values (16-bit), the input's
+    affine; ``--dicom_out always`` also writes one for an npz input, ``never`` none."""
+    from tests.dicom_helpers import write_pet_series
+
+    series = workdir / "dicom_in"
+    series.mkdir()
+    pixels = np.abs(np.random.default_rng(4).normal(800, 200, (20, 22, 8))).astype(np.uint16)
+    write_pet_series(series, pixels, [1.0] * 8, 0.0, 70.0, 370e6, 6586.2, "100000.00", "110000",
+                     PatientName="Test^Patient", PatientID="P123")
+    out = workdir / "out_dicom"
+    run_script("--model_path", workdir / "paired.pt", "--base_samples", series, "--save_dir", out,
+               "--num_ensemble", 2, *COMMON)
+    _, input_affine = volumes.load_volume(series)
+    for kind in ("denoised", "uncertainty"):
+        written, affine = volumes.load_volume(out / f"dicom_in_{kind}_dicom")
+        expected = np.load(out / f"dicom_in_{kind}.npz")["arr_0"][0]
+        np.testing.assert_allclose(affine, input_affine, atol=1e-4)
+        slope = expected.max(axis=(0, 1)) / 65535  # the writer's per-slice quantisation
+        assert (np.abs(written - expected) <= slope / 2 * 1.001 + 1e-6).all()
+    report = json.loads((out / "dicom_in.json").read_text())
+    assert set(report["dicom"]) == {"denoised", "uncertainty"}
+    import pydicom
+
+    first = pydicom.dcmread(sorted((out / "dicom_in_denoised_dicom").iterdir())[0])
+    assert first.PatientID == "P123" and "pet-3d-ddpm denoised (paired, paired.pt)" == first.SeriesDescription
+    for flag, expect in (("always", True), ("never", False)):
+        npz_out = workdir / f"out_dicom_{flag}"
+        run_script("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
+                   "--save_dir", npz_out, "--dicom_out", flag, *COMMON)
+        assert (npz_out / "subject_denoised_dicom").is_dir() == expect

@@ -9,7 +9,6 @@ Dataset layout (see ``scripts/make_dataset.py``)::
     DIR/s0000/s0000_organs.nii.gz, s0000_FDG_lesions.nii.gz   label volumes on the same grid
 """
 
-import json
 import os
 
 from . import volumes
@@ -29,14 +28,10 @@ def read_subject_manifest(path):
     Raises ValueError naming the manifest when it is not valid JSON or lacks ``files``.
     """
     manifest_path = subject_manifest_path(path)
-    if not os.path.isfile(manifest_path):
+    manifest = volumes.read_json(manifest_path, "subject manifest")
+    if manifest is None:
         return None
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{manifest_path}: unreadable subject manifest ({error})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+    if not isinstance(manifest.get("files"), list):
         raise ValueError(f"{manifest_path}: subject manifest lacks the 'files' list")
     return manifest
 

@@ -12,6 +12,7 @@ series directories (converted to SUV body weight; affine converted from DICOM LP
 NIfTI converters do, slices ordered feet -> head).
 """
 
+import json
 import os
 import re
 import tempfile
@@ -33,6 +34,8 @@ def check_volume(arr, path):
     """Return ``arr`` as float32 if it is a finite, non-empty 3D volume, else raise ValueError
     naming ``path`` and the problem."""
     arr = np.asarray(arr)
+    if arr.ndim == 2:
+        raise ValueError(f"{path}: a 2D image of shape {arr.shape}; expected a 3D (X, Y, Z) volume")
     if arr.ndim != 3:
         raise ValueError(f"{path}: expected a 3D (X, Y, Z) volume, got an array of shape {arr.shape}")
     if arr.size == 0:
@@ -69,6 +72,21 @@ def _suffix(path):
         if name.endswith(suffix):
             return suffix
     return os.path.splitext(name)[1]
+
+
+def read_json(path, what):
+    """The JSON object in ``path``, or ``None`` when the file does not exist; a ValueError naming
+    ``path`` and ``what`` it should hold when it is unreadable or not an object."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable {what} ({error})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: the {what} is not a JSON object")
+    return content
 
 
 def stem(path):
@@ -417,14 +435,6 @@ def save_nifti(path, arr, affine, dtype=np.float32):
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     atomic_write(path, lambda temporary: nib.save(image, temporary), suffix)
-
-
-def save_volume(path, arr, affine):
-    """Write one volume by file type: ``.npz`` (published layout, low dose only) or NIfTI."""
-    if _suffix(path) == ".npz":
-        save_npz(path, arr, affine=affine)
-    else:
-        save_nifti(path, arr, affine)
 
 
 # ----------------------------------------------------------------------------------------------

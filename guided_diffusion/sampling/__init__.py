@@ -12,7 +12,8 @@ The data flow one way, one module per stage:
   :mod:`.fusion`);
 - :mod:`.denoiser`: :class:`~.denoiser.VolumeDenoiser`, which runs them in order;
 - :mod:`.settings`: the one resolver of sampling settings (flag > tuning-table row > checkpoint
-  sidecar > default) that every script uses.
+  sidecar > default) that every script uses, with its command-line groups in :mod:`.arguments`;
+- :mod:`.outputs`: what a batch run writes per input, and the store it resumes from.
 
 May import the core (guided_diffusion's top-level modules) and :mod:`guided_diffusion.pet`;
 never :mod:`guided_diffusion.evaluation` or the scripts.

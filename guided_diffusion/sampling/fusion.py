@@ -18,8 +18,7 @@ The noise variance comes from the input alone: reconstructed PET noise has a var
 proportional to the local activity, ``s2 = kappa * nu * mean(y)``, where the *noise index*
 ``nu`` (variance per SUV) is the median, over voxels of moderate uptake, of the local
 high-pass energy of ``y`` divided by its local mean (:func:`noise_index`). ``nu`` grows
-linearly with the dose reduction factor (measured: 0.012-0.015 at DRF 4, 0.25 at DRF 100 for
-FDG/PSMA/DOTATATE phantoms at 3.3 mm) but underestimates the true per-voxel variance because
+linearly with the dose reduction factor (BENCHMARKS.md lists measured values) but underestimates the true per-voxel variance because
 the noise is spatially correlated; ``kappa`` corrects that and is tuned on validation subjects
 for a checkpoint (its sidecar's ``sampling.fusion_kappa``).
 
@@ -42,9 +41,8 @@ HIGHPASS_SIGMA = 1.0
 """Gaussian width (voxels) of the smoothing removed by the noise index's high-pass."""
 
 FUSION_WINDOW = 7
-"""Box width (voxels) of the local residual energy and of the noise index's high-pass energy;
-with ``kappa = 2`` the best of 3 / 5 / 7 x kappa 1.5-6 on the validation subjects (mean PSNR
-over DRF 4, 20, 100, see checkpoint/README.md)."""
+"""Box width (voxels) of the local residual energy and of the noise index's high-pass energy
+(chosen with kappa on validation subjects by ``scripts/tune_fusion.py``; see the model card)."""
 
 MEAN_SIGMA = 2.0
 """Gaussian width (voxels) of the local mean in the noise index and the noise variance map."""

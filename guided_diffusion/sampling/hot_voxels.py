@@ -19,8 +19,7 @@ The replacement always blends in with a linear ramp of the input's value from ``
 (weight 0) to ``clip`` (weight 1), :data:`HOT_RAMP`, so no edge appears. The ramp and the
 rescale factor read the input smoothed by a Gaussian of :data:`HOT_SMOOTHING_SIGMA` voxels: hot
 organs and lesions span several voxels, while a single-voxel noise spike of a low-dose image
-(23 SUV in 10-SUV tissue, seen in an FDG test volume) is not a hot structure and must not be
-copied into the output. All volumes are SUV arrays of one shape in any axis order.
+is not a hot structure and must not be copied into the output. All volumes are SUV arrays of one shape in any axis order.
 """
 
 import numpy as np
