@@ -1,6 +1,6 @@
-"""scripts/bcdpm_protocol.py: slice dataset, simulated acquisitions, metrics, Table 1 output."""
+"""The BC-DPM 2D protocol: slice dataset (pet.slices), simulated acquisitions, BC-DPM wiring, metrics,
+Table 1 output (evaluation.bcdpm_protocol), and end-to-end runs of scripts/bcdpm_protocol.py."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from guided_diffusion.evaluation import bcdpm_protocol as protocol
+from guided_diffusion.pet import slices
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("bcdpm_protocol", REPO / "scripts" / "bcdpm_protocol.py")
-protocol = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(protocol)
-
+SCRIPT = REPO / "scripts" / "bcdpm_protocol.py"
 SIZE, VOXEL_MM = 32, 16.0   # 512 mm: the whole body on a tiny grid
 TINY_2D_FLAGS = dict(model_and_diffusion_defaults(), image_size=SIZE, dims=2, in_channels=1, num_channels=16,
                      channel_mult="1,2", num_res_blocks=1, num_heads=1, attention_resolutions="",
@@ -33,12 +32,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def run_script(*args):
+    """``scripts/bcdpm_protocol.py ARGS`` in a subprocess (end to end); its stdout."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def slices_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("slices")
-    protocol.main(["make-slices", "--out", str(out), "--subjects", "3", "--seed", "0", "--slices_per_subject", "2",
-                   "--image_size", str(SIZE), "--voxel_mm", str(VOXEL_MM), "--val_subjects", "1",
-                   "--test_subjects", "1"])
+    printed = run_script("make-slices", "--out", out, "--subjects", 3, "--seed", 0, "--slices_per_subject", 2,
+                         "--image_size", SIZE, "--voxel_mm", VOXEL_MM, "--val_subjects", 1, "--test_subjects", 1)
+    assert "wrote 6 slices" in printed
     return out
 
 
@@ -58,18 +65,18 @@ def evaluation(slices_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("evaluate")
     prior = save_tiny_2d_prior(work / "prior.pt")
     out = work / "out"
-    report = protocol.main(["evaluate", "--slices", str(slices_dir), "--prior", str(prior), "--out", str(out),
-                            "--counts", "1e6", "1e4", "--l", "2", "2", "--steps", "5", "--runs", "1",
-                            "--mlem_iters", "10", "--n_test", "2", "--n_val", "1", "--bm3d_factors", "1.0",
-                            "--device", "cpu"])
-    return report, out
+    printed = run_script("evaluate", "--slices", slices_dir, "--prior", prior, "--out", out, "--counts", "1e6", "1e4",
+                         "--l", 2, 2, "--steps", 5, "--runs", 1, "--mlem_iters", 10, "--n_test", 2, "--n_val", 1,
+                         "--bm3d_factors", 1.0, "--device", "cpu", "--threads", 1)
+    assert (out / "table.md").read_text() in printed + "\n"
+    return json.loads((out / "table.json").read_text()), out
 
 
 def test_make_slices_writes_body_slices_split_by_subject(slices_dir):
     manifest = json.loads((slices_dir / "manifest.json").read_text())
     assert manifest["voxel_mm"] == VOXEL_MM and manifest["split"] == {"train": 2, "val": 2, "test": 2}
     subjects = {}
-    for split in protocol.SPLITS:
+    for split in slices.SPLIT_NAMES:
         names = (slices_dir / f"{split}.txt").read_text().split()
         assert len(names) == 2
         for name in names:
@@ -87,30 +94,41 @@ def test_make_slices_writes_body_slices_split_by_subject(slices_dir):
 def test_body_slice_indices_are_stratified_over_the_body():
     activity = np.zeros((4, 4, 60), np.float32)
     activity[:, :, 10:30] = 1.0
-    indices = protocol.body_slice_indices(activity, 4, np.random.default_rng(0))
+    indices = slices.body_slice_indices(activity, 4, np.random.default_rng(0))
     assert [i // 5 for i in indices] == [2, 3, 4, 5]  # one slice in each 5-slice stratum of 10..29
     with pytest.raises(ValueError, match="fewer than"):
-        protocol.body_slice_indices(activity, 21, np.random.default_rng(0))
+        slices.body_slice_indices(activity, 21, np.random.default_rng(0))
 
 
 def test_load_split_spreads_the_chosen_slices_over_the_list(tmp_path):
     names = [f"s{i}.npz" for i in range(5)]
     for i, name in enumerate(names):
-        protocol.save_slice(tmp_path / name, np.full((3, 3), i, np.float32), np.eye(4))
+        slices.save_slice(tmp_path / name, np.full((3, 3), i, np.float32), np.eye(4))
     (tmp_path / "test.txt").write_text("\n".join(names) + "\n")
-    chosen, images = protocol.load_split(tmp_path, "test", 3)
+    chosen, images = slices.load_split(tmp_path, "test", 3)
     assert chosen == ["s0.npz", "s2.npz", "s4.npz"] and images[:, 0, 0].tolist() == [0, 2, 4]
     with pytest.raises(ValueError, match="val.txt"):
-        protocol.load_split(tmp_path, "val", 3)
+        slices.load_split(tmp_path, "val", 3)
+
+
+def test_high_count_slice_is_the_constant_border_gaussian_of_the_scanner_fwhm():
+    from scipy import ndimage
+
+    image = np.zeros((16, 16), np.float32)
+    image[3:9, 2:14] = 2.0
+    sigma_vox = 6.0 / (2 * math.sqrt(2 * math.log(2))) / 2.0
+    np.testing.assert_allclose(slices.high_count_slice(image, 2.0, 6.0),
+                               ndimage.gaussian_filter(image, sigma_vox, mode="constant"), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(slices.high_count_slice(image, 2.0, 0.0), image)
 
 
 def test_make_slices_rejects_a_field_of_view_too_small_for_a_body(tmp_path):
     with pytest.raises(ValueError, match="cannot hold a body"):
-        protocol.make_slices(tmp_path, 1, 0, image_size=32, voxel_mm=4.0)
+        slices.make_slices(tmp_path, 1, 0, image_size=32, voxel_mm=4.0)
 
 
 def test_acquisition_has_the_requested_counts_and_randoms_fraction(slices_dir):
-    _, references = protocol.load_split(slices_dir, "test", 2)
+    _, references = slices.load_split(slices_dir, "test", 2)
     acquisition = protocol.Acquisition(references, 1e5, VOXEL_MM, 3, [1, 2], "cpu")
     measured = acquisition.measured_counts.double().numpy()
     assert np.all(np.abs(measured - 1e5) < 5 * math.sqrt(1e5))   # Poisson total of mean 1e5
@@ -123,7 +141,7 @@ def test_bcdpm_with_only_an_identity_filter_condition_returns_the_low_count_imag
     """lam = 0, GF = identity (sigma 0), l = all steps: Eq. (10) gives x_{t-1} = y_{t-1}, so the last
     step returns y_0 exactly: the wiring (model space, layout, averaging) must give back the input."""
     model, diffusion, metadata = protocol.load_prior(str(save_tiny_2d_prior(tmp_path / "prior.pt")), 3, "cpu")
-    _, references = protocol.load_split(slices_dir, "test", 1)
+    _, references = slices.load_split(slices_dir, "test", 1)
     acquisition = protocol.Acquisition(references, 1e5, VOXEL_MM, 3, [5], "cpu")
     result = protocol.bcdpm_denoise(model, diffusion, metadata["normalisation"], acquisition, 0, steps_l=3, lam=0.0,
                                     gf_sigma_vox=0.0, runs=2, inserter_iters=1, seed=0)
@@ -153,6 +171,7 @@ def test_paper_gains_are_the_published_ones():
 
 def test_evaluate_writes_the_table_with_finite_numbers(evaluation):
     report, out = evaluation
+    assert report == json.loads((out / "table.json").read_text())
     assert {p.name for p in out.iterdir()} >= {"table.md", "table.json", "example.png"}
     saved = json.loads((out / "table.json").read_text())
     assert saved["settings"]["counts"] == [1e6, 1e4] and saved["settings"]["inserter_iters"] == 10
@@ -161,7 +180,9 @@ def test_evaluate_writes_the_table_with_finite_numbers(evaluation):
             for metric in ("psnr", "ssim"):
                 values = saved["results"][method][label][metric]["per_slice"]
                 assert len(values) == 2 and all(math.isfinite(v) for v in values)
-                assert saved["results"][method][label][metric]["mean"] == pytest.approx(np.mean(values))
+                summary = saved["results"][method][label][metric]
+                assert summary["mean"] == pytest.approx(np.mean(values)) and summary["n"] == 2
+                assert summary["sd"] == pytest.approx(np.std(values, ddof=1))
     table = (out / "table.md").read_text()
     header = "| Methods | 1M PSNR | 1M SSIM | 0.01M PSNR | 0.01M SSIM |"
     assert header in table and all(f"| {method} |" in table for method in protocol.METHODS)
@@ -186,15 +207,16 @@ def test_low_count_psnr_drops_with_the_counts(evaluation):
 
 def test_evaluate_rejects_a_3d_prior_and_mismatched_flags(slices_dir, tmp_path, make_tiny_checkpoint):
     prior_3d = make_tiny_checkpoint(tmp_path / "prior3d.pt", "none", voxel_mm=VOXEL_MM)
-    common = ["evaluate", "--slices", str(slices_dir), "--out", str(tmp_path / "out"), "--device", "cpu",
-              "--steps", "5"]
+    def evaluate(prior, steps_l):
+        protocol.evaluate(slices_dir, str(prior), tmp_path / "out", device="cpu", steps=5, steps_l=steps_l)
+
     with pytest.raises(ValueError, match="unconditional 2D prior"):
-        protocol.main(common + ["--prior", str(prior_3d), "--l", "1", "1", "1"])
+        evaluate(prior_3d, [1, 1, 1])
     prior_4mm = save_tiny_2d_prior(tmp_path / "prior4mm.pt", voxel_mm=4.0)
     with pytest.raises(ValueError, match="trained at .* mm voxels"):
-        protocol.main(common + ["--prior", str(prior_4mm), "--l", "1", "1", "1"])
+        evaluate(prior_4mm, [1, 1, 1])
     with pytest.raises(ValueError, match="one value per count level"):
-        protocol.main(common + ["--prior", str(prior_4mm), "--l", "1"])
+        evaluate(prior_4mm, [1])
     assert not (tmp_path / "out").exists()
 
 

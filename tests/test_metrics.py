@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from guided_diffusion.evaluation import metrics
+from guided_diffusion.evaluation import files, metrics
 
 
 def ramp_volume(shape=(10, 9, 8)):
@@ -215,7 +215,7 @@ def test_evaluate_pair_collects_everything():
     assert bare["lesions"] == {} and math.isnan(bare["summary"]["lesion_crc"])
 
 
-# ----------------------------------------------------------------------------- scripts/evaluate.py
+# ----------------------------------------------------------------------------- evaluation.files, scripts/evaluate.py
 
 EVALUATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "scripts", "evaluate.py")
@@ -252,6 +252,27 @@ def evaluation_inputs(tmp_path):
         {"volumes": [{"file": "subjA.npz", "drf": 4}, {"file": "subjB.npz", "drf": 4}]}))
     np.savez(tmp_path / "lesions.npz", lesion_labels)
     return tmp_path, expected
+
+
+def test_evaluate_files_pairs_by_name_or_order_and_finds_the_drf(evaluation_inputs):
+    root, expected = evaluation_inputs
+    records = files.evaluate_files(root / "ref", [root / "gauss", root / "noisy"], ["gauss", "noisy"],
+                                   lesion_labels=root / "lesions.npz", voxel_mm=[2.0])
+    assert len(records) == 4
+    for record in records:
+        want = expected[(record["method"], record["subject"])]
+        assert record["drf"] == (4.0 if record["method"] == "gauss" else 10.0)
+        assert record["reference"].endswith(record["subject"] + ".npz")
+        for key in ("psnr", "ssim", "nrmse"):
+            assert record[key] == pytest.approx(want[key], rel=1e-5)
+    summary = {(row["method"], row["drf"]): row for row in files.summarise(records)}
+    assert set(summary) == {("gauss", 4.0), ("noisy", 10.0)} and summary["gauss", 4.0]["n"] == 2
+    psnrs = [r["psnr"] for r in records if r["method"] == "noisy"]
+    assert summary["noisy", 10.0]["psnr"]["mean"] == pytest.approx(np.mean(psnrs))
+    assert summary["noisy", 10.0]["psnr"]["sd"] == pytest.approx(np.std(psnrs, ddof=1))
+    assert summary["gauss", 4.0]["lesion_suvmean_bias_pct"]["mean"] == pytest.approx(-10.0, abs=1e-3)
+    with pytest.raises(ValueError, match="2 --method names for 1 --denoised"):
+        files.evaluate_files(root / "ref", [root / "gauss"], ["a", "b"])
 
 
 def test_evaluate_script_end_to_end(evaluation_inputs):
@@ -291,5 +312,5 @@ def test_evaluate_script_rejects_bad_input_naming_the_file(evaluation_inputs):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "shape mismatch" in result.stderr
     assert "subjA.npz" in result.stderr
-    result = run_evaluate("--reference", root / "ref", "--denoised", root / "missing.npz")
-    assert result.returncode == 2 and "missing.npz" in result.stderr
+    with pytest.raises(ValueError, match="missing.npz"):
+        files.evaluate_files(root / "ref", [root / "missing.npz"])

@@ -1,9 +1,9 @@
-"""scripts/quality_report.py and scripts/benchmark.py on a tiny make_dataset.py dataset with tiny
-random checkpoints; the dataset-manifest reader, BC-DPM acquisition settings and the quality bar."""
+"""The evaluation package's quality report, tuning and benchmark (guided_diffusion.evaluation
+.quality / .tuning / .benchmarking / .cases / .methods) on a tiny make_dataset.py dataset with
+tiny random checkpoints, tested directly; a few end-to-end runs of their scripts; the
+dataset-manifest reader and the BC-DPM acquisition settings."""
 
-import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.evaluation import baselines, metrics
+from guided_diffusion.evaluation import baselines, benchmarking, cases, metrics, quality, speed, tuning
+from guided_diffusion.evaluation.methods import DiffusionMethod
 from guided_diffusion.pet import dataset_manifest, volumes
-from guided_diffusion.sampling.guidance import LowDoseAcquisition
+from guided_diffusion.pet.filters import fwhm_to_sigma
 from guided_diffusion.pet.geometry import get_preset
+from guided_diffusion.sampling import settings
+from guided_diffusion.sampling.guidance import LowDoseAcquisition
 from guided_diffusion.sampling.patches import PatchGrid
 from tests.mpi_helpers import REPO, mpiexec_path
 
@@ -26,13 +29,6 @@ VOXEL_MM = 12.0
 DRFS = (4.0, 20.0)
 Z_RANGE = (20, 48)  # the test subject's lesions lie at slices 22-44
 FWHM_GRID = (0.0, 6.0, 12.0, 24.0)
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(script, *args, timeout=300):
@@ -94,22 +90,23 @@ def test_describe_file_and_bcdpm_acquisition_follow_the_subject_manifest(dataset
         dataset_manifest.split_files(dataset / subject, "val")
 
 
-def test_test_script_reads_low_dose_counts_from_the_subject_manifest(dataset, tmp_path):
-    denoise_cli = _load_script("test")
+def test_the_acquisition_of_a_dataset_file_comes_from_its_subject_manifest(dataset, tmp_path):
     path = dataset_manifest.split_files(dataset, "val")[0]
-    args = argparse.Namespace(bc_counts=None, bc_drf=None, bc_full_counts=None)
-    counts, source = denoise_cli.acquisition_counts(args, dict(path=path, name="x"))
-    assert counts == dataset_manifest.describe_file(path)["counts"] > 0
-    assert source == dataset_manifest.subject_manifest_path(path)
-    args.bc_counts = 123.0  # the flag wins
-    assert denoise_cli.acquisition_counts(args, dict(path=path, name="x")) == (123.0, "--bc_counts")
+    described = dataset_manifest.describe_file(path)
+    none = dict.fromkeys(("scanner", "view_mashing", "psf_fwhm_mm", "randoms_fraction", "total_counts",
+                          "drf", "full_counts"))
+    kwargs, sources = settings.resolve_acquisition(none, path)
+    assert kwargs["total_counts"] == described["counts"] > 0
+    assert sources["total_counts"] == sources["scanner"] == dataset_manifest.subject_manifest_path(path)
+    assert kwargs == dataset_manifest.bcdpm_acquisition(described)
+    # the flag wins
+    kwargs, sources = settings.resolve_acquisition(dict(none, total_counts=123.0), path)
+    assert kwargs["total_counts"] == 123.0 and sources["total_counts"] == "given"
     alone = tmp_path / "alone.npz"
     volumes.save_npz(alone, np.ones((4, 4, 4), np.float32))
-    args.bc_counts = None
-    with pytest.raises(denoise_cli.InputError, match="count level"):
-        denoise_cli.acquisition_counts(args, dict(path=str(alone), name="alone"))
-    args.bc_drf, args.bc_full_counts = 10.0, 5e6
-    assert denoise_cli.acquisition_counts(args, dict(path=str(alone), name="alone"))[0] == 5e5
+    with pytest.raises(ValueError, match="count level"):
+        settings.resolve_acquisition(none, str(alone))
+    assert settings.resolve_acquisition(dict(none, drf=10.0, full_counts=5e6), str(alone))[0]["total_counts"] == 5e5
 
 
 def test_acquisition_passes_view_mashing_and_psf_to_its_projector():
@@ -146,39 +143,54 @@ def _summary(paired_psnr, paired_ssim, bias, bcdpm_psnr=None):
 
 
 def test_quality_bar_margins_and_verdicts():
-    report = _load_script("quality_report")
-    passing = report.quality_bar(_summary({4.0: 30.5, 20.0: 31.5}, 0.91, -9.9, bcdpm_psnr=30.1))
+    passing = quality.quality_bar(_summary({4.0: 30.5, 20.0: 31.5}, 0.91, -9.9, bcdpm_psnr=30.1))
     assert passing["overall"] == "PASS"
     gains = {(c["check"], c["drf"]): c["value"] for c in passing["checks"]}
     assert gains[("paired - gaussian PSNR", 4.0)] == pytest.approx(0.5)
     assert gains[("paired - gaussian PSNR", 20.0)] == pytest.approx(1.5)
     # 1.4 dB is enough at DRF 4 but not at DRF 20 (>= 1.5 dB from DRF 10 on)
-    short = report.quality_bar(_summary({4.0: 31.4, 20.0: 31.4}, 0.91, 0.0, bcdpm_psnr=30.1))
+    short = quality.quality_bar(_summary({4.0: 31.4, 20.0: 31.4}, 0.91, 0.0, bcdpm_psnr=30.1))
     status = {(c["check"], c["drf"]): c["status"] for c in short["checks"]}
     assert status[("paired - gaussian PSNR", 4.0)] == "PASS"
     assert status[("paired - gaussian PSNR", 20.0)] == "FAIL" and short["overall"] == "FAIL"
-    biased = report.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, 10.5, bcdpm_psnr=30.1))
+    biased = quality.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, 10.5, bcdpm_psnr=30.1))
     assert biased["overall"] == "FAIL"
-    lower_ssim = report.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.89, 0.0, bcdpm_psnr=30.1))
+    lower_ssim = quality.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.89, 0.0, bcdpm_psnr=30.1))
     assert lower_ssim["overall"] == "FAIL"
     # BC-DPM must beat the Gaussian; without it (or without lesions) the verdict is incomplete
-    worse_bcdpm = report.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, 0.0, bcdpm_psnr=29.9))
+    worse_bcdpm = quality.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, 0.0, bcdpm_psnr=29.9))
     assert worse_bcdpm["overall"] == "FAIL"
-    missing = report.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, math.nan))
+    missing = quality.quality_bar(_summary({4.0: 32.0, 20.0: 32.0}, 0.91, math.nan))
     assert missing["overall"] == "INCOMPLETE"
-    assert "n/a" in report.format_check(missing["checks"][2])
+    assert "n/a" in quality.format_check(missing["checks"][2])
 
 
 def test_crop_z_keeps_world_positions():
-    report = _load_script("quality_report")
     affine = np.array([[2.0, 0, 0, -10], [0, 2.0, 0, -20], [0, 0, 3.0, 5], [0, 0, 0, 1]])
     volume = np.arange(4 * 4 * 10, dtype=np.float32).reshape(4, 4, 10)
-    cropped, shifted = report.crop_z(volume, affine, (3, 7))
+    cropped, shifted = cases.crop_z(volume, affine, (3, 7))
     np.testing.assert_array_equal(cropped, volume[:, :, 3:7])
     # voxel (1, 2, 0) of the slab is voxel (1, 2, 3) of the volume
     np.testing.assert_allclose(shifted @ [1, 2, 0, 1], affine @ [1, 2, 3, 1])
     with pytest.raises(ValueError, match="exceeds the 10 slices"):
-        report.crop_z(volume, affine, (3, 11))
+        cases.crop_z(volume, affine, (3, 11))
+
+
+def test_tune_gaussian_picks_the_best_width_of_the_grid_per_drf():
+    rng = np.random.default_rng(0)
+    full = np.full((24, 24, 12), 2.0, np.float32)
+    full[8:16, 8:16, 4:8] = 6.0
+    group = []
+    for drf, noise in ((4.0, 0.2), (50.0, 1.0)):
+        low = (full + rng.normal(0.0, noise, full.shape)).astype(np.float32)
+        group.append(dict(drf=drf, low=low, full=full, mask=full > 0, voxel_mm=(4.0, 4.0, 4.0)))
+    params, tables = quality.tune_gaussian(group, [0.0, 4.0, 8.0])
+    for drf in (4.0, 50.0):
+        best = max(tables[drf], key=lambda row: row["psnr"])
+        assert params[drf]["sigma_mm"] == best["sigma_mm"] == fwhm_to_sigma(best["fwhm_mm"])
+        assert [row["fwhm_mm"] for row in tables[drf]] == [0.0, 4.0, 8.0]
+    # the noisier input wants at least as wide a filter
+    assert params[50.0]["sigma_mm"] >= params[4.0]["sigma_mm"] > 0
 
 
 def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
@@ -196,10 +208,16 @@ def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
     assert report == json.loads((tmp_path / "copy.json").read_text())
     assert report["settings"]["z_range"] == list(Z_RANGE)
     # BC-DPM's l and start follow the prior's sidecar recommendation when not given
-    assert report["settings"]["bc_start"] is True and report["settings"]["bc_steps"] is None
-    assert "(l, lambda, sigma: tuned, tuned, tuned" in (out / "summary.md").read_text()
+    assert report["settings"]["bc_start"] is None and report["settings"]["bc_steps"] is None
+    resolved = report["settings"]["resolved"]["bcdpm"]
+    assert resolved["values"]["bc_start"] is True and resolved["values"]["bc_steps"] == 2
+    assert resolved["sources"]["bc_steps"] == resolved["sources"]["bc_start"] == "checkpoint"
+    assert resolved["precision"] == "bf16"  # --precision auto on a CPU
+    markdown = (out / "summary.md").read_text()
+    assert "bc_steps 2 (checkpoint)" in markdown and "bc_start True (checkpoint)" in markdown
+    assert "timestep_respacing ddim3 (given)" in markdown
     # the tuned widths are grid points and the best of the validation table
-    sigmas = [f / (2 * math.sqrt(2 * math.log(2))) for f in FWHM_GRID]
+    sigmas = [fwhm_to_sigma(f) for f in FWHM_GRID]
     for drf in DRFS:
         chosen = baselines.load_params(out / "gaussian_params.json", "gaussian", drf)["sigma_mm"]
         assert any(math.isclose(chosen, s) for s in sigmas)
@@ -235,49 +253,79 @@ def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
     assert "| gaussian | 20 | 1 |" in (out / "summary.md").read_text()
 
 
+def test_summarise_groups_by_method_and_drf_over_finite_values():
+    rows = [dict(method=m, drf=d, **{k: v for k in quality.ROW_METRICS}, seconds=1.0, network_evaluations=0)
+            for m, d, v in (("paired", 20.0, 2.0), ("gaussian", 4.0, 1.0), ("paired", 4.0, 3.0),
+                            ("paired", 4.0, 5.0), ("paired", 4.0, math.nan))]
+    summary = quality.summarise(rows)
+    assert list(summary) == ["paired", "gaussian"] and list(summary["paired"]) == [4.0, 20.0]
+    entry = summary["paired"][4.0]
+    assert entry["volumes"] == 3 and entry["psnr"]["n"] == 2
+    assert entry["psnr"]["mean"] == pytest.approx(4.0) and entry["psnr"]["sd"] == pytest.approx(math.sqrt(2))
+    assert math.isnan(summary["gaussian"][4.0]["ssim"]["sd"])  # one value: no sd
+
+
 def test_a_cond_dropout_checkpoint_serves_as_the_bcdpm_prior(checkpoints, tmp_path, make_tiny_checkpoint):
-    report = _load_script("quality_report")
     paired, _ = checkpoints
-    with pytest.raises(ValueError, match="expected an unconditional prior"):
-        report.load_denoiser(str(paired), "none", "ddim3", torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs an unconditional prior"):
+        DiffusionMethod(str(paired), "bcdpm", {}, device=torch.device("cpu"))
     both = make_tiny_checkpoint(tmp_path / "both.pt", "paired", respacing="ddim3", voxel_mm=VOXEL_MM)
     sidecar = both.with_suffix(".json")
     sidecar.write_text(json.dumps(dict(json.loads(sidecar.read_text()), cond_dropout=0.2)))
-    _, _, metadata = report.load_denoiser(str(both), "none", "ddim3", torch.device("cpu"))
-    assert report.is_null_conditioned_prior(metadata, "bcdpm")
-    assert not report.is_null_conditioned_prior(metadata, "paired")
+    method = DiffusionMethod(str(both), "bcdpm", dict(bc_steps=2), device=torch.device("cpu"),
+                             precision="fp32", acquisition=dict(total_counts=1e5))
+    denoiser, resolved = method.denoiser(np.ones((40, 24, 16), np.float32), None)
+    assert denoiser.settings.null_condition and resolved.mode == "bcdpm"
+    assert resolved["timestep_respacing"] == "ddim3" and denoiser.settings.use_ddim
+    assert method.acquisition(None).total_counts == 1e5 and method.acquisition(None) is method.acquisition(None)
+    paired_method = DiffusionMethod(str(both), "paired", {}, device=torch.device("cpu"))
+    assert not paired_method.denoiser(np.ones((40, 24, 16), np.float32), None)[0].settings.null_condition
+
+
+def test_a_method_resolves_each_case_and_reads_its_acquisition(dataset, checkpoints):
+    _, prior = checkpoints
+    case = cases.load_case(cases.select_files(dataset, "val", [20.0])[0], Z_RANGE)
+    method = DiffusionMethod(str(prior), "bcdpm", dict(timestep_respacing="ddim3", patch_overlap=2,
+                                                       bc_recon_iters=1, bc_recon_subsets=2),
+                             device=torch.device("cpu"))
+    assert method.run["bc_steps"] == 2 and method.run.sources["bc_steps"] == "checkpoint"
+    image, info = method.denoise(case, [0], bc_steps=1)
+    assert image.shape == case["low"].shape and np.isfinite(image).all()
+    assert info["resolved"]["bc_steps"] == 1 and info["resolved"].sources["bc_steps"] == "given"
+    grid = PatchGrid((Z_RANGE[1] - Z_RANGE[0], 40, 24), (8, None, None), 2)
+    assert info["network_evaluations"] == len(grid)  # bc_start: l steps per patch
+    counts = dataset_manifest.describe_file(case["path"])["counts"]
+    assert method.acquisition(case["path"]).total_counts == counts
 
 
 # ----------------------------------------------------------------------------- benchmark
 
 
 def test_seam_slices_by_hand():
-    benchmark = _load_script("benchmark")
     grid = PatchGrid((20, 16, 16), (8, None, None), 0)
     assert grid.axis_starts[0] == [0, 6, 12]  # boundaries at 6, 8, 12, 14
-    near = benchmark.seam_slices(grid, 20, 3.0, 3.0)
+    near = benchmarking.seam_slices(grid, 20, 3.0, 3.0)
     np.testing.assert_array_equal(np.flatnonzero(near), np.arange(4, 16))
     # model voxels twice the input's: boundaries at input slices 12, 16, 24, 28
-    near = benchmark.seam_slices(grid, 40, 6.0, 3.0)
+    near = benchmarking.seam_slices(grid, 40, 6.0, 3.0)
     np.testing.assert_array_equal(np.flatnonzero(near), np.r_[10:18, 22:30])
 
 
 def test_parse_mode_and_full_chain_estimate():
-    benchmark = _load_script("benchmark")
-    assert benchmark.parse_mode("bcdpm:100:l10:start") == dict(
+    assert benchmarking.parse_mode("bcdpm:100:l10:start") == dict(
         name="bcdpm:100:l10:start", cond="bcdpm", respacing="100", bc_steps=10, bc_start=True)
-    assert benchmark.parse_mode("paired:full")["respacing"] == ""
+    assert benchmarking.parse_mode("paired:full")["respacing"] == ""
     for bad in ("paired", "bcdpm:100", "hybrid:100:start", "paired:10:x", "unet:10"):
         with pytest.raises(ValueError, match="mode"):
-            benchmark.parse_mode(bad)
+            benchmarking.parse_mode(bad)
     rows = [dict(mode="paired:ddim10", stitch="seamfree", seconds_per_evaluation=9.0, patches=4,
                  diffusion_steps=1000),
             dict(mode="paired:100", stitch="seamfree", seconds_per_evaluation=0.5, patches=4,
                  diffusion_steps=1000)]
-    estimate = benchmark.full_chain_estimate(rows)
+    estimate = benchmarking.full_chain_estimate(rows)
     assert estimate["estimated_from"] == "paired:100"
     assert estimate["network_evaluations"] == 4000 and estimate["median_s"] == pytest.approx(2000.0)
-    assert benchmark.full_chain_estimate(rows[:1]) is None
+    assert benchmarking.full_chain_estimate(rows[:1]) is None
 
 
 @pytest.fixture(scope="module")
@@ -321,21 +369,42 @@ def test_benchmark_modes_and_seams(small_input, checkpoints, tmp_path):
     assert "| paired:ddim3 |" in proc.stdout and "| independent (paired:ddim3) |" in proc.stdout
 
 
-def test_benchmark_unet_part_in_process(tmp_path):
-    benchmark = _load_script("benchmark")
-    threads = torch.get_num_threads()
-    try:
-        args = argparse.Namespace(unet_config="small (32 ch, mult 1,2,2,4)", unet_size=8, threads=1,
-                                  repeats=1, device="cpu")
-        unet = benchmark.run_unet(args)
-    finally:
-        torch.set_num_threads(threads)
+def test_benchmark_unet_part_end_to_end(tmp_path):
+    out = tmp_path / "unet.json"
+    proc = _run("benchmark.py", "--json", out, "--parts", "unet", "--unet_config", "small (32 ch, mult 1,2,2,4)",
+                "--unet_size", 8, "--threads", 1, "--repeats", 1, "--device", "cpu")
+    unet = json.loads(out.read_text())["unet"]
     assert [(r["precision"], r["memory_format"]) for r in unet["rows"]] == [
         ("fp32", "contiguous"), ("fp32", "channels_last_3d"), ("bf16", "channels_last_3d")]
     assert unet["published_s"] == unet["rows"][0]["median_s"] > 0
     assert unet["fastest"]["median_s"] == min(r["median_s"] for r in unet["rows"])
     assert unet["speedup"] == pytest.approx(unet["published_s"] / unet["fastest"]["median_s"])
-    assert "x" in benchmark.markdown(dict(unet=unet))
+    assert f"x{unet['speedup']:.2f}" in proc.stdout and "| UNet forward |" in proc.stdout
+    assert benchmarking.markdown(dict(unet=unet)).strip() in proc.stdout
+
+
+def test_benchmark_modes_fix_their_settings():
+    paired = benchmarking.mode_settings(benchmarking.parse_mode("paired:full"), "independent")
+    assert paired == dict(timestep_respacing="", stitch="independent", bc_start=False, bc_steps=None)
+    started = benchmarking.mode_settings(benchmarking.parse_mode("bcdpm:100:l3:start"), "seamfree")
+    assert started == dict(timestep_respacing="100", stitch="seamfree", bc_start=True, bc_steps=3)
+    benchmarking.check_given(dict(bc_steps=None, bc_lambda=0.3))
+    with pytest.raises(ValueError, match="--bc_steps, --stitch: each mode sets them"):
+        benchmarking.check_given(dict(bc_steps=3, stitch="seamfree", bc_start=None))
+
+
+def test_projector_case_times_every_operation():
+    threads = torch.get_num_threads()
+    try:
+        row = speed.projector_case("demo_3d", 1, 1, 4, 3, 19)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["image_shape"] == [32, 32, 16] and len(row["sinogram_shape"]) == 3
+    assert row["options"] == {"mode": "3d", "max_ring_difference": 7} and row["osem_subsets"] == 8
+    for key in ("build_s", "forward_s", "back_s", "osem_1iter_incl_sensitivity_s", "peak_rss_mb"):
+        assert row[key] > 0, key
+    with pytest.raises(ValueError, match="unknown case"):
+        speed.projector_case("nowhere", 1, 1, 4, 3, 19)
 
 
 @pytest.mark.slow
@@ -361,13 +430,12 @@ def test_benchmark_strong_scaling(small_input, checkpoints, tmp_path):
 
 
 def test_tune_fusion_scores_a_biased_denoiser_and_runs_end_to_end(dataset, checkpoints, tmp_path):
-    tune = _load_script("tune_fusion")
     rng = np.random.default_rng(0)
     full = np.full((32, 32, 32), 3.0)
     full[8:24, 8:24, 8:24] = 9.0
     low = full + rng.normal(0.0, np.sqrt(0.02 * full))
     biased = np.where(full > 5.0, 6.0, full)  # a "model" that flattens the hot structure
-    rows = tune.score_grid([dict(full=full, low=low, mask=full > 0, drf=4.0, denoised=biased)],
+    rows = tuning.score_grid([dict(full=full, low=low, mask=full > 0, drf=4.0, denoised=biased)],
                            kappas=[2.0], windows=[5])
     assert [row["kappa"] for row in rows] == [2.0, 0.0]  # fusion beats no fusion here
     assert rows[0]["gain_by_drf"][4.0] > 3.0 and rows[1]["gain_by_drf"][4.0] == 0.0
@@ -383,7 +451,6 @@ def test_tune_fusion_scores_a_biased_denoiser_and_runs_end_to_end(dataset, check
 
 
 def test_tune_bcdpm_picks_the_best_pair_per_drf_and_runs_end_to_end(dataset, checkpoints, tmp_path):
-    tune = _load_script("tune_bcdpm")
     scores = [dict(volume=f"v{drf}_{v}", drf=drf, noise_index=index, bc_sigma_mm=sigma, bc_lambda=lam,
                    bc_steps=steps, hot_voxels="input", psnr=psnr + v)
               for drf, index in ((4.0, 0.01), (50.0, 0.2))
@@ -394,7 +461,7 @@ def test_tune_bcdpm_picks_the_best_pair_per_drf_and_runs_end_to_end(dataset, che
     for score in scores:  # the DRF's noise index is the mean over its volumes
         if score["volume"] == "v4.0_0":
             score["noise_index"] = 0.03
-    table = tune.best_per_drf(scores)
+    table = tuning.best_per_drf(scores)
     assert [(r["drf"], r["bc_steps"], r["bc_sigma_mm"], r["bc_lambda"]) for r in table] == [
         (4.0, 1, 3.0, 0.1), (50.0, 3, 9.0, 0.05)]
     assert table[0]["noise_index"] == pytest.approx(0.02) and table[0]["psnr"] == pytest.approx(30.5)

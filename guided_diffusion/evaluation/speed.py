@@ -1,0 +1,183 @@
+"""Timing of the building blocks: the UNet's forward pass and the PET projector.
+
+UNet (:func:`time_forward`, :func:`unet_rows`): ``model(x_t, t, low_res)`` without gradients on
+``(1, 1, S, S, S)`` inputs (the network sees 2 channels), in each of :data:`MODES`: fp32 in the
+default layout (the published code's setting), fp32 and bf16 autocast in channels-last 3D.
+
+Projector (:func:`projector_case`, :data:`PROJECTOR_CASES`): build, forward and back projection
+and one OSEM iteration of a preset; ``ecat921_2d`` is compared with skimage's radon / iradon on
+the same image and views, ``quadra_3d`` projects one OSEM subset of views and extrapolates the
+full-view figures from it (reported as such).
+"""
+
+import resource
+import statistics
+import time
+
+import torch
+
+from .. import fp16_util
+from ..script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
+
+MODES = (("fp32", False), ("fp32", True), ("bf16", True))
+"""``(precision, channels_last)`` of the UNet timings; the first is the published setting."""
+
+
+def model_flags(**overrides):
+    """The published sr flags (sr_model_and_diffusion_defaults) with ``overrides``."""
+    return dict(sr_model_and_diffusion_defaults(), **overrides)
+
+
+CONFIGS = {
+    "published (128 ch, mult 1,1,2,3,4)": (model_flags(), 32),
+    "small (32 ch, mult 1,2,2,4)": (model_flags(num_channels=32, channel_mult="1,2,2,4"), 48),
+}
+"""``{name: (sr flags, default cube side)}`` of the timed architectures."""
+PUBLISHED_UNET = next(name for name in CONFIGS if name.startswith("published"))
+
+
+def memory_format_name(channels_last):
+    return "channels_last_3d" if channels_last else "contiguous"
+
+
+def time_forward(model, device, precision, channels_last, size, repeats, warmup, seed=0):
+    """Median/min wall seconds of ``model(x, t, low_res)`` on ``(1, 1, size, size, size)`` inputs."""
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    gen = torch.Generator().manual_seed(seed)
+    x, low_res = (torch.randn(1, 1, size, size, size, generator=gen)
+                  .to(device).contiguous(memory_format=memory_format) for _ in range(2))
+    t = torch.tensor([500], device=device)
+    seconds = []
+    with torch.no_grad(), fp16_util.autocast(device, precision):
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(x, t, low_res=low_res)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), min(seconds)
+
+
+def unet_rows(config, size, device, repeats, warmup=1, seed=0):
+    """One row per :data:`MODES` entry for the architecture ``config`` (a :data:`CONFIGS` key)
+    at ``size``^3: ``config``, ``size``, ``params``, ``precision``, ``memory_format``,
+    ``median_s``, ``min_s``."""
+    flags, _ = CONFIGS[config]
+    torch.manual_seed(seed)
+    model = sr_create_model_and_diffusion(**flags)[0].eval()
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for precision, channels_last in MODES:
+        median, best = time_forward(model, device, precision, channels_last, size, repeats, warmup, seed)
+        rows.append(dict(config=config, size=size, params=params, precision=precision,
+                         memory_format=memory_format_name(channels_last), median_s=median, min_s=best))
+    return rows
+
+
+def unet_comparison(rows):
+    """The published setting (the first row) against the fastest: ``{"rows", "published_s",
+    "fastest", "speedup"}``."""
+    published = rows[0]
+    fastest = min(rows, key=lambda r: r["median_s"])
+    return dict(rows=rows, published_s=published["median_s"], fastest=fastest,
+                speedup=published["median_s"] / fastest["median_s"])
+
+
+# ----------------------------------------------------------------------------- projector
+
+
+def _timed(fn, repeats):
+    """Best wall time (s) of ``repeats`` calls and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def peak_rss_mb():
+    """This process's peak resident set (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _projector_row(name, preset, shape, voxel, options, n_subsets, repeats, views_fraction=1, seed=0):
+    from ..pet import recon, simulate
+    from ..pet.projector import make_projector
+
+    start = time.perf_counter()
+    projector = make_projector(preset, shape, voxel, **options)
+    n_views_full = projector.sinogram_shape[1]
+    if views_fraction > 1:
+        projector = projector.subset(0, views_fraction)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    y = projector.forward(x)                        # first call builds (and caches) the system matrix
+    build_s = time.perf_counter() - start
+    forward_s, y = _timed(lambda: projector.forward(x), repeats)
+    back_s, _ = _timed(lambda: projector.adjoint(y), repeats)
+    data = simulate.expected_data(x, projector, total_counts=1e6 * shape[2])
+    counts = simulate.poisson(data.ybar, seed=seed)
+    subsets = n_subsets if views_fraction == 1 else 1
+    recon.osem(counts, projector, 1, n_subsets=subsets, scale=data.scale)    # builds subset matrices
+    # one OSEM call with one iteration: sensitivity images + one pass over all subsets
+    osem_s, _ = _timed(lambda: recon.osem(counts, projector, 1, n_subsets=subsets, scale=data.scale), repeats)
+    row = {
+        "case": name, "preset": preset, "image_shape": list(shape), "voxel_mm": voxel,
+        "options": dict(options), "sinogram_shape": list(projector.sinogram_shape),
+        "build_s": round(build_s, 4), "forward_s": round(forward_s, 4), "back_s": round(back_s, 4),
+        "osem_1iter_incl_sensitivity_s": round(osem_s, 4), "osem_subsets": n_subsets,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    if views_fraction > 1:
+        row.update({
+            "views_projected": projector.sinogram_shape[1], "views_total": n_views_full,
+            "forward_s_all_views_extrapolated": round(forward_s * views_fraction, 2),
+            "back_s_all_views_extrapolated": round(back_s * views_fraction, 2),
+            "osem_1iter_incl_sensitivity_s_extrapolated": round(osem_s * views_fraction, 2),
+            "note": f"timed on views 0::{views_fraction}; full-view figures extrapolated linearly",
+        })
+    return row
+
+
+def _skimage_pair(repeats, seed=0):
+    import numpy as np
+    from skimage.transform import iradon, radon
+
+    image = np.random.default_rng(seed).random((128, 128))
+    theta = np.arange(192) * 180.0 / 192
+    out = {}
+    for circle in (True, False):
+        forward_s, sino = _timed(lambda: radon(image, theta, circle=circle), repeats)
+        back_s, _ = _timed(lambda: iradon(sino, theta, filter_name=None, circle=circle, output_size=128), repeats)
+        out[f"circle_{circle}"] = {"forward_s": round(forward_s, 4), "back_s": round(back_s, 4),
+                                   "sinogram_shape": list(sino.shape)}
+    return out
+
+
+PROJECTOR_CASES = ("ecat921_2d", "demo_3d", "quadra_ssrb", "quadra_3d")
+
+
+def projector_case(name, threads, repeats, mrd, span, fraction, seed=0):
+    """The row of one :data:`PROJECTOR_CASES` entry (run it in a fresh process for its own
+    peak memory); ``mrd``, ``span`` and ``fraction`` (views ``0::fraction``) are quadra_3d's."""
+    torch.set_num_threads(threads)
+    if name == "ecat921_2d":
+        row = _projector_row(name, "ecat921_2d", (128, 128, 1), 4.0, {"mode": "2d"}, 8, repeats, seed=seed)
+        row["skimage"] = _skimage_pair(repeats, seed)
+        ours = row["forward_s"] + row["back_s"]
+        row["speedup_vs_skimage"] = {
+            key: round((v["forward_s"] + v["back_s"]) / ours, 2) for key, v in row["skimage"].items()}
+        return row
+    if name == "demo_3d":
+        return _projector_row(name, "demo", (32, 32, 16), 4.0, {"mode": "3d", "max_ring_difference": 7}, 8,
+                              repeats, seed=seed)
+    if name == "quadra_ssrb":
+        return _projector_row(name, "quadra", (192, 288, 96), 1.65, {"mode": "ssrb", "cache_bytes": 3 << 30},
+                              19, 1, seed=seed)
+    if name == "quadra_3d":
+        options = {"mode": "3d", "max_ring_difference": mrd, "span": span}
+        return _projector_row(name, "quadra", (192, 288, 96), 1.65, options, 19, 1, views_fraction=fraction,
+                              seed=seed)
+    raise ValueError(f"unknown case {name!r}")

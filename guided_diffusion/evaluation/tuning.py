@@ -1,0 +1,120 @@
+"""Tuning of sampling settings on the validation volumes of a make_dataset.py dataset.
+
+:func:`tune_bcdpm`: BC-DPM's balance ``lambda``, Gaussian-filter sigma, number of conditioned
+steps ``l`` and hot-voxel mode per dose level for a prior. Every validation volume is denoised
+with each grid point (the prior's recommended sampler and slabs) and scored by PSNR (UDPET
+convention, inside the body mask); per DRF the point with the best mean PSNR becomes one row of
+the table (:func:`best_per_drf`)::
+
+    [{"drf", "noise_index", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels", "psnr",
+      "volumes"}, ...]
+
+with ``noise_index`` the mean :func:`~guided_diffusion.sampling.fusion.noise_index` (SUV) of
+that DRF's inputs. Recorded in the prior's sidecar (``sampling.bc_tuning``), the settings
+resolver picks the row nearest to each input's own noise index, so no DRF needs to be known at
+denoising time.
+
+:func:`tune_fusion`: the noise-adaptive fusion's ``kappa`` (and window) for a paired
+checkpoint: every validation volume is denoised once with fusion off; each ``(kappa, window)``
+then fuses that output with the input (cheap) and is scored by the mean PSNR
+(:func:`score_grid`).
+"""
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..normalisation import resolve_normalisation
+from ..sampling import fusion
+from ..sampling.hot_voxels import hot_weight
+from . import metrics
+from .cases import load_case, select_files
+from .methods import case_seeds
+
+GRID_KEYS = ("bc_steps", "bc_sigma_mm", "bc_lambda", "hot_voxels")
+
+
+def _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
+    """The validation cases, loaded one at a time with a progress bar."""
+    for description in tqdm(select_files(val, "val", drfs, max_subjects), desc="validation volumes"):
+        yield load_case(description, z_range, mask_suv)
+
+
+def best_per_drf(scores):
+    """Rows of the tuning table from ``scores`` = ``[{"volume", "drf", "noise_index",
+    "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels", "psnr"}]`` (one per volume and grid
+    point): per DRF, the grid point with the best mean PSNR, with the DRF's mean noise index;
+    ordered by DRF."""
+    table = []
+    for drf in sorted({s["drf"] for s in scores}):
+        mine = [s for s in scores if s["drf"] == drf]
+        points = sorted({tuple(s[k] for k in GRID_KEYS) for s in mine})
+        mean_psnr = {p: float(np.mean([s["psnr"] for s in mine if tuple(s[k] for k in GRID_KEYS) == p]))
+                     for p in points}
+        best = max(points, key=lambda p: mean_psnr[p])
+        indices = {s["volume"]: s["noise_index"] for s in mine if s["noise_index"] is not None}
+        if not indices:
+            raise ValueError(f"DRF {drf:g}: no validation volume with a measurable noise index")
+        table.append(dict(drf=drf, noise_index=float(np.mean(list(indices.values()))),
+                          **dict(zip(GRID_KEYS, best)), psnr=mean_psnr[best],
+                          volumes=len({s["volume"] for s in mine})))
+    return table
+
+
+def tune_bcdpm(method, val, grid, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0):
+    """Score every grid point on every validation volume.
+
+    :param method: the prior as a :class:`~.methods.DiffusionMethod` in a BC-DPM mode.
+    :param grid: ``[{"bc_steps", "bc_sigma_mm", "bc_lambda", "hot_voxels"}]``.
+    :return: ``(scores, table)``: one score per volume and grid point, and :func:`best_per_drf`.
+    """
+    clip_suv = resolve_normalisation(method.metadata["normalisation"])["clip"]
+    scores = []
+    for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
+        index = fusion.noise_index(case["low"])
+        # without voxels near the model's clip every hot-voxel mode gives the same image
+        has_hot = hot_weight(case["low"], clip_suv).max() > 0
+        psnr_of = {}
+        for point in grid:
+            key = tuple(v for k, v in point.items() if has_hot or k != "hot_voxels")
+            if key not in psnr_of:
+                image = method.denoise(case, case_seeds(seed, case, "bcdpm", 1), **point)[0]
+                psnr_of[key] = metrics.psnr(case["full"], image, mask=case["mask"])
+            scores.append(dict(volume=case["path"], drf=case["drf"], noise_index=index, **point,
+                               psnr=psnr_of[key]))
+    return scores, best_per_drf(scores)
+
+
+def score_grid(cases, kappas, windows):
+    """Rows ``{"kappa", "window", "mean_psnr", "gain_by_drf"}`` (kappa 0: no fusion) for
+    ``cases`` = ``[{"full", "low", "mask", "drf", "denoised"}]``, best mean PSNR first."""
+    psnr = {}
+    for index, case in enumerate(cases):
+        psnr[index, 0.0, 0] = metrics.psnr(case["full"], case["denoised"], mask=case["mask"])
+        for kappa in kappas:
+            for window in windows:
+                fused = fusion.fuse_with_input(case["denoised"], case["low"], kappa, window)[0]
+                psnr[index, kappa, window] = metrics.psnr(case["full"], fused, mask=case["mask"])
+    drfs = sorted({case["drf"] for case in cases})
+    rows = []
+    for kappa, window in [(0.0, 0)] + [(k, w) for k in kappas for w in windows]:
+        gains = {drf: float(np.mean([psnr[i, kappa, window] - psnr[i, 0.0, 0]
+                                     for i, case in enumerate(cases) if case["drf"] == drf]))
+                 for drf in drfs}
+        rows.append(dict(kappa=kappa, window=window, gain_by_drf=gains,
+                         mean_psnr=float(np.mean([psnr[i, kappa, window] for i in range(len(cases))]))))
+    return sorted(rows, key=lambda row: -row["mean_psnr"])
+
+
+def tune_fusion(method, val, kappas, windows, *, drfs=None, max_subjects=0, z_range=None,
+                mask_suv=0.05, seed=0):
+    """Denoise every validation volume once with fusion off, then :func:`score_grid`.
+
+    :param method: the paired checkpoint as a :class:`~.methods.DiffusionMethod`.
+    :return: ``(rows, number of volumes)``.
+    """
+    scored = []
+    for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
+        denoised = method.denoise(case, case_seeds(seed, case, "paired", 1), fusion_kappa=0.0)[0]
+        scored.append(dict(full=case["full"], low=case["low"], mask=case["mask"], drf=case["drf"],
+                           denoised=denoised))
+    return score_grid(scored, kappas, windows), len(scored)
