@@ -45,6 +45,7 @@ from .normalisation import (  # noqa: F401  (re-exported: the one SUV <-> model 
     resolve_normalisation,
     suv_to_model,
 )
+from .pet.volumes import read_json
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -57,6 +58,27 @@ def _strip_nifti_suffix(name):
         if name.endswith(suffix):
             return name[: -len(suffix)], suffix
     return None, None
+
+
+def _split_list(path):
+    """The files a ``SPLIT.txt`` list names (relative to its folder)."""
+    base = os.path.dirname(path)
+    with open(path, encoding="utf-8") as handle:
+        return [os.path.join(base, line.strip()) for line in handle if line.strip()]
+
+
+def _candidate_files(data_dir, split):
+    """``(files, split lists)``: the files the ``split.txt`` lists under ``data_dir`` name, or
+    every file below it when there are no such lists; both sorted."""
+    if not data_dir or not os.path.isdir(data_dir):
+        raise ValueError(f"data directory {data_dir!r} does not exist")
+    files = sorted(
+        os.path.join(root, f) for root, _, names in os.walk(data_dir) for f in names
+    )
+    split_lists = [f for f in files if os.path.basename(f) == f"{split}.txt"]
+    if split_lists:
+        files = sorted(path for split_list in split_lists for path in _split_list(split_list))
+    return files, split_lists
 
 
 def list_volume_sources(data_dir, paired, split="train"):
@@ -72,19 +94,7 @@ def list_volume_sources(data_dir, paired, split="train"):
     :return: sorted list of ``(low_path, full_path, npz)`` tuples: for ``.npz`` both paths
         are the file and ``npz`` is True; for NIfTI ``low_path`` is None in unpaired mode.
     """
-    if not data_dir or not os.path.isdir(data_dir):
-        raise ValueError(f"data directory {data_dir!r} does not exist")
-    files = sorted(
-        os.path.join(root, f) for root, _, names in os.walk(data_dir) for f in names
-    )
-    split_lists = [f for f in files if os.path.basename(f) == f"{split}.txt"]
-    if split_lists:
-        listed = []
-        for split_list in split_lists:
-            base = os.path.dirname(split_list)
-            with open(split_list, encoding="utf-8") as handle:
-                listed += [os.path.join(base, line.strip()) for line in handle if line.strip()]
-        files = sorted(listed)
+    files, split_lists = _candidate_files(data_dir, split)
     existing = set(files)
     sources = []
     for path in files:
@@ -114,6 +124,46 @@ def _full_partner(stem, suffix, existing, low_path):
         if candidate in existing:
             return candidate
     raise ValueError(f"no full-dose partner ({head}_full{tag}{suffix} or {head}_full{suffix}) for {low_path}")
+
+
+#: Dataset manifest entries that say how a data directory was made (``scripts/make_dataset.py``).
+DATASET_KEYS = ("created_by", "seed", "subjects", "voxel_mm", "voxel_size_mm", "drf", "tracers",
+                "scanner", "counts_per_mm", "fov_mm", "osem_iterations", "osem_subsets", "slab",
+                "arms")
+
+
+def _manifest(folder):
+    return read_json(os.path.join(folder, "manifest.json"), "dataset manifest")
+
+
+def manifest_voxel_mm(data_dir):
+    """``voxel_mm`` (or ``voxel_size_mm``) of ``data_dir/manifest.json``; None without one."""
+    content = _manifest(data_dir) or {}
+    for key in ("voxel_mm", "voxel_size_mm"):
+        if key in content:
+            return content[key]
+    return None
+
+
+def describe_datasets(data_dir, split="train"):
+    """How the ``split`` volumes of ``data_dir`` were made, in words a model card can keep (no
+    paths of this machine): one dict per non-empty ``SPLIT.txt`` list under ``data_dir`` (or
+    one for ``data_dir`` itself without lists) with ``path`` (its folder relative to
+    ``data_dir``), ``files`` (how many the list names; None without lists) and, from the
+    ``manifest.json`` beside it, the :data:`DATASET_KEYS` entries and ``split_subjects`` (how
+    many subjects the split has)."""
+    _, split_lists = _candidate_files(data_dir, split)
+    folders = [(os.path.dirname(path), len(_split_list(path))) for path in split_lists]
+    folders = [(folder, files) for folder, files in folders if files]
+    descriptions = []
+    for folder, files in folders or [(data_dir, None)]:
+        manifest = _manifest(folder) or {}
+        entry = dict(path=os.path.relpath(folder, data_dir), files=files)
+        entry.update({key: manifest[key] for key in DATASET_KEYS if key in manifest})
+        if isinstance(manifest.get("split"), dict) and split in manifest["split"]:
+            entry["split_subjects"] = len(manifest["split"][split])
+        descriptions.append(entry)
+    return descriptions
 
 
 def read_source(source, paired):

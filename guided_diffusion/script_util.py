@@ -491,7 +491,12 @@ def str2bool(v):
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
-def add_runtime_arguments(parser, seed_help="seed of every random draw", precision=True, device=False):
+SAMPLING_PRECISION_HELP = ("network precision (auto: fp16 on CUDA for a use_fp16 checkpoint, bf16 on a "
+                           "CPU, else fp32)")
+
+
+def add_runtime_arguments(parser, seed_help="seed of every random draw", precision=True, device=False,
+                          precision_help=SAMPLING_PRECISION_HELP):
     """The argument group every script shares, one default each: ``--seed`` (0), ``--threads``
     (torch CPU threads per process; default: the cores / MPI ranks), ``--precision`` (auto:
     fp16 on CUDA for a ``use_fp16`` checkpoint, bf16 on a CPU, else fp32) and, with ``device``,
@@ -501,9 +506,7 @@ def add_runtime_arguments(parser, seed_help="seed of every random draw", precisi
     group.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads per process (default: the cores / MPI ranks)")
     if precision:
-        group.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
-                           help="network precision (auto: fp16 on CUDA for a use_fp16 checkpoint, "
-                                "bf16 on a CPU, else fp32)")
+        group.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=precision_help)
     if device:
         group.add_argument("--device", default=None,
                            help="torch device (default: cuda when available, else cpu)")

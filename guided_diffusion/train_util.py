@@ -10,7 +10,9 @@ Step ``N`` means N optimiser updates done. A save at step N writes into ``save_d
 * ``stateNNNNNN.pt``      step, grad-scaler and timestep-sampler state, and per rank the RNG
                           states (torch, CUDA, numpy, python) and the data iterator position
 * ``modelNNNNNN.json`` / ``ema_RATE_NNNNNN.json``  sidecars: the ``metadata`` given to the loop
-                          plus step, weights file, EMA rate and sha256
+                          plus step, weights file, EMA rate and sha256 (absolute paths in it
+                          are recorded as :func:`~guided_diffusion.checkpoint_hub.repository_path`;
+                          :func:`data_record` describes a data directory)
 * ``loss_curve.png``      loss against step from the logger's ``progress.csv``
 
 Every file is written to a temporary name and renamed (``os.replace``), model file last, so a
@@ -36,7 +38,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from .checkpoint_hub import portable_paths, repository_path
 from .fp16_util import MixedPrecisionTrainer
+from .image_datasets import describe_datasets
 from .nn import update_ema
 from .pet.volumes import atomic_write, atomic_write_bytes
 from .resample import LossAwareSampler, UniformSampler
@@ -321,12 +325,30 @@ class TrainLoop:
         state_dict = self.mp_trainer.master_params_to_state_dict(params)
         path = os.path.join(self.save_dir, filename)
         digest = _atomic_save(state_dict, path)
-        sidecar = dict(self.metadata, step=self.step, weights=filename, ema_rate=rate, sha256=digest)
+        sidecar = dict(portable_paths(self.metadata), step=self.step, weights=filename, ema_rate=rate,
+                       sha256=digest)
         atomic_write_bytes(os.path.splitext(path)[0] + ".json",
                            json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def seed_rank_streams(seed):
+    """Seed torch, numpy and ``random`` with ``seed + 1_000_003 * rank``: every rank draws its
+    own noise stream (call after building the model, whose initial weights rank 0 broadcasts)."""
+    rank_seed = seed + 1_000_003 * dist_util.rank()
+    th.manual_seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    random.seed(rank_seed)
+
+
+def data_record(data_dir, files, split="train"):
+    """A sidecar's record of a data directory: ``data_dir`` relative to the repository when
+    inside it, else its base name; ``files`` (the sample sources used); ``datasets``, how they
+    were made (:func:`~guided_diffusion.image_datasets.describe_datasets`)."""
+    return dict(data_dir=repository_path(data_dir), files=files,
+                datasets=describe_datasets(data_dir, split))
 
 
 def ema_filename(rate, step):

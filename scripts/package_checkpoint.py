@@ -8,51 +8,15 @@ The weights are copied as a plain float32 ``state_dict`` (loadable with ``weight
 the sidecar is the training sidecar plus ``sampling`` (recommended sampling flags that
 ``scripts/test.py`` uses as defaults), optional ``validation`` numbers, the licence, and the
 new file's ``sha256``. ``checkpoint/SHA256SUMS`` is rewritten from every ``.pt`` there.
+See ``guided_diffusion.checkpoint_hub.package``.
 """
 
 import argparse
 import json
 import os
 
-
-import torch
-
-from guided_diffusion.checkpoints import read_metadata, sha256_file, sidecar_path
-from guided_diffusion.pet.volumes import atomic_write, atomic_write_bytes
-
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-
-
-def write_sha256sums(directory):
-    """Rewrite ``directory/SHA256SUMS`` from the ``.pt`` files in it (sorted, sha256sum format)."""
-    names = sorted(n for n in os.listdir(directory) if n.endswith(".pt"))
-    lines = "".join(f"{sha256_file(os.path.join(directory, n))}  {n}\n" for n in names)
-    atomic_write_bytes(os.path.join(directory, "SHA256SUMS"), lines)
-
-
-def package(source, name, dest, sampling=None, validation=None):
-    """Copy ``source`` (a state_dict .pt with a training sidecar) to ``dest/NAME.pt`` + JSON."""
-    metadata = read_metadata(source)
-    if metadata is None:
-        raise ValueError(f"{source}: no JSON sidecar ({sidecar_path(source)}); package training checkpoints")
-    state = torch.load(source, map_location="cpu", weights_only=True)
-    state = {k: v.float().contiguous() for k, v in state.items()}
-    target = os.path.join(dest, name + ".pt")
-    atomic_write(target, lambda temporary: torch.save(state, temporary), ".pt")
-    card = dict(metadata)
-    card.update(
-        name=name,
-        source_checkpoint=os.path.relpath(os.path.abspath(source), REPO),
-        weights=os.path.basename(target),
-        sha256=sha256_file(target),
-        licence="CC BY-NC-SA 4.0 (see MODEL_LICENSE); trained on simulated phantoms only",
-        sampling=dict(metadata.get("sampling", {}), **(sampling or {})),
-    )
-    if validation is not None:
-        card["validation"] = validation
-    atomic_write_bytes(sidecar_path(target), json.dumps(card, indent=2, sort_keys=True) + "\n")
-    write_sha256sums(dest)
-    return target, card
+from guided_diffusion.checkpoint_hub import REPO, package
+from guided_diffusion.checkpoints import sidecar_path
 
 
 def main(argv=None):

@@ -29,17 +29,15 @@ Any mode can add Poisson data consistency in the last ``--dc_steps`` steps.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
-import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata
 from guided_diffusion.evaluation.figures import save_volume_panels
-from guided_diffusion.pet import dicom_writer, volumes
-from guided_diffusion.sampling import arguments, outputs, settings
-from guided_diffusion.sampling.denoiser import member_seed
+from guided_diffusion.pet import volumes
+from guided_diffusion.sampling import arguments, settings
+from guided_diffusion.sampling.batch import DICOM_OUT, BatchRun
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     add_runtime_arguments,
@@ -98,7 +96,7 @@ def create_argparser(metadata=None):
     parser.add_argument("--num_ensemble", type=int, default=1,
                         help="members with distinct seeds: mean, and for >= 2 the voxel-wise std")
     parser.add_argument("--save_members", action="store_true", help="also write every member")
-    parser.add_argument("--dicom_out", choices=("auto", "always", "never"), default="auto",
+    parser.add_argument("--dicom_out", choices=DICOM_OUT, default="auto",
                         help="also write a DICOM PET series (auto: for DICOM input)")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs with outputs")
     add_runtime_arguments(parser, seed_help="fixes all randomness")
@@ -146,38 +144,6 @@ def check_save_dir(save_dir):
         raise InputError(f"{save_dir}: save directory is not writable ({error.strerror})") from None
 
 
-def bcdpm_log(resolved):
-    """``"BC-DPM l 1 (tuning), lambda 0.3 (tuning), ..."`` for an input's log line."""
-    v, s = resolved.values, resolved.sources
-    text = (f"BC-DPM l {v['bc_steps']} ({s['bc_steps']}), lambda {v['bc_lambda']:g} ({s['bc_lambda']}), "
-            f"sigma {v['bc_sigma_mm']:g} mm ({s['bc_sigma_mm']}), hot voxels {v['hot_voxels']} "
-            f"({s['hot_voxels']})")
-    return text + (f", noise index {resolved.noise_index:.4f} SUV" if resolved.noise_index else "")
-
-
-def bcdpm_report(resolved):
-    """BC-DPM's settings of one input and where each came from (the JSON's ``bcdpm``)."""
-    keys = settings.TUNED_KEYS
-    return dict({k: resolved[k] for k in keys}, noise_index=resolved.noise_index,
-                **{k + "_source": resolved.sources[k] for k in keys})
-
-
-def describe_post_processing(info):
-    """``"; hot voxels ...; fusion ..."`` for a member's log line."""
-    text = ""
-    hot = info.get("hot_voxels", {})
-    if hot.get("mode") == "rescale":
-        text += f"; hot voxels from a second pass on the input / {hot['factor']:.2f}"
-    fusion = info.get("fusion")
-    if fusion is not None:
-        if fusion["noise_index"] is None:
-            text += "; fusion skipped (too little tissue to measure the noise)"
-        else:
-            text += (f"; fusion: noise index {fusion['noise_index']:.4f} SUV, mean input weight "
-                     f"{fusion['mean_weight']:.2f}")
-    return text
-
-
 def main(argv=None):
     args, metadata = parse_args(argv)
     dist_util.setup_dist(threads=args.threads)
@@ -187,11 +153,10 @@ def main(argv=None):
     logger.configure(dir=args.save_dir, format_strs=["stdout"] if rank == 0 else [])
     device = dist_util.dev()
     precision = settings.resolve_precision(args.precision, args.use_fp16, device)
-    given = arguments.given_settings(args)
-    noise_defaults = arguments.noise_class_defaults(args)
+    given, defaults = arguments.given_settings(args), arguments.noise_class_defaults(args)
     try:  # run-level settings first: the respacing builds the diffusion
         mode = settings.resolve_mode(args.cond_mode, metadata, args.model_path) if metadata else "paired"
-        run = settings.resolve_settings(given, metadata or {}, mode, defaults=noise_defaults)
+        run = settings.resolve_settings(given, metadata or {}, mode, defaults=defaults)
         model, diffusion, metadata = load_model_and_diffusion(
             args.model_path, model_overrides(args, metadata, run["timestep_respacing"]), device=device)
         mode = settings.resolve_mode(args.cond_mode, metadata, args.model_path)
@@ -205,106 +170,26 @@ def main(argv=None):
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
                f"{diffusion.num_timesteps} steps ({'DDIM' if run['use_ddim'] else 'ancestral'}), "
                f"checkpoint {args.model_path}")
-    signature = outputs.run_signature(dict(
-        given, model_path=args.model_path, seed=args.seed, mode=mode, precision=precision,
-        acquisition=arguments.given_acquisition(args), noise_defaults=noise_defaults))
+    batch = BatchRun(model, diffusion, metadata, mode, args.model_path, args.save_dir, given, defaults,
+                     arguments.given_acquisition(args), precision, seed=args.seed,
+                     num_ensemble=args.num_ensemble, overwrite=args.overwrite,
+                     save_members=args.save_members, dicom_out=args.dicom_out, draw=draw_panels,
+                     rank=rank, world_size=world)
     for index, item in enumerate(load_data_for_worker(args.base_samples, None, False)):
         if 0 < args.num_samples <= index:
             break
-        paths = outputs.output_paths(args.save_dir, item["name"])
-        if os.path.exists(paths["json"]) and not args.overwrite:
-            logger.log(f"{item['name']}: outputs exist, skipped (--overwrite to redo)")
-            continue
-        denoise_item(args, item, paths, model, diffusion, metadata, mode, precision, signature)
+        batch.denoise(item)
     logger.log("sampling complete")
 
 
-def denoise_item(args, item, paths, model, diffusion, metadata, mode, precision, signature):
-    """Resolve the input's settings, denoise it on every rank, write its outputs on rank 0."""
-    rank, world = dist_util.rank(), dist_util.world_size()
-    if (item["low_dose"] < 0).any():
-        logger.log(f"{item['name']}: {(item['low_dose'] < 0).mean():.2%} negative voxels clipped to 0")
-    resolved = settings.resolve_settings(arguments.given_settings(args), metadata, mode,
-                                         low_dose=item["low_dose"],
-                                         defaults=arguments.noise_class_defaults(args))
-    acquisition, provenance = None, dict(counts_source=None, bcdpm=None)
-    try:
-        if settings.uses_bcdpm(mode) or resolved["dc_steps"]:
-            acquisition, sources = settings.resolve_acquisition(arguments.given_acquisition(args), item["path"])
-            provenance["counts_source"] = sources["total_counts"]
-        if settings.uses_bcdpm(mode):
-            provenance["bcdpm"] = bcdpm_report(resolved)
-            logger.log(f"{item['name']}: {bcdpm_log(resolved)}")
-        denoiser = settings.build_denoiser(model, diffusion, metadata, resolved, precision=precision,
-                                           acquisition=acquisition, rank=rank, world_size=world)
-    except ValueError as error:
-        message = str(error).splitlines()[0]
-        raise InputError(message if message.startswith(item["path"]) else f"{item['path']}: {message}") from None
-    seeds = [member_seed(args.seed, item["name"], k) for k in range(args.num_ensemble)]
-    store = outputs.MemberStore(args.save_dir, item["name"], signature)
-    done = store.load(args.num_ensemble) if not args.overwrite else {}
-    if world > 1:
-        shared = [done]
-        dist.broadcast_object_list(shared, src=0)
-        done = shared[0]
-    if done:
-        logger.log(f"{item['name']}: resuming, members {sorted(done)} already done")
-
-    def keep_member(k, volume, info):
-        if rank == 0:
-            store.save(k, volume, item["affine"])
-        logger.log(f"{item['name']}: member {k} done in {info['seconds']:.1f} s"
-                   f"{describe_post_processing(info)}")
-
-    begin = time.perf_counter()
-    mean, std, members, info = denoiser.denoise(item["low_dose"], item["affine"], seeds,
-                                                on_member=keep_member, skip=done)
-    seconds = time.perf_counter() - begin
-    if std is None:
-        logger.log(f"{item['name']}: one ensemble member: no uncertainty map (--num_ensemble >= 2)")
-    if rank == 0:
-        report = dict(info, seconds=seconds, seeds=seeds, cond_mode=mode, world_size=world,
-                      checkpoint=dict(path=args.model_path, sha256=metadata["sha256"]),
-                      flags=metadata["flags"], **provenance, input=item["path"],
-                      uncertainty="ensemble std" if std is not None else "none (one ensemble member)",
-                      settings=dict(resolved.values, precision=precision, seed=args.seed,
-                                    num_ensemble=args.num_ensemble),
-                      settings_sources=resolved.sources)
-        report["dicom"] = write_dicom(args, item, mean, std, mode)
-        outputs.write_outputs(paths, item["affine"], mean, std, members, report,
-                              save_members=args.save_members,
-                              draw=lambda png: draw_panels(png, item, mean, std, mode, len(members)))
-        store.clear()
-    dist_util.barrier()
-    logger.log(f"{item['name']}: done in {seconds:.1f} s -> {paths['denoised_nii']}")
-
-
-def write_dicom(args, item, mean, std, mode):
-    """The DICOM PET series of the outputs (``--dicom_out``); their directories, or ``None``."""
-    is_dicom = os.path.isdir(item["path"])
-    if args.dicom_out == "never" or (args.dicom_out == "auto" and not is_dicom):
-        return None
-    written = {}
-    for kind, volume in (("denoised", mean), ("uncertainty", std)):
-        if volume is None:
-            continue
-        directory = os.path.join(args.save_dir, f"{item['name']}_{kind}_dicom")
-        dicom_writer.write_dicom_series(
-            directory, volume, item["affine"], reference_dir=item["path"] if is_dicom else None,
-            series_description=f"pet-3d-ddpm {kind} ({mode}, {os.path.basename(args.model_path)})",
-            overwrite=True)
-        written[kind] = directory
-    return written
-
-
-def draw_panels(path, item, mean, std, mode, members):
+def draw_panels(path, item, mean, std, mode):
     """MIPs and slices of the input, the mean and (two or more members) the uncertainty."""
     vmax = float(np.percentile(item["low_dose"], 99.9)) or 1.0
     panels = [("low dose", item["low_dose"], vmax, "gray_r"), ("denoised", mean, vmax, "gray_r")]
     if std is not None:
         panels.append(("uncertainty (std)", std, None, "magma"))
     save_volume_panels(path, panels, volumes.voxel_sizes(item["affine"]),
-                       title=f"{item['name']} ({mode}, {members} member(s))")
+                       title=f"{item['name']} ({mode}, {'ensemble' if std is not None else 'one member'})")
 
 
 if __name__ == "__main__":

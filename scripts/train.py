@@ -25,11 +25,7 @@ Data layout: see ``guided_diffusion.image_datasets``.
 """
 
 import argparse
-import json
-import os
-import random
 
-import numpy as np
 import torch as th
 
 
@@ -38,11 +34,13 @@ from guided_diffusion.image_datasets import (
     OrderedVolumePatchDataset,
     list_volume_sources,
     load_data,
+    manifest_voxel_mm,
     resolve_normalisation,
 )
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
+    add_runtime_arguments,
     args_to_dict,
     create_diffusion_from_flags,
     create_model_and_diffusion,
@@ -51,7 +49,7 @@ from guided_diffusion.script_util import (
     sr_model_and_diffusion_defaults,
     str2bool,
 )
-from guided_diffusion.train_util import TrainLoop
+from guided_diffusion.train_util import TrainLoop, data_record, seed_rank_streams
 from guided_diffusion.evaluation.validation import PatchValidator
 
 PUBLISHED_VOXEL_MM = 1.65
@@ -83,10 +81,6 @@ def create_argparser(argv=None):
     parser.add_argument("--log_dir", required=True, help="checkpoints, logs, progress.csv")
     parser.add_argument("--patch_size", type=int, nargs=3, default=[96, 96, 96],
                         metavar=("Z", "X", "Y"), help="training patch size in voxels")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="auto: follow --use_fp16 (fp16 on CUDA, bf16 elsewhere), else fp32")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads per rank (default: cores / ranks per node)")
     parser.add_argument("--voxel_mm", type=float, default=None,
                         help="voxel size of the data in mm (default: data_dir/manifest.json, "
                              f"else {PUBLISHED_VOXEL_MM})")
@@ -111,7 +105,8 @@ def create_argparser(argv=None):
     parser.add_argument("--val_start_fraction", type=float, default=0.3,
                         help="unconditional models: start validation sampling from the diffused "
                              "full-dose patch at this fraction of the steps")
-    parser.add_argument("--seed", type=int, default=0)
+    add_runtime_arguments(parser, seed_help="seed of the initial weights, the patches and the noise",
+                          precision_help="auto: follow --use_fp16 (fp16 on CUDA, bf16 elsewhere), else fp32")
     defaults = dict(
         schedule_sampler="uniform",
         lr=1e-4,
@@ -132,23 +127,16 @@ def create_argparser(argv=None):
 
 def read_voxel_mm(data_dir, flag):
     """Voxel size: the flag, else ``voxel_mm`` / ``voxel_size_mm`` of data_dir/manifest.json."""
-    if flag is not None:
-        return flag
-    manifest = os.path.join(data_dir, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            content = json.load(f)
-        for key in ("voxel_mm", "voxel_size_mm"):
-            if key in content:
-                return content[key]
-    logger.warn(f"voxel size unknown (no --voxel_mm, no manifest): assuming {PUBLISHED_VOXEL_MM} mm")
-    return PUBLISHED_VOXEL_MM
+    voxel_mm = flag if flag is not None else manifest_voxel_mm(data_dir)
+    if voxel_mm is None:
+        logger.warn(f"voxel size unknown (no --voxel_mm, no manifest): assuming {PUBLISHED_VOXEL_MM} mm")
+        return PUBLISHED_VOXEL_MM
+    return voxel_mm
 
 
-def make_validator(args, paired, normalisation, flags):
+def make_validator(args, sources, paired, normalisation, flags):
     """The periodic validation callback: ``--val_patches`` fixed patches of the ``--val_dir``
-    volumes (one per volume in turn, no flips or intensity jitter)."""
-    sources = list_volume_sources(args.val_dir, paired, split="val")
+    volumes ``sources`` (one per volume in turn, no flips or intensity jitter)."""
     dataset = OrderedVolumePatchDataset(sources, args.patch_size, paired=paired, random_flip=False,
                                         normalisation=normalisation, seed=args.seed + 1,
                                         dims=args.dims)
@@ -183,10 +171,7 @@ def main(argv=None):
     model.to(dist_util.dev())
     logger.log(f"{sum(p.numel() for p in model.parameters())} parameters")
 
-    rank_seed = args.seed + 1_000_003 * dist_util.rank()  # own noise stream per rank
-    th.manual_seed(rank_seed)
-    np.random.seed(rank_seed % 2**32)
-    random.seed(rank_seed)
+    seed_rank_streams(args.seed)
 
     normalisation = resolve_normalisation(dict(clip=args.clip_suv, scale=args.scale_suv))
     data = load_data(
@@ -209,10 +194,7 @@ def main(argv=None):
         voxel_mm=read_voxel_mm(args.data_dir, args.voxel_mm),
         patch_size_zxy=list(args.patch_size),
         tensor_layout="(B, C, X, Y)" if args.dims == 2 else "(B, C, Z, X, Y)",
-        training_data=dict(
-            data_dir=os.path.abspath(args.data_dir),
-            files=num_files,
-        ),
+        training_data=data_record(args.data_dir, num_files),
         training=dict(
             lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
             world_size=dist_util.world_size(), ema_rate=args.ema_rate, seed=args.seed,
@@ -223,9 +205,10 @@ def main(argv=None):
 
     callback = None
     if args.val_dir:
-        callback = make_validator(args, paired, normalisation, flags)
+        sources = list_volume_sources(args.val_dir, paired, split="val")
+        callback = make_validator(args, sources, paired, normalisation, flags)
         metadata["training"]["validation"] = dict(
-            data_dir=os.path.abspath(args.val_dir), patches=args.val_patches,
+            data_record(args.val_dir, len(sources), split="val"), patches=args.val_patches,
             respacing=args.val_respacing, interval=callback.interval)
 
     logger.log("training...")

@@ -1,3 +1,5 @@
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -5,8 +7,10 @@ import torch as th
 
 from guided_diffusion.image_datasets import (
     VolumePatchDataset,
+    describe_datasets,
     list_volume_sources,
     load_data,
+    manifest_voxel_mm,
     model_to_suv,
     suv_to_model,
 )
@@ -167,6 +171,37 @@ def test_nifti_pairs_share_the_full_dose_volume(tmp_path):
     (tmp_path / "sub01_full.nii.gz").unlink()
     with pytest.raises(ValueError, match="sub01_low_drf10"):
         list_volume_sources(str(tmp_path), paired=True)
+
+
+def _fake_make_dataset(folder, seed, train, val=()):
+    """A make_dataset.py folder: split lists naming pair files, and its manifest."""
+    folder.mkdir(parents=True)
+    full = coordinate_volume()
+    for split, names in (("train", train), ("val", val), ("test", ())):
+        (folder / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+        for name in names:
+            write_pair_npz(folder / name, full)
+    (folder / "manifest.json").write_text(json.dumps(dict(
+        created_by="scripts/make_dataset.py", seed=seed, subjects=len(train) + len(val),
+        voxel_mm=3.3, split=dict(train=list(train), val=list(val), test=[]), layout="...",
+        entries=[{"subject": "s0000", "seconds": 1.0}])))
+
+
+def test_split_lists_choose_the_files_and_describe_the_datasets(tmp_path):
+    _fake_make_dataset(tmp_path / "a", 100, ["a0.npz", "a1.npz"])
+    _fake_make_dataset(tmp_path / "b", 200, ["b0.npz"], val=["b1.npz"])
+    _fake_make_dataset(tmp_path / "v", 800, [], val=["v0.npz"])  # no training subjects
+    np.savez(tmp_path / "a" / "unlisted.npz", coordinate_volume())
+    assert [s[1] for s in list_volume_sources(str(tmp_path), paired=True)] == [
+        str(tmp_path / n) for n in ("a/a0.npz", "a/a1.npz", "b/b0.npz")]
+    assert [s[1] for s in list_volume_sources(str(tmp_path), paired=True, split="val")] == [
+        str(tmp_path / n) for n in ("b/b1.npz", "v/v0.npz")]
+    common = dict(created_by="scripts/make_dataset.py", voxel_mm=3.3)
+    assert describe_datasets(str(tmp_path)) == [
+        dict(common, path="a", files=2, seed=100, subjects=2, split_subjects=2),
+        dict(common, path="b", files=1, seed=200, subjects=2, split_subjects=1)]
+    assert [d["path"] for d in describe_datasets(str(tmp_path), "val")] == ["b", "v"]
+    assert manifest_voxel_mm(str(tmp_path / "a")) == 3.3 and manifest_voxel_mm(str(tmp_path)) is None
 
 
 def test_empty_directory_raises(tmp_path):

@@ -1,6 +1,6 @@
-"""scripts/make_dataset.py: files and manifests, resume, determinism, noise vs dose, MPI."""
+"""guided_diffusion.pet.dataset and scripts/make_dataset.py: files and manifests, resume,
+determinism, noise vs dose, MPI."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,9 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from guided_diffusion.pet import volumes
+from guided_diffusion.pet.dataset import (
+    SCANNERS,
+    DatasetError,
+    DatasetSettings,
+    make_dataset,
+    simulate_scan,
+    split_subjects,
+    subject_seed,
+)
 from guided_diffusion.pet.phantoms import ORGAN_LABELS, make_phantom
 from guided_diffusion.pet.projector import make_projector
 
@@ -20,13 +30,8 @@ SCRIPT = REPO / "scripts" / "make_dataset.py"
 OPTIONS = ["--seed", "1", "--voxel_mm", "6.6", "--drf", "4", "16", "--iterations", "2", "--subsets", "4",
            "--threads", "1"]
 TINY = ["--subjects", "1", *OPTIONS]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_dataset", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+#: The same dataset as TINY, for the library.
+TINY_SETTINGS = dict(subjects=1, seed=1, voxel_mm=6.6, drf=[4, 16], iterations=2, subsets=4)
 
 
 def _run(*args, launcher=()):
@@ -73,12 +78,11 @@ def test_tiny_run_writes_files_and_manifests(tiny):
 def test_rerun_skips_finished_subjects(tiny):
     manifest = tiny / "s0000" / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    result = _run("--out", tiny, *TINY)
-    assert result.returncode == 0, result.stderr
-    assert "0 made here, 1 already finished" in result.stdout
+    result = make_dataset(DatasetSettings(out=str(tiny), **TINY_SETTINGS))
+    assert result == dict(rank=0, size=1, made=0, finished=1)
     assert manifest.stat().st_mtime_ns == before
-    changed = _run("--out", tiny, *TINY, "--counts_per_mm", "1e5")
-    assert changed.returncode == 2 and "other parameters" in changed.stderr
+    with pytest.raises(DatasetError, match="other parameters"):
+        make_dataset(DatasetSettings(out=str(tiny), **dict(TINY_SETTINGS, counts_per_mm=1e5)))
 
 
 def test_low_dose_noise_grows_as_sqrt_drf(tiny):
@@ -100,13 +104,20 @@ def test_low_dose_noise_grows_as_sqrt_drf(tiny):
     assert low_std > 1.8 * full_std
 
 
-def test_simulation_is_deterministic_per_seed():
-    module = _load_script()
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small volumes: one thread is fastest on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_simulation_is_deterministic_per_seed(one_thread):
     phantom = make_phantom(2, voxel_mm=6.6, fov_mm=(528.0, 330.0, 66.0))
-    settings = module.SCANNERS["demo"]
+    settings = SCANNERS["demo"]
     projector = make_projector(settings["preset"], (80, 50, 8), 6.6, mode=settings["mode"],
                                psf_fwhm_mm=settings["psf_fwhm_mm"], view_mashing=settings["view_mashing"])
-    run = lambda seed: module.simulate_scan(phantom.activity, phantom.mu, projector, [4.0], 2e6, settings, 1, 4, seed)
+    run = lambda seed: simulate_scan(phantom.activity, phantom.mu, projector, [4.0], 2e6, settings, 1, 4, seed)
     (a, counts_a), (b, counts_b), (c, _) = run(7), run(7), run(8)
     assert a.shape == (2,) + phantom.activity.shape  # [full, low], Z padded to slabs and cropped back
     np.testing.assert_array_equal(a, b)
@@ -116,20 +127,24 @@ def test_simulation_is_deterministic_per_seed():
 
 
 def test_seeds_and_split_do_not_depend_on_ranks():
-    module = _load_script()
-    seeds = [module.subject_seed(3, i) for i in range(5)]
-    assert len(set(seeds)) == 5 and seeds == [module.subject_seed(3, i) for i in range(5)]
-    split = module.split_subjects(10, [0.8, 0.1, 0.1], 3)
+    seeds = [subject_seed(3, i) for i in range(5)]
+    assert len(set(seeds)) == 5 and seeds == [subject_seed(3, i) for i in range(5)]
+    split = split_subjects(10, [0.8, 0.1, 0.1], 3)
     assert sorted(split) == list(range(10))
     assert [list(split.values()).count(s) for s in ("train", "val", "test")] == [8, 1, 1]
-    assert split == module.split_subjects(10, [8, 1, 1], 3)
+    assert split == split_subjects(10, [8, 1, 1], 3)
 
 
-def test_bad_arguments_exit_2(tmp_path, capsys):
-    module = _load_script()
-    for args, problem in ((["--drf", "0.5"], "--drf"), (["--tracers", "XYZ"], "XYZ"), (["--subjects", "0"], "--subjects")):
-        assert module.main(["--out", str(tmp_path), "--subjects", "1", *args]) == 2, args
-        assert problem in capsys.readouterr().err
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
+    for change, problem in ((dict(drf=[0.5]), "--drf"), (dict(tracers=["XYZ"]), "XYZ"),
+                            (dict(subjects=0), "--subjects"), (dict(split=[0, 0, 0]), "--split")):
+        with pytest.raises(DatasetError, match=problem):
+            make_dataset(DatasetSettings(out=str(tmp_path / "out"), **dict(TINY_SETTINGS, **change)))
+    checked = DatasetSettings(out="x", subjects=1, drf=[4, 10], tracers=["fdg"]).checked()
+    assert checked.drf == [4.0, 10.0] and checked.tracers == ["FDG"]
+    result = _run("--out", tmp_path / "out", "--subjects", "1", "--drf", "0.5")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "make_dataset.py: error: --drf values must be distinct and >= 1, got [0.5]\n"
     assert os.listdir(tmp_path) == []
 
 

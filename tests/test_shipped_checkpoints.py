@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from guided_diffusion.checkpoint_hub import absolute_paths, package
 from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata
 from tests.mpi_helpers import REPO
 
@@ -32,6 +33,16 @@ def test_checkpoint_matches_sha256sums_and_sidecar(name):
     digest = hashlib.sha256(data).hexdigest()
     assert _sums()[name] == digest
     assert read_metadata(CHECKPOINTS / name)["sha256"] == digest
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_sidecars_record_no_absolute_paths(name):
+    metadata = read_metadata(CHECKPOINTS / name)
+    assert absolute_paths(metadata) == []
+    data = metadata["training_data"]
+    assert data["generator"] == "scripts/make_dataset.py"
+    assert data["files"] >= sum(d["files"] for d in data["datasets"]) == 170
+    assert [(d["seed"], d["subjects"]) for d in data["datasets"]] == [(100, 16), (200, 6)]
 
 
 @pytest.mark.parametrize("name, cond", [("demo_paired.pt", "paired"), ("demo_prior.pt", "none")])
@@ -62,9 +73,9 @@ def test_demo_launcher_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "demo"
-    for suffix in ("_denoised.nii.gz", "_denoised.npz", "_uncertainty.nii.gz", ".png", ".json",
-                   "_metrics.json"):
+    for suffix in ("_denoised.nii.gz", "_denoised.npz", ".png", ".json", "_metrics.json"):
         assert (out / f"s0000_FDG_drf10{suffix}").exists(), suffix
+    assert not (out / "s0000_FDG_drf10_uncertainty.nii.gz").exists()  # one ensemble member
     metrics = json.loads((out / "s0000_FDG_drf10_metrics.json").read_text())
     methods = {record["method"]: record for record in metrics["records"]}
     assert set(methods) == {"low_dose", "denoised"}
@@ -82,7 +93,8 @@ def test_package_checkpoint_merges_sampling_and_lists_the_hash(tmp_path, make_ti
     subprocess.run([sys.executable, str(REPO / "scripts" / "package_checkpoint.py"), str(source),
                     "--name", "tiny_prior", "--dest", str(dest),
                     "--sampling", json.dumps(dict(bc_steps=3, patch_z=10)),
-                    "--sampling", json.dumps(dict(bc_tuning=tuning))], check=True, cwd=REPO)
+                    "--sampling", json.dumps(dict(bc_tuning=tuning))], check=True, cwd=REPO,
+                   capture_output=True)
     metadata = read_metadata(dest / "tiny_prior.pt")
     # later --sampling dicts merge over earlier ones and over the training sidecar's
     assert metadata["sampling"] == dict(timestep_respacing="ddim5", bc_steps=3, patch_z=10, bc_tuning=tuning)
@@ -91,3 +103,15 @@ def test_package_checkpoint_merges_sampling_and_lists_the_hash(tmp_path, make_ti
     assert (dest / "SHA256SUMS").read_text() == f"{digest}  tiny_prior.pt\n"
     state = torch.load(dest / "tiny_prior.pt", weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in torch.load(source, weights_only=True).items())
+
+
+def test_package_records_no_absolute_paths(tmp_path, make_tiny_checkpoint):
+    source = make_tiny_checkpoint(tmp_path / "model000010.pt", "paired")
+    sidecar = source.with_suffix(".json")
+    training = dict(json.loads(sidecar.read_text()),
+                    training_data=dict(data_dir=str(tmp_path / "data3d"), files=170))
+    sidecar.write_text(json.dumps(training))  # as older training runs wrote it
+    target, card = package(str(source), "tiny", str(tmp_path / "shipped"))
+    assert card["source_checkpoint"] == "model000010.pt"
+    assert card["training_data"] == dict(data_dir="data3d", files=170)
+    assert absolute_paths(read_metadata(target)) == []

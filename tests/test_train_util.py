@@ -11,10 +11,12 @@ import pytest
 import torch as th
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.checkpoint_hub import absolute_paths
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 from guided_diffusion.train_util import (
     TrainLoop,
+    data_record,
     find_resume_checkpoint,
     parse_resume_step_from_filename,
 )
@@ -151,6 +153,26 @@ def test_checkpoint_files_and_metadata(log_dir, tmp_path):
     assert all(th.equal(p, q) for p, q in zip(fresh.parameters(), model.parameters()))
 
 
+def test_sidecars_record_data_without_absolute_paths(log_dir, tmp_path):
+    data = tmp_path / "phantoms"
+    (data / "s0000").mkdir(parents=True)
+    (data / "train.txt").write_text("s0000/s0000_FDG_drf4.npz\ns0000/s0000_FDG_drf10.npz\n")
+    (data / "manifest.json").write_text(json.dumps(dict(
+        created_by="scripts/make_dataset.py", seed=100, subjects=1, voxel_mm=3.3, drf=[4.0, 10.0],
+        tracers=["FDG"], split=dict(train=["s0000"], val=[], test=[]), entries=[{"subject": "s0000"}])))
+    record = data_record(str(data), 2)
+    assert record == dict(data_dir="phantoms", files=2, datasets=[dict(
+        path=".", files=2, created_by="scripts/make_dataset.py", seed=100, subjects=1, voxel_mm=3.3,
+        drf=[4.0, 10.0], tracers=["FDG"], split_subjects=1)])
+    model, diffusion = tiny_model_and_diffusion()
+    loop = make_loop(model, diffusion, easy_batches(2), tmp_path / "ckpt", max_steps=1)
+    loop.metadata.update(training_data=record, note=f"made from {data}")  # a path slipped in
+    loop.run_loop()
+    meta = json.loads((tmp_path / "ckpt" / "model000001.json").read_text())
+    assert meta["training_data"] == record and meta["note"] == "made from phantoms"
+    assert absolute_paths(meta) == []
+
+
 def test_find_resume_checkpoint_skips_incomplete_steps(tmp_path):
     for step in (2, 4):
         for name in (f"model{step:06d}.pt", f"opt{step:06d}.pt", f"ema_0.9_{step:06d}.pt"):
@@ -248,6 +270,11 @@ def test_train_script_unconditional_and_resume(tmp_path):
     assert "resuming from" in proc.stdout and "model000002.pt" in proc.stdout
     meta = json.loads((log / "model000004.json").read_text())
     assert meta["cond"] == "none" and meta["voxel_mm"] == 2.0
+    # the data directories are recorded without this machine's paths
+    assert absolute_paths(meta) == [] and str(tmp_path) not in json.dumps(meta)
+    assert meta["training_data"] == dict(data_dir="data", files=2, datasets=[
+        dict(path=".", files=None, voxel_mm=2.0)])
+    assert meta["training"]["validation"]["data_dir"] == "data"
     assert meta["flags"]["dims"] == 3 and meta["flags"]["in_channels"] == 1
     assert meta["flags"]["image_size"] == 16 and meta["patch_size_zxy"] == [8, 16, 16]
     assert meta["normalisation"] == {"clip": 16.0, "scale": 16.0, "range": [-1.0, 1.0]}
@@ -274,11 +301,10 @@ def test_train_script_cond_dropout_records_it_and_needs_paired_data(tmp_path):
 DDP_SCRIPT = """
 import hashlib, json, sys
 import numpy as np, torch
-sys.path.insert(0, "tests")
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.train_util import TrainLoop
-from test_train_util import tiny_model_and_diffusion
+from tests.test_train_util import tiny_model_and_diffusion
 
 dist_util.setup_dist()
 out = sys.argv[1]
