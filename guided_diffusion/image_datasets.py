@@ -151,7 +151,7 @@ def describe_datasets(data_dir, split="train"):
     one for ``data_dir`` itself without lists) with ``path`` (its folder relative to
     ``data_dir``), ``files`` (how many the list names; None without lists) and, from the
     ``manifest.json`` beside it, the :data:`DATASET_KEYS` entries and ``split_subjects`` (how
-    many subjects the split has)."""
+    many subjects the split has; the manifest lists them or counts them)."""
     _, split_lists = _candidate_files(data_dir, split)
     folders = [(os.path.dirname(path), len(_split_list(path))) for path in split_lists]
     folders = [(folder, files) for folder, files in folders if files]
@@ -161,7 +161,8 @@ def describe_datasets(data_dir, split="train"):
         entry = dict(path=os.path.relpath(folder, data_dir), files=files)
         entry.update({key: manifest[key] for key in DATASET_KEYS if key in manifest})
         if isinstance(manifest.get("split"), dict) and split in manifest["split"]:
-            entry["split_subjects"] = len(manifest["split"][split])
+            subjects = manifest["split"][split]  # a list of subjects, or their count
+            entry["split_subjects"] = subjects if isinstance(subjects, int) else len(subjects)
         descriptions.append(entry)
     return descriptions
 

@@ -229,7 +229,7 @@ def test_bcdpm_takes_a_cond_dropout_checkpoint_as_its_prior(workdir, make_tiny_c
 
 def test_interrupted_run_resumes_to_the_same_result(workdir):
     common = ("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
-              "--num_ensemble", 3, "--timestep_respacing", "50", "--use_ddim", "False",
+              "--num_ensemble", 3, "--timestep_respacing", "25", "--use_ddim", "False",
               "--threads", 1, *COMMON)
     reference = workdir / "out_reference"
     run_script(*common, "--save_dir", reference)

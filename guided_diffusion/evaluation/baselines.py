@@ -7,17 +7,15 @@ volume's units (SUV); widths in mm or voxels as named.
 Call any of them as ``denoise(name, volume, **params)`` with ``name`` in :data:`DENOISERS`:
 
 ``"gaussian"``  3D Gaussian filter, ``sigma_mm`` (with ``voxel_mm``) or ``sigma_vox``.
-``"bm3d"``      BM3D with a *given* noise standard deviation ``sigma`` (the blind estimate is about
-                10x too low on reconstructed PET noise, whose noise is spatially correlated).
+``"bm3d"``      BM3D with a *given* noise standard deviation ``sigma`` (a blind estimate is far too
+                low on reconstructed PET noise, which is spatially correlated).
                 ``mode="slice"`` (default) runs 2D BM3D on each axial slice (``bm3d`` package);
                 ``mode="volume"`` runs BM4D on the whole volume (``bm4d`` package, a dependency of
-                ``bm3d``). Measured on one shared CPU core for a 64x64x32 volume: 8.6 s
-                slice-wise (~0.27 s per 64x64 slice), 5.1 s volume-wise. Both grow about linearly
-                with the voxel count (extrapolated: ~15 min slice-wise for 192x192x400).
-                Slice-wise is the default because its working memory is one slice; BM4D's
-                grows with the whole volume (not measured at whole-body size).
+                ``bm3d``). Both take time about linear in the voxel count (BENCHMARKS.md has
+                timings). Slice-wise is the default because its working memory is one slice;
+                BM4D's grows with the whole volume.
 ``"nlm"``       non-local means (``skimage.restoration.denoise_nl_means``), cut-off ``h``;
-                ``mode="volume"`` (default, 3D patches; 3.1 s for 64x64x32) or ``"slice"``.
+                ``mode="volume"`` (default, 3D patches) or ``"slice"``.
 
 :func:`tune` grid-searches parameters on validation pairs; :func:`save_params` /
 :func:`load_params` keep the chosen parameters in JSON keyed by method and dose reduction factor.

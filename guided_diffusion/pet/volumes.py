@@ -144,7 +144,7 @@ def _load_npz(path, key, index, voxel_mm):
         raise ValueError(f"{path}: unreadable npz file ({type(error).__name__}: {error})") from None
     if stack is None:
         raise ValueError(f"{path}: missing key {key!r} (keys present: {keys})")
-    if stack.ndim == 3 and stack.shape[0] <= 2 < min(stack.shape[1:]):
+    if stack.ndim == 3 and 0 < stack.shape[0] <= 2 < min(stack.shape[1:]):
         raise ValueError(f"{path}: key {key!r} has shape {stack.shape}, a stack of 2D images "
                          f"({key}[0] is {stack.shape[1:]}); expected an (X, Y, Z) volume or a "
                          f"stack (N, X, Y, Z)")
