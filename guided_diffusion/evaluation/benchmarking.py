@@ -37,7 +37,7 @@ from ..sampling.denoiser import member_network_evaluations
 from . import metrics, speed
 from .cases import body_mask
 from .methods import DiffusionMethod
-from .quality import save_figure
+from .figures import save_figure
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONDS = ("paired", "bcdpm", "hybrid")

@@ -1,5 +1,6 @@
 """
-Pictures of volumes for people: coronal / sagittal maximum-intensity projections and slices.
+Pictures for people: coronal / sagittal maximum-intensity projections and slices of volumes,
+and :func:`save_figure`, the one way a report's matplotlib figure is written (atomically).
 
 Volumes are ``(X, Y, Z)`` arrays (Z axial, feet -> head) in SUV; the figures show Z upwards
 (head at the top) with the true aspect ratio from the voxel size in mm.
@@ -57,5 +58,16 @@ def save_volume_panels(path, panels, voxel_mm, title=None):
         fig.suptitle(title, fontsize=10)
     try:
         atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"), ".png")
+    finally:
+        plt.close(fig)
+
+
+def save_figure(fig, path, dpi=100):
+    """Lay out a matplotlib figure, write it to the PNG ``path`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=dpi, format="png"), ".png")
     finally:
         plt.close(fig)

@@ -77,30 +77,40 @@ class DiffusionMethod:
         return settings.resolve_settings(given, self.metadata, self.mode, low_dose=low_dose,
                                          defaults=self.defaults)
 
-    def acquisition(self, path):
-        """The simulated acquisition of the input file ``path`` (cached per file)."""
+    def acquisition(self, path, known=None):
+        """The simulated acquisition of the input file ``path`` (cached per file), or of an
+        in-memory case whose acquisition is ``known`` (``resolve_acquisition``'s kwargs; the
+        method's given values still win)."""
+        if known is not None:
+            given = {k: v for k, v in self.acquisition_given.items() if v is not None}
+            return self._low_dose_acquisition(dict(known, **given))
         if path not in self._acquisitions:
             kwargs, _ = settings.resolve_acquisition(self.acquisition_given, path)
-            self._acquisitions[path] = LowDoseAcquisition(
-                normalisation=self.metadata["normalisation"], voxel_mm=self.metadata["voxel_mm"],
-                **kwargs)
+            self._acquisitions[path] = self._low_dose_acquisition(kwargs)
         return self._acquisitions[path]
 
-    def denoiser(self, low_dose, path, **overrides):
-        """``(VolumeDenoiser, Resolved)`` for the input ``low_dose`` of the file ``path``."""
+    def _low_dose_acquisition(self, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k in settings.ACQUISITION_DEFAULTS}
+        return LowDoseAcquisition(normalisation=self.metadata["normalisation"],
+                                  voxel_mm=self.metadata["voxel_mm"], **kwargs)
+
+    def denoiser(self, low_dose, path, known_acquisition=None, **overrides):
+        """``(VolumeDenoiser, Resolved)`` for the input ``low_dose`` of the file ``path`` (or of
+        an in-memory case with its ``known_acquisition``)."""
         resolved = self.resolve(low_dose, **overrides)
-        acquisition = self.acquisition(path) if self.uses_guidance(resolved) else None
+        acquisition = (self.acquisition(path, known_acquisition) if self.uses_guidance(resolved)
+                       else None)
         denoiser = settings.build_denoiser(self.model, self.diffusion, self.metadata, resolved,
                                            precision=self.precision, acquisition=acquisition,
                                            progress=self.progress)
         return denoiser, resolved
 
     def denoise(self, case, seeds, **overrides):
-        """Denoise a case (``low``, ``affine``, ``path``; see :mod:`.cases`) with one member per
+        """Denoise a case (``low``, ``affine``, ``path`` or ``acquisition``; see :mod:`.cases`) with one member per
         seed: ``(mean SUV volume (X, Y, Z), info)``; ``info`` has ``network_evaluations`` (all
         members), ``resolved`` (:class:`~guided_diffusion.sampling.settings.Resolved`) and the
         denoiser's ``members``."""
-        denoiser, resolved = self.denoiser(case["low"], case["path"], **overrides)
+        denoiser, resolved = self.denoiser(case["low"], case["path"], case.get("acquisition"), **overrides)
         mean, _, _, info = denoiser.denoise(case["low"], case["affine"], seeds)
         evaluations = sum(member_network_evaluations(m) for m in info["members"])
         return mean, dict(info, network_evaluations=evaluations, resolved=resolved)

@@ -33,7 +33,7 @@ from ..pet.filters import FWHM_PER_SIGMA, fwhm_to_sigma
 from ..sampling.settings import TUNED_KEYS, uses_bcdpm
 from . import baselines, metrics
 from .cases import load_case, select_files
-from .figures import save_volume_panels
+from .figures import save_figure, save_volume_panels
 from .methods import case_seeds
 from .statistics import finite_or_none, group_summaries
 
@@ -210,17 +210,6 @@ def summary_markdown(summary, verdict, record, described):
     lines += ["", f"## Quality bar: {verdict['overall']}", "", "```"]
     lines += [format_check(c) for c in verdict["checks"]] + ["```", ""]
     return "\n".join(lines)
-
-
-def save_figure(fig, path, dpi=100):
-    """Lay out a matplotlib figure, write it to the PNG ``path`` atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    try:
-        volumes.atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=dpi, format="png"), ".png")
-    finally:
-        plt.close(fig)
 
 
 def plot_quality(path, summary):
