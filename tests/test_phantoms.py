@@ -1,5 +1,8 @@
-"""Procedural phantoms: determinism, tracer tables, lesion truth, attenuation, partial volumes."""
+"""Procedural phantoms: determinism, tracer tables, lesion truth, attenuation, partial volumes;
+the whole body's default output pinned bit for bit, and its detail option."""
 
+import hashlib
+import json
 import time
 
 import numpy as np
@@ -7,8 +10,9 @@ import pytest
 from scipy import ndimage
 
 from guided_diffusion.pet import phantoms
-from guided_diffusion.pet.phantoms import ORGAN_LABELS, Ellipsoid, VoxelGrid, make_phantom, voxel_fraction
-from guided_diffusion.pet.tracers import ATTENUATION_PER_MM, TRACERS, get_tracer
+from guided_diffusion.pet.phantoms import (ORGAN_LABELS, ORGAN_NAMES, WHOLE_BODY_ORGANS, Ellipsoid, VoxelGrid,
+                                            make_phantom, voxel_fraction)
+from guided_diffusion.pet.tracers import ATTENUATION_PER_MM, SAME_UPTAKE, TRACERS, get_tracer
 
 COARSE_MM = 6.6
 TORSO_FOV_MM = (528.0, 330.0, 560.0)  # vertex to pelvis
@@ -22,6 +26,38 @@ def coarse():
 @pytest.fixture(scope="module")
 def torso():
     return make_phantom(11, voxel_mm=3.3, fov_mm=TORSO_FOV_MM)
+
+
+@pytest.fixture(scope="module")
+def detailed_torso():
+    return make_phantom(11, voxel_mm=3.3, fov_mm=TORSO_FOV_MM, detail=True)
+
+
+def _digest(phantom):
+    digest = hashlib.sha256()
+    for array in (phantom.activity, phantom.mu, phantom.organ_labels, phantom.lesion_labels, phantom.affine):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps(phantom.lesions, sort_keys=True).encode())
+    digest.update(json.dumps(phantom.uptake, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# SHA-256 of the arrays, lesion table and uptake of whole-body phantoms as the code made them
+# before the brain / dead-leaves / detail options existed: the default output may not change.
+PINNED_WHOLE_BODY = [
+    (dict(seed=5, voxel_mm=6.6, tracer="PSMA", arms=False, supersample=1),
+     "d0010b23c353a12a84fe9fd404777f58886d6d270c0e1e36e2e0420459e025cf"),
+    (dict(seed=8, shape=(40, 30, 50), voxel_mm=(6.0, 6.0, 8.0), tracer="FAPI"),
+     "94091b5b219f9642a2108a0e8275f85a1408ac792c36345b109a3cf93657cd88"),
+]
+
+
+def test_default_whole_body_is_bit_identical_to_the_pinned_output(coarse, torso):
+    assert _digest(coarse) == "28501438b1563e6b07664480f9ab2ddc4d129efa9738325c96566665b6251630"
+    assert _digest(torso) == "81bcdcad0f793cac8bb5f01eb5af02af688b47d2360225aa369b94128cb95d11"
+    for arguments, expected in PINNED_WHOLE_BODY:
+        assert _digest(make_phantom(**arguments)) == expected, arguments
+        assert _digest(make_phantom(**arguments, anatomy="whole_body", detail=False)) == expected
 
 
 def test_same_seed_is_bit_identical_and_seeds_differ(coarse):
@@ -45,9 +81,11 @@ def test_layout_and_types(coarse):
     z_of = lambda organ: np.nonzero(coarse.organ_labels == ORGAN_LABELS[organ])[2].mean()
     assert z_of("brain_gm") > 0.75 * shape[2]
     assert z_of("bladder") < z_of("kidney_cortex") < z_of("liver") < z_of("lung") < z_of("brain_gm")
-    # every organ of the table is present in a whole-body phantom
+    # every whole-body organ is present in a whole-body phantom, and no label of the other anatomies
     present = set(np.unique(coarse.organ_labels))
-    assert present == set(ORGAN_LABELS.values())
+    assert present == {ORGAN_LABELS[o] for o in WHOLE_BODY_ORGANS}
+    assert ORGAN_NAMES[:len(WHOLE_BODY_ORGANS)] == WHOLE_BODY_ORGANS
+    assert coarse.anatomy == "whole_body" and coarse.params == {}
 
 
 def _interior(phantom, organ):
@@ -87,7 +125,17 @@ def test_tables_cover_every_organ():
     organs = set(ORGAN_LABELS) - {"background"}
     assert set(ATTENUATION_PER_MM) == organs | {"background"}
     for tracer in TRACERS.values():
-        assert set(tracer.uptake) == organs
+        assert set(tracer.uptake) == set(WHOLE_BODY_ORGANS) - {"background"}
+        assert set(tracer.uptake) | set(tracer.extra_uptake) | set(SAME_UPTAKE) == organs
+
+
+def test_extra_uptake_keeps_the_whole_body_draws():
+    for tracer in TRACERS.values():
+        plain = tracer.draw_uptake(np.random.default_rng(3))
+        extra = tracer.draw_uptake(np.random.default_rng(3), extra=True)
+        assert {k: extra[k] for k in plain} == plain
+        assert extra["vessel"] == extra["blood_pool"] and extra["cyst"] == 0.0
+        assert set(extra) == set(ORGAN_LABELS) - {"background"}
 
 
 def test_tracers_share_the_anatomy():
@@ -144,6 +192,42 @@ def test_voxel_fraction_matches_sphere_volume():
     # exact signed distance for a sphere
     np.testing.assert_allclose(sphere.sdf(np.array([10.3]), np.array([-0.7]), np.array([1.1])), 0.0, atol=1e-12)
     np.testing.assert_allclose(sphere.sdf(np.array([0.3]), np.array([-0.7]), np.array([1.1])), -10.0)
+
+
+def test_detail_adds_vessels_nodes_cysts_and_finer_texture(torso, detailed_torso):
+    np.testing.assert_array_equal(torso.mu > 0, detailed_torso.mu > 0)  # the same body
+    assert {k: detailed_torso.uptake[k] for k in torso.uptake} == torso.uptake  # same subject
+    labels = detailed_torso.organ_labels
+    vessels = ndimage.binary_erosion(labels == ORGAN_LABELS["vessel"])
+    assert vessels.sum() > 50
+    assert detailed_torso.activity[vessels].mean() == pytest.approx(detailed_torso.uptake["blood_pool"], rel=0.1)
+    assert (labels == ORGAN_LABELS["lymph_node"]).sum() > 0
+    whole = make_phantom(3, voxel_mm=COARSE_MM, detail=True)  # the torso's field of view misses most of the liver
+    cysts = whole.organ_labels == ORGAN_LABELS["cyst"]
+    assert whole.uptake["cyst"] == 0.0 and cysts.sum() > 0
+    assert whole.activity[cysts].min() < 0.1 * whole.uptake["liver"]
+    # finer texture: more voxel-to-voxel variation inside the liver
+    liver = _interior(torso, "liver") & _interior(detailed_torso, "liver")
+    step = lambda p: np.abs(np.diff(p.activity, axis=0))[liver[1:]].mean()
+    assert step(detailed_torso) > 1.5 * step(torso)
+
+
+def test_detail_makes_large_lesions_heterogeneous(torso, detailed_torso):
+    def interior_spread(phantom):
+        spreads = []
+        for lesion in phantom.lesions:
+            if 2 * max(lesion["radii_mm"]) >= phantoms.HETEROGENEOUS_MIN_DIAMETER_MM + 3:
+                inside = ndimage.binary_erosion(phantom.lesion_labels == lesion["id"])
+                if inside.sum() >= 5:
+                    spreads.append(phantom.activity[inside].std() / phantom.activity[inside].mean())
+        return spreads
+
+    plain, detailed = interior_spread(torso), interior_spread(detailed_torso)
+    assert detailed and min(detailed) > 0.05
+    assert max(plain) < 0.02  # uniform lesions, only partial volumes at their rim
+    for lesion in detailed_torso.lesions:
+        inside = detailed_torso.lesion_labels == lesion["id"]
+        assert detailed_torso.activity[inside].mean() == pytest.approx(lesion["mean_suv"], rel=1e-5)
 
 
 def test_bad_arguments():

@@ -1,331 +1,80 @@
-"""Procedural whole-body PET phantoms: activity (SUV), attenuation (1/mm at 511 keV), labels.
+"""Procedural PET phantoms: activity (SUV), attenuation (1/mm at 511 keV), labels.
 
-A subject is built from smooth solids (see the shape section below) placed in a canonical adult
-anatomy, measured in mm down from the vertex, and randomised per seed: height, width and depth
-of the body, fat layer, bladder filling, every organ's position, size, orientation and surface,
-the organ SUVs (tracer table with per-subject spread) and the lesions. Volumes are voxelised with
-partial-volume fractions, so edges are smooth rather than blocky, and carry a mild low-frequency
-texture inside organs.
+Three anatomies (:data:`ANATOMIES`), all built from the smooth solids of :mod:`.shapes`, voxelised
+with partial-volume fractions (edges are smooth rather than blocky) and randomised per seed:
+
+``whole_body``: a subject placed in a canonical adult anatomy, measured in mm down from the
+vertex, and randomised per seed: height, width and depth of the body, fat layer, bladder filling,
+every organ's position, size, orientation and surface, the organ SUVs (tracer table with
+per-subject spread) and the lesions, with a mild low-frequency texture inside organs. With
+``detail`` it adds finer organ textures, vessels (blood-pool uptake), normal lymph nodes, small
+cysts and heterogeneous large lesions (necrotic core, hot rim, internal texture).
+
+``brain`` and ``dead_leaves``: a head with a folded cortex and a generic random-structure class
+(:mod:`.anatomy`); their large lesions are heterogeneous too.
 
 World coordinates follow DICOM LPS: x towards the patient's left, y towards posterior, z towards
-the head; arrays are ``(X, Y, Z)`` with Z running feet -> head. The phantom covers the vertex
+the head; arrays are ``(X, Y, Z)`` with Z running feet -> head. The whole body covers the vertex
 down to the thighs (a whole-body PET field of view, ~1 m) unless ``fov_mm`` says otherwise.
 """
 
+import copy
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
-from scipy.interpolate import PchipInterpolator
 
+from .anatomy import (DEAD_LEAVES_FOV_MM, HEAD_FOV_MM, Layer, Scene, brain_scene, clear_of,
+                      dead_leaves_scene)
+from .fields import mix_fields, noise_field, smooth_field
+from .shapes import (Capsule, Ellipsoid, HalfSpace, Intersection, Offset, Perturbed, ProfileSolid, Shape,
+                     Shell, Union, VoxelGrid, ZBands, rotation_matrix, sample_inside, voxel_fraction)
 from .tracers import ATTENUATION_PER_MM, LESION_ATTENUATION_PER_MM, get_tracer
 
-# ----------------------------------------------------------------------------------------------
-# Shapes: smooth solids as approximate signed distance functions (SDF), and their voxelisation.
-#
-# A shape is a function of world coordinates ``(x, y, z)`` in mm returning the signed distance to
-# its surface in mm (negative inside), plus an axis-aligned bounding box. The distances are the
-# usual first-order approximations (exact for spheres, capsules and planes, accurate to a fraction
-# of a millimetre near the surface of ellipsoids), which is what the partial-volume fractions need.
-# Coordinates broadcast, so a shape can be evaluated on ``(X, 1, 1) x (1, Y, 1) x (1, 1, Z)`` grid
-# axes or on flat point lists alike.
-#
-# :func:`voxel_fraction` turns a shape into the fraction of each voxel it covers: an analytic
-# ramp ``clip(1/2 - d / h, 0, 1)`` (exact for a plane crossing the voxel along an axis) at the voxel
-# centre, refined near the surface by averaging ``supersample**3`` sub-voxel ramps.
-# ----------------------------------------------------------------------------------------------
+__all__ = [
+    "ANATOMIES", "ORGAN_NAMES", "ORGAN_LABELS", "WHOLE_BODY_ORGANS", "DEFAULT_VOXEL_MM", "DEMO_VOXEL_MM",
+    "DEFAULT_FOV_MM", "Phantom", "make_phantom", "phantom_grid",
+    # re-exported from .shapes, where they live
+    "Capsule", "Ellipsoid", "HalfSpace", "Intersection", "Offset", "Perturbed", "ProfileSolid", "Shape", "Shell",
+    "Union", "VoxelGrid", "ZBands", "rotation_matrix", "voxel_fraction",
+]
 
-_INF = np.inf
+ANATOMIES = ("whole_body", "brain", "dead_leaves")
 
-
-def rotation_matrix(degrees_xyz):
-    """Rotation matrix (3, 3) for rotations about x, then y, then z, angles in degrees."""
-    ax, ay, az = np.deg2rad(degrees_xyz)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-class Shape:
-    """Base class: ``sdf(x, y, z)`` in mm and ``bbox`` = (low (3,), high (3,)) in mm."""
-
-    bbox = (np.full(3, -_INF), np.full(3, _INF))
-
-    def sdf(self, x, y, z):
-        raise NotImplementedError
-
-
-class Ellipsoid(Shape):
-    """Ellipsoid with semi-axes ``radii`` (mm) along the columns of ``rotation`` about ``center``."""
-
-    def __init__(self, center, radii, rotation=None):
-        self.center = np.asarray(center, dtype=float)
-        self.radii = np.asarray(radii, dtype=float)
-        self.rotation = np.eye(3) if rotation is None else np.asarray(rotation, dtype=float)
-        half = np.sqrt(((self.rotation * self.radii) ** 2).sum(axis=1))
-        self.bbox = (self.center - half, self.center + half)
-
-    def sdf(self, x, y, z):
-        d = (x - self.center[0], y - self.center[1], z - self.center[2])
-        r = self.rotation
-        local = [r[0, i] * d[0] + r[1, i] * d[1] + r[2, i] * d[2] for i in range(3)]
-        k0 = np.sqrt(sum((c / a) ** 2 for c, a in zip(local, self.radii)))
-        k1 = np.sqrt(sum((c / a**2) ** 2 for c, a in zip(local, self.radii)))
-        safe = np.maximum(k1, 1e-12)
-        return np.where(k1 > 1e-12, k0 * (k0 - 1.0) / safe, -self.radii.min())
-
-
-class Capsule(Shape):
-    """Tapered capsule: segment ``p0 -> p1`` (mm) with radius ``r0 -> r1`` (mm)."""
-
-    def __init__(self, p0, p1, r0, r1=None):
-        self.p0 = np.asarray(p0, dtype=float)
-        self.p1 = np.asarray(p1, dtype=float)
-        self.r0, self.r1 = float(r0), float(r0 if r1 is None else r1)
-        rmax = max(self.r0, self.r1)
-        self.bbox = (np.minimum(self.p0, self.p1) - rmax, np.maximum(self.p0, self.p1) + rmax)
-
-    def sdf(self, x, y, z):
-        axis = self.p1 - self.p0
-        rel = (x - self.p0[0], y - self.p0[1], z - self.p0[2])
-        t = np.clip((rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]) / axis.dot(axis), 0, 1)
-        dist = np.sqrt(sum((rel[i] - t * axis[i]) ** 2 for i in range(3)))
-        return dist - (self.r0 + t * (self.r1 - self.r0))
-
-
-class ProfileSolid(Shape):
-    """Solid of varying super-elliptic cross-section along z.
-
-    ``z_knots`` (mm, ascending) with per-knot centre ``cx, cy``, semi-axes ``a`` (x) and ``b``
-    (y) and super-ellipse exponent ``n`` (2 = ellipse, larger = boxier), interpolated smoothly
-    (monotone cubic). With ``capped`` the solid ends in flat caps at the first and last knot,
-    otherwise it is an open tube (for shells such as the rib cage).
-    """
-
-    def __init__(self, z_knots, cx, cy, a, b, n=2.0, capped=True):
-        z_knots = np.asarray(z_knots, dtype=float)
-        self.z_range = (z_knots[0], z_knots[-1])
-        self.capped = capped
-        self._z = np.arange(z_knots[0], z_knots[-1] + 0.5, 0.5)
-        values = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (cx, cy, a, b, n)))
-        self._tables = [PchipInterpolator(z_knots, v * np.ones_like(z_knots))(self._z) for v in values]
-        slope = np.maximum(np.abs(np.gradient(self._tables[2], self._z)),
-                           np.abs(np.gradient(self._tables[3], self._z)))
-        self._stretch = np.sqrt(1.0 + slope**2)
-        cx_t, cy_t, a_t, b_t = self._tables[:4]
-        self.bbox = (np.array([(cx_t - a_t).min(), (cy_t - b_t).min(), self.z_range[0]]),
-                     np.array([(cx_t + a_t).max(), (cy_t + b_t).max(), self.z_range[1]]))
-
-    def sdf(self, x, y, z):
-        zc = np.clip(z, *self.z_range)
-        cx, cy, a, b, n = (np.interp(zc, self._z, t) for t in self._tables)
-        u = np.abs(x - cx) / a
-        w = np.abs(y - cy) / b
-        f = (u**n + w**n) ** (1.0 / n)
-        grad = np.sqrt((u ** (n - 1) / a) ** 2 + (w ** (n - 1) / b) ** 2) / np.maximum(f, 1e-12) ** (n - 1)
-        d = np.where(grad > 1e-12, (f - 1.0) / np.maximum(grad, 1e-12), -np.minimum(a, b))
-        d = d / np.interp(zc, self._z, self._stretch)
-        if self.capped:
-            d = np.maximum(d, np.maximum(self.z_range[0] - z, z - self.z_range[1]))
-        return d
-
-
-class ZBands(Shape):
-    """Periodic slabs across z (e.g. ribs, vertebrae): band centres at ``z0 + k * period`` shifted
-    by ``tilt * y`` (mm per mm), each ``width`` mm thick. Unbounded: use inside an Intersection."""
-
-    def __init__(self, z0, period, width, tilt=0.0):
-        self.z0, self.period, self.width, self.tilt = z0, period, width, tilt
-
-    def sdf(self, x, y, z):
-        phase = np.mod(z - self.tilt * y - self.z0 + self.period / 2, self.period) - self.period / 2
-        return np.abs(phase) - self.width / 2
-
-
-class HalfSpace(Shape):
-    """Points on the side of a plane opposite to the unit ``normal`` through ``point``."""
-
-    def __init__(self, point, normal):
-        self.point = np.asarray(point, dtype=float)
-        normal = np.asarray(normal, dtype=float)
-        self.normal = normal / np.linalg.norm(normal)
-
-    def sdf(self, x, y, z):
-        p, n = self.point, self.normal
-        return (x - p[0]) * n[0] + (y - p[1]) * n[1] + (z - p[2]) * n[2]
-
-
-class Union(Shape):
-    """Union of shapes; ``smooth`` (mm) > 0 blends the joints (polynomial smooth minimum)."""
-
-    def __init__(self, shapes, smooth=0.0):
-        self.shapes, self.smooth = list(shapes), float(smooth)
-        self.bbox = (np.min([s.bbox[0] for s in self.shapes], axis=0),
-                     np.max([s.bbox[1] for s in self.shapes], axis=0))
-
-    def sdf(self, x, y, z):
-        d = self.shapes[0].sdf(x, y, z)
-        for shape in self.shapes[1:]:
-            e = shape.sdf(x, y, z)
-            if self.smooth > 0:
-                h = np.maximum(self.smooth - np.abs(d - e), 0.0) / self.smooth
-                d = np.minimum(d, e) - h * h * self.smooth / 4.0
-            else:
-                d = np.minimum(d, e)
-        return d
-
-
-class Intersection(Shape):
-    """Intersection of shapes."""
-
-    def __init__(self, shapes):
-        self.shapes = list(shapes)
-        self.bbox = (np.max([s.bbox[0] for s in self.shapes], axis=0),
-                     np.min([s.bbox[1] for s in self.shapes], axis=0))
-
-    def sdf(self, x, y, z):
-        d = self.shapes[0].sdf(x, y, z)
-        for shape in self.shapes[1:]:
-            d = np.maximum(d, shape.sdf(x, y, z))
-        return d
-
-
-class Offset(Shape):
-    """The shape grown by ``delta`` mm (shrunk when negative)."""
-
-    def __init__(self, shape, delta):
-        self.shape, self.delta = shape, float(delta)
-        grow = max(self.delta, 0.0)
-        self.bbox = (shape.bbox[0] - grow, shape.bbox[1] + grow)
-
-    def sdf(self, x, y, z):
-        return self.shape.sdf(x, y, z) - self.delta
-
-
-class Shell(Shape):
-    """The inner layer of ``thickness`` mm just under the surface of a shape."""
-
-    def __init__(self, shape, thickness):
-        self.shape, self.thickness = shape, float(thickness)
-        self.bbox = shape.bbox
-
-    def sdf(self, x, y, z):
-        d = self.shape.sdf(x, y, z)
-        return np.maximum(d, -(d + self.thickness))
-
-
-class Perturbed(Shape):
-    """The shape with a smooth random surface displacement of up to ``amplitude`` mm made of
-    ``n_waves`` plane waves of wavelength ``wavelength_mm`` (random directions and phases)."""
-
-    def __init__(self, shape, amplitude, wavelength_mm, rng, n_waves=3):
-        self.shape, self.amplitude = shape, float(amplitude)
-        directions = rng.normal(size=(n_waves, 3))
-        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-        self.wave_vectors = directions * (2 * np.pi / wavelength_mm)
-        self.phases = rng.uniform(0, 2 * np.pi, n_waves)
-        self.bbox = (shape.bbox[0] - self.amplitude, shape.bbox[1] + self.amplitude)
-
-    def sdf(self, x, y, z):
-        wave = sum(np.sin(k[0] * x + k[1] * y + k[2] * z + phase)
-                   for k, phase in zip(self.wave_vectors, self.phases))
-        return self.shape.sdf(x, y, z) + self.amplitude * wave / len(self.phases)
-
-
-class VoxelGrid:
-    """Voxel centres of an ``(X, Y, Z)`` grid: ``origin`` (mm, centre of voxel 0) + index * voxel."""
-
-    def __init__(self, shape, voxel_mm, origin_mm):
-        self.shape = tuple(int(n) for n in shape)
-        self.voxel = np.asarray(voxel_mm, dtype=float)
-        self.origin = np.asarray(origin_mm, dtype=float)
-        self.axes = [self.origin[i] + self.voxel[i] * np.arange(self.shape[i]) for i in range(3)]
-
-    def affine(self):
-        """4x4 voxel-index -> mm matrix."""
-        affine = np.diag(np.append(self.voxel, 1.0))
-        affine[:3, 3] = self.origin
-        return affine
-
-    def box(self, bbox, margin_mm):
-        """Index slices of the voxels within ``bbox`` grown by ``margin_mm``; None if empty."""
-        slices = []
-        for i in range(3):
-            lo = np.floor((bbox[0][i] - margin_mm - self.origin[i]) / self.voxel[i]) if np.isfinite(bbox[0][i]) else 0
-            hi = np.ceil((bbox[1][i] + margin_mm - self.origin[i]) / self.voxel[i]) + 1 if np.isfinite(bbox[1][i]) else self.shape[i]
-            lo, hi = int(max(lo, 0)), int(min(hi, self.shape[i]))
-            if hi <= lo:
-                return None
-            slices.append(slice(lo, hi))
-        return tuple(slices)
-
-
-_CHUNK_POINTS = 1 << 21  # SDF evaluations per block (bounds the temporaries' memory)
-
-
-def voxel_fraction(shape, grid, supersample=2):
-    """Fraction of each voxel inside ``shape``: returns ``(slices, fraction float32)`` over the
-    shape's bounding box in ``grid``, or None when the shape misses the grid."""
-    diagonal = float(np.linalg.norm(grid.voxel))
-    slices = grid.box(shape.bbox, diagonal)
-    if slices is None:
-        return None
-    x, y, z = (grid.axes[i][slices[i]] for i in range(3))
-    fraction = np.empty((len(x), len(y), len(z)), np.float32)
-    step = max(1, _CHUNK_POINTS // (len(x) * len(y)))
-    for k in range(0, len(z), step):
-        fraction[..., k:k + step] = _fraction_block(shape, x, y, z[k:k + step], grid.voxel, supersample)
-    if not fraction.any():
-        return None
-    return slices, fraction
-
-
-def _fraction_block(shape, x, y, z, voxel, supersample):
-    h = float(voxel.mean())
-    d = np.broadcast_to(shape.sdf(x[:, None, None], y[None, :, None], z[None, None, :]),
-                        (len(x), len(y), len(z)))
-    fraction = np.clip(0.5 - d / h, 0.0, 1.0)
-    if supersample > 1:
-        near = np.nonzero(np.abs(d) < 0.75 * float(np.linalg.norm(voxel)))
-        steps = (np.arange(supersample) + 0.5) / supersample - 0.5
-        offsets = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3) * voxel
-        per_block = max(1, _CHUNK_POINTS // len(offsets))
-        for start in range(0, near[0].size, per_block):
-            i, j, k = (axis[start:start + per_block] for axis in near)
-            fine = shape.sdf(x[i][:, None] + offsets[:, 0], y[j][:, None] + offsets[:, 1],
-                             z[k][:, None] + offsets[:, 2])
-            fraction[i, j, k] = np.clip(0.5 - fine * (supersample / h), 0.0, 1.0).mean(axis=1)
-    return fraction
-
-
-# ----------------------------------------------------------------------------------------------
-# Anatomy, tracers and the phantom
-# ----------------------------------------------------------------------------------------------
-
-ORGAN_NAMES = (
+# Labels of the whole body (every one present in a default whole-body phantom), then those of
+# the other anatomies and of whole-body detail; new names go at the end, ids never change.
+WHOLE_BODY_ORGANS = (
     "background", "fat", "muscle", "bone", "spine", "brain_gm", "brain_wm", "cerebellum",
     "salivary", "lung", "myocardium", "blood_pool", "liver", "spleen", "stomach", "bowel",
     "kidney_cortex", "kidney_medulla", "bladder",
 )
+ORGAN_NAMES = WHOLE_BODY_ORGANS + ("csf", "brainstem", "vessel", "lymph_node", "cyst", "structure")
 ORGAN_LABELS = {name: index for index, name in enumerate(ORGAN_NAMES)}
 
 DEFAULT_VOXEL_MM = 1.65
 DEMO_VOXEL_MM = 3.3
 DEFAULT_FOV_MM = (528.0, 330.0, 1000.0)  # (X lateral, Y antero-posterior, Z axial)
+ANATOMY_FOV_MM = {"whole_body": DEFAULT_FOV_MM, "brain": HEAD_FOV_MM, "dead_leaves": DEAD_LEAVES_FOV_MM}
 
 # Relative amplitude (std) of the smooth multiplicative texture inside each organ.
 TEXTURE_AMPLITUDE = {
     "fat": 0.10, "muscle": 0.08, "bone": 0.10, "spine": 0.08, "lung": 0.10, "stomach": 0.15,
     "blood_pool": 0.02, "myocardium": 0.08, "bladder": 0.0, "bowel": 0.35,
+    "csf": 0.0, "vessel": 0.02, "cyst": 0.0,
 }
 DEFAULT_TEXTURE_AMPLITUDE = 0.05
 TEXTURE_CORRELATION_MM = 30.0
 BOWEL_TEXTURE_CORRELATION_MM = 10.0
+# Whole-body detail: finer texture scales (mm) added to the organ texture, with their weights.
+DETAIL_TEXTURE_MM = ((10.0, 0.6), (4.0, 0.4))
 
 LESION_MAX_DIAMETER_MM = {"lung": 30.0, "liver": 30.0, "bone": 20.0, "lymph_node": 25.0}
 LESION_MIN_DIAMETER_MM = 4.0
 LESION_HOSTS = {"lung": ("lung",), "liver": ("liver",), "bone": ("spine",)}
+# Heterogeneous lesions (whole-body detail, brain, dead leaves) from this diameter on: internal
+# texture of this correlation, and a necrotic core in this share of them.
+HETEROGENEOUS_MIN_DIAMETER_MM = 12.0
+LESION_TEXTURE_MM = 5.0
+NECROTIC_P = 0.6
 
 
 @dataclasses.dataclass
@@ -336,7 +85,10 @@ class Phantom:
     organ_labels: int16 ids of :data:`ORGAN_LABELS`; lesion_labels: int16, 0 = none, k = lesion k;
     lesions: one dict per lesion (id, organ, host, center_mm, radii_mm, suv = uptake painted,
     mean_suv = true mean activity inside its label, n_voxels, volume_ml);
-    affine: 4x4 voxel index -> mm; voxel_mm: (3,) mm; uptake: organ -> SUV drawn for this subject.
+    affine: 4x4 voxel index -> mm; voxel_mm: (3,) mm; uptake: organ -> SUV drawn for this subject;
+    anatomy: one of :data:`ANATOMIES`; params: what else was drawn for the subject (brain:
+    ``cortex_mm``, the grey-matter ribbon thickness, sulcal depth, ... in mm; dead leaves: the
+    shapes' kinds, radii and SUVs; empty for the whole body).
     """
 
     activity: np.ndarray
@@ -349,6 +101,8 @@ class Phantom:
     tracer: str
     seed: int
     uptake: dict
+    anatomy: str = "whole_body"
+    params: dict = dataclasses.field(default_factory=dict)
 
 
 class _Subject:
@@ -368,6 +122,12 @@ class _Subject:
         self.fat_mm = float(rng.uniform(5.0, 12.0) + 0.5 * self.belly)
         self.x0, self.y0 = rng.normal(0.0, 4.0, 2)
         self.z_top = z_top
+
+    def with_rng(self, rng):
+        """The same subject drawing its random organ jitter from ``rng``."""
+        other = copy.copy(self)
+        other.rng = rng
+        return other
 
     def point(self, x, y, d):
         """World mm of a canonical point."""
@@ -520,15 +280,71 @@ _NODE_STATIONS = [(35, 0, 250), (60, -20, 300), (130, 20, 360), (0, -10, 410), (
                   (40, 15, 445), (25, 20, 680), (55, 0, 790), (85, -55, 880)]
 
 
-def _smooth_field(rng, grid, correlation_mm):
-    """Zero-mean, unit-std random field with ~``correlation_mm`` correlation length (X, Y, Z)."""
-    step = correlation_mm / 2.0
-    coarse_shape = [int(np.ceil(n * v / step)) + 3 for n, v in zip(grid.shape, grid.voxel)]
-    coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape), 1.0, mode="wrap")
-    coords = [(np.arange(n) * v) / step + 1.0 for n, v in zip(grid.shape, grid.voxel)]
-    field = ndimage.map_coordinates(coarse, np.meshgrid(*coords, indexing="ij", sparse=False), order=1)
-    field -= field.mean()
-    return (field / max(field.std(), 1e-12)).astype(np.float32)
+# Vessels of whole-body detail (canonical x, y, d in mm as for _Subject; radius mm at both ends).
+_VESSELS = [
+    ((-22, 10, 480), (-22, 35, 560), 11, 11), ((-22, 35, 560), (-20, 40, 650), 11, 11),  # inferior vena cava
+    ((-20, 40, 650), (0, 22, 748), 11, 10),
+    ((-22, -5, 380), (-22, -5, 470), 9, 9),  # superior vena cava
+]
+# Paired vessels, given on the left (x > 0) and mirrored.
+_PAIRED_VESSELS = [
+    ((0, 5, 740), (40, 10, 800), 6, 6), ((40, 10, 800), (75, -30, 880), 5, 5),  # iliac arteries
+    ((75, -30, 880), (85, -20, 1000), 4, 4),  # femoral artery
+    ((0, 22, 748), (38, 25, 805), 7, 7), ((38, 25, 805), (68, -20, 885), 6, 6),  # iliac veins
+    ((68, -20, 885), (78, -10, 1000), 5, 5),  # femoral vein
+    ((12, -15, 385), (25, -5, 240), 4, 4), ((25, -5, 240), (20, 5, 185), 3, 3),  # carotid arteries
+    ((35, 0, 195), (28, -5, 370), 6, 6),  # internal jugular vein
+    ((12, -15, 385), (70, -5, 340), 4, 4), ((70, -5, 340), (130, 5, 350), 3.5, 3.5),  # subclavian, axillary
+    ((3, 20, 640), (48, 55, 640), 3.5, 3.5),  # renal artery
+]
+
+
+def _detail_structures(s, organs):
+    """(organ, shape) layers of whole-body detail: vessels (blood-pool uptake), normal lymph nodes
+    at the node stations and small cysts in the liver and kidneys (``organs``: the layers so far);
+    ``s`` draws from the detail stream."""
+    rng = s.rng
+    scale = rng.uniform(0.85, 1.15)
+    mirrored = [((side * a[0], a[1], a[2]), (side * b[0], b[1], b[2]), r0, r1)
+                for a, b, r0, r1 in _PAIRED_VESSELS for side in (1, -1)]
+    layers = [("vessel", s.capsule(a, b, scale * r0, scale * r1)) for a, b, r0, r1 in _VESSELS + mirrored]
+    for _ in range(int(rng.integers(8, 21))):
+        x, y, d = _NODE_STATIONS[rng.integers(len(_NODE_STATIONS))]
+        r = rng.uniform(2.0, 5.0)
+        layers.append(("lymph_node", s.organ((rng.choice([-1, 1]) * x, y, d), (r, r, 1.3 * r), jitter_mm=8.0,
+                                             size_sd=0.15)))
+    for organ, count in (("liver", rng.integers(1, 4)), ("kidney_cortex", rng.integers(0, 3))):
+        hosts = [shape for name, shape in organs if name == organ]
+        for _ in range(int(count)):
+            r = rng.uniform(3.0, 8.0)
+            center = sample_inside(rng, hosts[rng.integers(len(hosts))], 1, margin_mm=r)
+            if len(center):
+                layers.append(("cyst", Ellipsoid(center[0], r * np.exp(rng.normal(0, 0.1, 3)),
+                                                 rotation_matrix(rng.uniform(0, 180, 3)))))
+    return layers
+
+
+def _whole_body(grid, uptake, anatomy_rng, texture_rng, arms, detail_rngs=None):
+    """The Scene of a whole-body subject and its _Subject; ``detail_rngs`` (structures, fine
+    textures) turns whole-body detail on."""
+    fov = np.array(grid.shape) * grid.voxel
+    z_top = grid.origin[2] + fov[2] - grid.voxel[2] / 2 - anatomy_rng.uniform(5.0, 25.0)
+    subject = _Subject(anatomy_rng, fov, z_top, arms)
+    body, head, arm_axes = _body(subject)
+    layers = [("fat", body), ("muscle", Offset(body, -subject.fat_mm))] + _thorax_abdomen(subject)
+    if detail_rngs:
+        layers += _detail_structures(subject.with_rng(detail_rngs[0]), layers)
+    layers += _brain(subject, head) + _skeleton(subject, arm_axes)
+
+    texture = smooth_field(texture_rng, grid, TEXTURE_CORRELATION_MM)
+    bowel_texture = smooth_field(texture_rng, grid, BOWEL_TEXTURE_CORRELATION_MM)
+    if detail_rngs:
+        fine = [noise_field(detail_rngs[1], grid, max(c, 2 * grid.voxel.max())) for c, _ in DETAIL_TEXTURE_MM]
+        weights = [w for _, w in DETAIL_TEXTURE_MM]
+        texture = mix_fields([texture] + fine, [1.0] + weights)
+        bowel_texture = mix_fields([bowel_texture, fine[-1]], [1.0, weights[-1]])
+    layers = [Layer(organ, shape, field="bowel" if organ == "bowel" else "organ") for organ, shape in layers]
+    return Scene(body, layers, {"organ": texture, "bowel": bowel_texture}), subject
 
 
 def _paint(volumes, fraction_box, envelope, suv_value, mu_value, label):
@@ -576,6 +392,13 @@ def phantom_grid(shape=None, voxel_mm=DEFAULT_VOXEL_MM, fov_mm=None):
     return VoxelGrid(shape, voxel, origin)
 
 
+def _host(labels, grid, center):
+    """Label name of the voxel nearest to ``center`` (mm)."""
+    index = tuple(int(np.clip(np.round((center[i] - grid.origin[i]) / grid.voxel[i]), 0, grid.shape[i] - 1))
+                  for i in range(3))
+    return ORGAN_NAMES[labels[index]]
+
+
 def _draw_lesions(rng, tracer, grid, labels, subject):
     """Lesion ellipsoids: (site, host label name, Ellipsoid, SUV) placed in their host organs."""
     n_lesions = int(rng.integers(1, 7))
@@ -596,82 +419,122 @@ def _draw_lesions(rng, tracer, grid, labels, subject):
                 continue
             index = np.unravel_index(candidates[rng.integers(candidates.size)], labels.shape)
             center = np.array([grid.axes[i][index[i]] for i in range(3)])
-        if any(np.linalg.norm(center - other.center) < radii.max() + other.radii.max() + 2 * grid.voxel.max()
-               for _, _, other, _ in placed):
+        if not clear_of(center, radii.max(), [other for _, _, other, _ in placed], 2 * grid.voxel.max()):
             continue
-        index = tuple(int(np.clip(np.round((center[i] - grid.origin[i]) / grid.voxel[i]), 0, grid.shape[i] - 1))
-                      for i in range(3))
-        host = ORGAN_NAMES[labels[index]]
+        host = _host(labels, grid, center)
         suv = float(np.exp(rng.uniform(*np.log(tracer.lesion_suv))))
         shape = Ellipsoid(center, radii, rotation_matrix(rng.uniform(0, 180, 3)))
         placed.append((site, host, shape, suv))
     return placed
 
 
-def make_phantom(seed, shape=None, voxel_mm=DEFAULT_VOXEL_MM, tracer="FDG", fov_mm=None,
-                 arms=True, supersample=2):
-    """Build a procedural whole-body subject.
-
-    seed: int, fixes everything (anatomy, uptake, lesions); the anatomy does not depend on the
-        tracer, so one seed gives the same body under every tracer.
-    shape: (X, Y, Z) voxels, or None to derive it from ``fov_mm`` (default :data:`DEFAULT_FOV_MM`).
-    voxel_mm: scalar or (3,) voxel size in mm (default 1.65; the CPU demo uses 3.3).
-    tracer: a name in :data:`guided_diffusion.pet.tracers.TRACERS` (FDG, PSMA, DOTATATE, FAPI).
-    arms: arms down along the body (True) or outside the field of view (False).
-    supersample: sub-samples per axis used for partial-volume fractions near surfaces.
-    The vertex sits just below the top slice; the grid is centred transaxially.
-    """
-    tracer = get_tracer(tracer)
-    if int(supersample) < 1:
-        raise ValueError(f"supersample must be >= 1, got {supersample}")
-    grid = phantom_grid(shape, voxel_mm, fov_mm)
-    anatomy_seq, uptake_seq, texture_seq, lesion_seq = np.random.SeedSequence(int(seed)).spawn(4)
-    anatomy_rng = np.random.default_rng(anatomy_seq)
-    fov = np.array(grid.shape) * grid.voxel
-    z_top = grid.origin[2] + fov[2] - grid.voxel[2] / 2 - anatomy_rng.uniform(5.0, 25.0)
-    subject = _Subject(anatomy_rng, fov, z_top, arms)
-
-    body, head, arm_axes = _body(subject)
-    layers = [("fat", body), ("muscle", Offset(body, -subject.fat_mm))]
-    layers += _thorax_abdomen(subject) + _brain(subject, head) + _skeleton(subject, arm_axes)
-
-    uptake = tracer.draw_uptake(np.random.default_rng(uptake_seq))
-    texture_rng = np.random.default_rng(texture_seq)
-    texture = _smooth_field(texture_rng, grid, TEXTURE_CORRELATION_MM)
-    bowel_texture = _smooth_field(texture_rng, grid, BOWEL_TEXTURE_CORRELATION_MM)
-
+def _render(grid, scene, uptake, supersample):
+    """Paint the scene's layers: (activity, mu, labels, envelope), activity and mu as tissue means
+    per unit of the body's fraction ``envelope`` (nothing inside the body exceeds it)."""
     activity = np.zeros(grid.shape, np.float32)
     mu = np.zeros(grid.shape, np.float32)
     labels = np.zeros(grid.shape, np.int16)
-    envelope = np.zeros(grid.shape, np.float32)  # the body's fraction: nothing inside exceeds it
-    body_box = voxel_fraction(body, grid, int(supersample))
+    envelope = np.zeros(grid.shape, np.float32)
+    body_box = voxel_fraction(scene.envelope, grid, supersample)
     if body_box is None:
-        raise ValueError(f"the field of view {tuple(fov)} mm misses the body")
+        raise ValueError(f"the field of view {tuple(np.array(grid.shape) * grid.voxel)} mm misses the body")
     envelope[body_box[0]] = body_box[1]
-    for organ, organ_shape in layers:
-        box = _fraction_in_body(organ_shape, grid, int(supersample), envelope)
+    for layer in scene.layers:
+        box = _fraction_in_body(layer.shape, grid, supersample, envelope)
         if box is None:
             continue
-        field = bowel_texture if organ == "bowel" else texture
-        amplitude = TEXTURE_AMPLITUDE.get(organ, DEFAULT_TEXTURE_AMPLITUDE)
-        value = np.maximum(uptake[organ] * (1.0 + amplitude * field[box[0]]), 0.0)
-        _paint((activity, mu, labels), box, envelope, value, ATTENUATION_PER_MM[organ], ORGAN_LABELS[organ])
+        suv = uptake[layer.organ] if layer.suv is None else layer.suv
+        amplitude = layer.texture
+        if amplitude is None:
+            amplitude = TEXTURE_AMPLITUDE.get(layer.organ, DEFAULT_TEXTURE_AMPLITUDE)
+        value = np.maximum(suv * (1.0 + amplitude * scene.fields[layer.field][box[0]]), 0.0)
+        mu_value = ATTENUATION_PER_MM[layer.organ] if layer.mu is None else layer.mu
+        _paint((activity, mu, labels), box, envelope, value, mu_value, ORGAN_LABELS[layer.organ])
+    return activity, mu, labels, envelope
 
-    lesion_labels = np.zeros(grid.shape, np.int16)
+
+def _paint_lesions(volumes, grid, envelope, placed, supersample, rng=None):
+    """Paint the (site, host, Ellipsoid, SUV) lesions into (activity, mu, lesion_labels) and return
+    their dicts (voxel statistics still to come). With ``rng`` a lesion of at least
+    :data:`HETEROGENEOUS_MIN_DIAMETER_MM` gets an internal texture and, in the share
+    :data:`NECROTIC_P`, a necrotic core of 5-30 % of its uptake (its rim keeps ``suv``)."""
     lesions = []
-    placed = _draw_lesions(np.random.default_rng(lesion_seq), tracer, grid, labels, subject)
     for site, host, lesion_shape, suv in placed:
-        box = _fraction_in_body(lesion_shape, grid, 2 * int(supersample), envelope)  # small: finer
+        box = _fraction_in_body(lesion_shape, grid, 2 * supersample, envelope)  # small: finer
         if box is None:
             continue
         lesion_id = len(lesions) + 1
         slices, f = box
-        _paint((activity, mu, lesion_labels), box, envelope, suv, LESION_ATTENUATION_PER_MM, lesion_id)
+        value, core = suv, None
+        if rng is not None and 2 * lesion_shape.radii.max() >= HETEROGENEOUS_MIN_DIAMETER_MM:
+            texture = noise_field(rng, VoxelGrid(f.shape, grid.voxel, grid.origin), LESION_TEXTURE_MM)
+            value = np.maximum(suv * (1.0 + rng.uniform(0.15, 0.35) * texture), 0.0)
+            if rng.random() < NECROTIC_P:
+                scale = rng.uniform(0.35, 0.65)
+                shift = lesion_shape.rotation @ (rng.uniform(-0.3, 0.3, 3) * (1 - scale) * lesion_shape.radii)
+                core = (Ellipsoid(lesion_shape.center + shift, scale * lesion_shape.radii, lesion_shape.rotation),
+                        suv * rng.uniform(0.05, 0.3))
+        _paint(volumes, box, envelope, value, LESION_ATTENUATION_PER_MM, lesion_id)
+        core_box = core and _fraction_in_body(core[0], grid, 2 * supersample, envelope)
+        if core_box:
+            _paint(volumes, core_box, envelope, core[1], LESION_ATTENUATION_PER_MM, lesion_id)
         if not (f >= 0.5).any():  # smaller than a voxel: label the voxel it covers most
-            lesion_labels[slices][np.unravel_index(np.argmax(f), f.shape)] = lesion_id
+            volumes[2][slices][np.unravel_index(np.argmax(f), f.shape)] = lesion_id
         lesions.append({"id": lesion_id, "organ": site, "host": host,
                         "center_mm": [float(c) for c in lesion_shape.center],
                         "radii_mm": [float(r) for r in lesion_shape.radii], "suv": suv})
+    return lesions
+
+
+def make_phantom(seed, shape=None, voxel_mm=DEFAULT_VOXEL_MM, tracer="FDG", fov_mm=None,
+                 arms=True, supersample=2, anatomy="whole_body", detail=False):
+    """Build a procedural subject.
+
+    seed: int, fixes everything (anatomy, uptake, lesions); the anatomy does not depend on the
+        tracer, so one seed gives the same body under every tracer.
+    shape: (X, Y, Z) voxels, or None to derive it from ``fov_mm`` (default: the anatomy's own,
+        :data:`ANATOMY_FOV_MM`: the whole body ~1 m, a head 200 x 240 x 200 mm, dead leaves
+        300 x 300 x 200 mm).
+    voxel_mm: scalar or (3,) voxel size in mm (default 1.65; the CPU demo uses 3.3).
+    tracer: a name in :data:`guided_diffusion.pet.tracers.TRACERS` (FDG, PSMA, DOTATATE, FAPI).
+    arms: arms down along the body (True) or outside the field of view (False); whole body only.
+    supersample: sub-samples per axis used for partial-volume fractions near surfaces.
+    anatomy: one of :data:`ANATOMIES` (see the module docstring).
+    detail: whole body only: finer textures, vessels, lymph nodes, cysts and heterogeneous
+        lesions (False gives the plain whole body, the same bit for bit as without the option).
+    The vertex sits just below the top slice (whole body, brain); the grid is centred transaxially.
+    """
+    tracer = get_tracer(tracer)
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy {anatomy!r}; choose one of {ANATOMIES}")
+    if int(supersample) < 1:
+        raise ValueError(f"supersample must be >= 1, got {supersample}")
+    supersample = int(supersample)
+    if shape is None and fov_mm is None:
+        fov_mm = ANATOMY_FOV_MM[anatomy]
+    grid = phantom_grid(shape, voxel_mm, fov_mm)
+    anatomy_seq, uptake_seq, texture_seq, lesion_seq, detail_seq = np.random.SeedSequence(int(seed)).spawn(5)
+    rng = np.random.default_rng
+    heterogeneous = detail or anatomy != "whole_body"
+    uptake = tracer.draw_uptake(rng(uptake_seq), extra=heterogeneous)
+    structure_rng, fine_rng, heterogeneity_rng = (rng(s) for s in detail_seq.spawn(3))
+    if anatomy == "whole_body":
+        scene, subject = _whole_body(grid, uptake, rng(anatomy_seq), rng(texture_seq), arms,
+                                     (structure_rng, fine_rng) if detail else None)
+    elif anatomy == "brain":
+        scene = brain_scene(grid, tracer, uptake, rng(anatomy_seq), rng(texture_seq), rng(lesion_seq))
+    else:
+        scene = dead_leaves_scene(grid, tracer, uptake, rng(anatomy_seq), rng(texture_seq), rng(lesion_seq),
+                                  float(grid.voxel.mean()) / supersample)
+
+    activity, mu, labels, envelope = _render(grid, scene, uptake, supersample)
+    if scene.lesions is None:
+        placed = _draw_lesions(rng(lesion_seq), tracer, grid, labels, subject)
+    else:
+        placed = [(site, _host(labels, grid, shape.center), shape, suv) for site, shape, suv in scene.lesions]
+    lesion_labels = np.zeros(grid.shape, np.int16)
+    lesions = _paint_lesions((activity, mu, lesion_labels), grid, envelope, placed, supersample,
+                             heterogeneity_rng if heterogeneous else None)
     activity *= envelope  # tissue means -> voxel values (air holds neither activity nor mu)
     mu *= envelope
     voxel_ml = float(np.prod(grid.voxel)) / 1000.0
@@ -683,4 +546,4 @@ def make_phantom(seed, shape=None, voxel_mm=DEFAULT_VOXEL_MM, tracer="FDG", fov_
 
     return Phantom(activity=activity, mu=mu, organ_labels=labels, lesion_labels=lesion_labels,
                    lesions=lesions, affine=grid.affine(), voxel_mm=tuple(float(v) for v in grid.voxel),
-                   tracer=tracer.name, seed=int(seed), uptake=uptake)
+                   tracer=tracer.name, seed=int(seed), uptake=uptake, anatomy=anatomy, params=scene.params)

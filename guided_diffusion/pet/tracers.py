@@ -7,10 +7,13 @@ first clinical series). Each entry is ``(typical SUV, relative spread)``; a subj
 ``typical * exp(N(0, spread))`` so organs vary between subjects the way they do between
 patients (myocardial FDG and bladder filling vary most).
 
-Organ names are the keys of :data:`guided_diffusion.pet.phantoms.ORGAN_LABELS`.
+Organ names are the keys of :data:`guided_diffusion.pet.phantoms.ORGAN_LABELS`. The organs of the
+brain, dead-leaves and detailed whole-body anatomies sit in a second table, ``extra_uptake``,
+drawn after the first (``draw_uptake(rng, extra=True)``), so a whole-body subject draws the same
+organ values with or without them; vessels carry the blood pool's value (:data:`SAME_UPTAKE`).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,8 +40,17 @@ ATTENUATION_PER_MM = {
     "kidney_cortex": 0.0099,
     "kidney_medulla": 0.0098,
     "bladder": 0.0096,
+    "csf": 0.0096,
+    "brainstem": 0.0097,
+    "vessel": 0.0100,
+    "lymph_node": 0.0099,
+    "cyst": 0.0096,
+    "structure": 0.0099,
 }
 LESION_ATTENUATION_PER_MM = 0.0099  # tumour tissue ~ soft tissue
+
+# Organs whose uptake is that of another organ of the same subject.
+SAME_UPTAKE = {"vessel": "blood_pool"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class Tracer:
     lesion_suv: (low, high) range of lesion SUVs, drawn log-uniformly.
     lesion_sites: lesion location -> relative frequency (lung, liver, bone, lymph_node).
     half_life_min: physical half-life of the radionuclide in minutes.
+    extra_uptake: like ``uptake``, for the organs of the brain, dead-leaves and detailed
+        whole-body anatomies (CSF, brainstem, normal lymph nodes, cysts, dead-leaves structures:
+        the median SUV of their shapes).
     """
 
     name: str
@@ -56,13 +71,19 @@ class Tracer:
     lesion_suv: tuple
     lesion_sites: dict
     half_life_min: float
+    extra_uptake: dict = field(default_factory=dict)
 
-    def draw_uptake(self, rng):
-        """Per-subject organ SUVs: typical value times a log-normal factor (dict name -> SUV)."""
-        return {
+    def draw_uptake(self, rng, extra=False):
+        """Per-subject organ SUVs: typical value times a log-normal factor (dict name -> SUV);
+        with ``extra`` also the organs of ``extra_uptake`` and :data:`SAME_UPTAKE`."""
+        table = {**self.uptake, **self.extra_uptake} if extra else self.uptake
+        values = {
             organ: float(typical * np.exp(rng.normal(0.0, spread)))
-            for organ, (typical, spread) in self.uptake.items()
+            for organ, (typical, spread) in table.items()
         }
+        if extra:
+            values.update({organ: values[source] for organ, source in SAME_UPTAKE.items()})
+        return values
 
 
 F18_HALF_LIFE_MIN = 109.77
@@ -85,6 +106,10 @@ TRACERS = {
         lesion_suv=(4.0, 15.0),
         lesion_sites={"lung": 0.3, "liver": 0.25, "bone": 0.15, "lymph_node": 0.3},
         half_life_min=F18_HALF_LIFE_MIN,
+        extra_uptake={
+            "csf": (0.1, 0.2), "brainstem": (5.0, 0.15), "lymph_node": (1.0, 0.25), "cyst": (0.0, 0.0),
+            "structure": (2.0, 0.2),
+        },
     ),
     "PSMA": Tracer(  # 68Ga-PSMA-11
         name="PSMA",
@@ -99,6 +124,10 @@ TRACERS = {
         lesion_suv=(5.0, 30.0),
         lesion_sites={"lung": 0.05, "liver": 0.1, "bone": 0.4, "lymph_node": 0.45},
         half_life_min=GA68_HALF_LIFE_MIN,
+        extra_uptake={
+            "csf": (0.05, 0.2), "brainstem": (0.15, _S), "lymph_node": (0.8, 0.3), "cyst": (0.0, 0.0),
+            "structure": (1.5, 0.2),
+        },
     ),
     "DOTATATE": Tracer(  # 68Ga-DOTATATE
         name="DOTATATE",
@@ -113,6 +142,10 @@ TRACERS = {
         lesion_suv=(10.0, 40.0),
         lesion_sites={"lung": 0.05, "liver": 0.45, "bone": 0.25, "lymph_node": 0.25},
         half_life_min=GA68_HALF_LIFE_MIN,
+        extra_uptake={
+            "csf": (0.05, 0.2), "brainstem": (0.08, _S), "lymph_node": (0.7, 0.3), "cyst": (0.0, 0.0),
+            "structure": (1.5, 0.2),
+        },
     ),
     "FAPI": Tracer(  # 68Ga-FAPI-04
         name="FAPI",
@@ -127,6 +160,10 @@ TRACERS = {
         lesion_suv=(6.0, 15.0),
         lesion_sites={"lung": 0.25, "liver": 0.2, "bone": 0.2, "lymph_node": 0.35},
         half_life_min=GA68_HALF_LIFE_MIN,
+        extra_uptake={
+            "csf": (0.05, 0.2), "brainstem": (0.15, _S), "lymph_node": (1.0, 0.25), "cyst": (0.0, 0.0),
+            "structure": (1.5, 0.2),
+        },
     ),
 }
 
