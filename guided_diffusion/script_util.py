@@ -513,6 +513,21 @@ def add_runtime_arguments(parser, seed_help="seed of every random draw", precisi
     return group
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, MemoryError)
+
+
+def exit_on_user_error(main, errors=USER_ERRORS):
+    """Run a script's ``main()`` and exit with its status; an error of ``errors`` (a problem with
+    the user's input or settings) becomes one line ``error: ...`` on stderr and exit status 2."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except errors as error:
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
 def runtime_device(args):
     """``--device`` as a torch.device (cuda when available without one)."""
     name = getattr(args, "device", None) or ("cuda" if th.cuda.is_available() else "cpu")

@@ -40,7 +40,7 @@ import torch
 from guided_diffusion.evaluation import benchmarking, speed
 from guided_diffusion.pet import volumes
 from guided_diffusion.sampling import arguments
-from guided_diffusion.script_util import add_runtime_arguments, runtime_device, set_threads
+from guided_diffusion.script_util import add_runtime_arguments, runtime_device, set_threads, exit_on_user_error
 
 CHECKPOINTS = os.path.join(benchmarking.REPO, "checkpoint")
 PARTS = ("modes", "seams", "scaling", "unet")
@@ -131,8 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(main, (ValueError, FileNotFoundError, RuntimeError))

@@ -25,12 +25,11 @@ it is recorded in every output. Without ``--paired`` or ``--prior`` that method 
 
 import argparse
 import os
-import sys
 
 from guided_diffusion.evaluation import cases, quality
 from guided_diffusion.evaluation.methods import DiffusionMethod
 from guided_diffusion.sampling import arguments
-from guided_diffusion.script_util import add_runtime_arguments, runtime_device, set_threads
+from guided_diffusion.script_util import add_runtime_arguments, runtime_device, set_threads, exit_on_user_error
 
 
 def create_argparser():
@@ -91,8 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(main)

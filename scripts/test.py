@@ -28,7 +28,6 @@ Any mode can add Poisson data consistency in the last ``--dc_steps`` steps.
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -39,6 +38,8 @@ from guided_diffusion.pet import volumes
 from guided_diffusion.sampling import arguments, settings
 from guided_diffusion.sampling.batch import DICOM_OUT, BatchRun
 from guided_diffusion.script_util import (
+    USER_ERRORS,
+    exit_on_user_error,
     add_dict_to_argparser,
     add_runtime_arguments,
     model_and_diffusion_defaults,
@@ -193,8 +194,4 @@ def draw_panels(path, item, mean, std, mode):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, ValueError, FileNotFoundError, MemoryError) as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(main, (InputError,) + USER_ERRORS)

@@ -1,20 +1,35 @@
 """Paired low-/full-dose whole-body PET training data from procedural phantoms.
 
-For every subject (a procedural phantom, :mod:`~guided_diffusion.pet.phantoms`) and tracer, the
-PET physics (projector, simulate, recon) gives a full-dose acquisition: expected counts with
-attenuation, randoms, scatter and the scanner resolution (PSF), then a Poisson realisation.
-Low-dose acquisitions at each dose reduction factor (DRF) are binomial thinnings of the
-full-dose counts, so they are aligned with it and each is Poisson with mean ``ybar / DRF``.
-Every acquisition is reconstructed by OSEM with the same PSF model and known attenuation /
-randoms / scatter, giving SUV images. The volume is projected slab by slab (2D or SSRB direct
-planes), the same projector serving every slab.
+For every subject (a procedural phantom, :mod:`~guided_diffusion.pet.phantoms`) the PET physics
+of :func:`~guided_diffusion.pet.acquisition.simulate_scan` gives a full-dose acquisition
+(attenuation, randoms, scatter, the scanner's resolution, Poisson noise) and low-dose ones at
+each dose reduction factor (DRF, binomial thinnings of the full-dose counts, so they are
+aligned with it), all reconstructed by OSEM into SUV images.
+
+Fixed datasets (the default): every subject and tracer is scanned the same way, the
+:data:`SCANNERS` entry's acquisition reconstructed by OSEM ``iterations x subsets`` with its
+PSF, at ``voxel_mm``, for the DRFs ``drf``.
+
+Randomised datasets (``randomise``): per subject a
+:class:`~guided_diffusion.pet.acquisition.ScanSettings` is drawn
+(:data:`~guided_diffusion.pet.acquisition.DEFAULT_RANGES`: reconstruction, PSF, post-filter,
+2D / SSRB, randoms, scatter, native voxel size), ``drfs_per_subject`` DRFs log-uniform over
+``drf_range``, an anatomy from ``anatomies`` and one tracer from ``tracers``. The phantom is built
+on the native grid and, with ``resample`` (default on), the images are resampled linearly to
+``voxel_mm`` (the model grid, as ``scripts/test.py`` resamples inputs) and the labels by nearest
+neighbour. Settings, anatomies and tracers named in ``hold_out`` are never drawn for train / val
+subjects (test subjects draw from everything). The simulation runs on
+:data:`SIMULATION_THREADS` torch threads, so the data do not depend on ``--threads``.
+
+Every choice is recorded in the subject manifest's ``sample`` (also in the dataset manifest's
+entries); :func:`reproduce_sample` rebuilds a subject's images from it bit for bit.
 
 Output (:attr:`DatasetSettings.out` ``DIR``)::
 
-    manifest.json                dataset: parameters, seed, split, one entry per subject
+    manifest.json                dataset: parameters, seed, split, held out settings, one entry per subject
     train.txt val.txt test.txt   the split's .npz files (one per line, relative to DIR)
     preview.png                  with preview: coronal MIPs of the first subject
-    s0000/manifest.json          subject: seed, split, uptake, lesions, counts, files (written last)
+    s0000/manifest.json          subject: seed, split, sample, uptake, lesions, counts, files (written last)
     s0000/s0000_FDG_drf10.npz    published layout: arr_0 = [low (DRF 10), full], (X, Y, Z) SUV, affine
     s0000/s0000_FDG_full.nii.gz  full-dose image; ..._truth.nii.gz phantom activity (SUV);
     s0000/s0000_FDG_lesions.nii.gz lesion labels; s0000_mu.nii.gz (1/mm), s0000_organs.nii.gz
@@ -23,12 +38,12 @@ Output (:attr:`DatasetSettings.out` ``DIR``)::
 A subject is finished when its manifest exists; :func:`make_dataset` skips finished subjects
 (resumable) and refuses to mix different parameters into one folder. Subject ``i`` uses the
 seed derived from ``(seed, i)``, so the data do not depend on the number of ranks: with an MPI
-communicator of N ranks, rank r makes subjects r, r + N, ...
+communicator of N ranks the subjects are shared by estimated cost (:func:`rank_subjects`; for a
+fixed dataset rank r makes subjects r, r + N, ...).
 """
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Optional, Sequence
@@ -38,25 +53,25 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from . import recon, simulate, volumes
+from . import acquisition, phantoms, volumes
+from .acquisition import SCANNERS, ScanSettings, noise_seed
 from .dataset_manifest import SPLIT_NAMES as SPLITS
 from .phantoms import ORGAN_LABELS, make_phantom, phantom_grid
-from .projector import make_projector
 from .tracers import TRACERS
 
-# Acquisition and reconstruction settings per scanner. "demo" is an ECAT-921-like ring used in
-# 2D (a 54 cm transaxial field of view holds a whole body with arms at 3.3 mm voxels; the tiny
-# "demo" projector preset only covers 16 cm); "quadra" is the Biograph Vision Quadra with SSRB.
-SCANNERS = {
-    "demo": dict(preset="ecat921_2d", mode="2d", view_mashing=2, psf_fwhm_mm=4.5,
-                 randoms_fraction=0.3, scatter_fraction=0.15),
-    "quadra": dict(preset="quadra", mode="ssrb", view_mashing=4, psf_fwhm_mm=3.5,
-                   randoms_fraction=0.3, scatter_fraction=0.3),
-}
 DEFAULT_DRFS = (4, 10, 20, 50, 100)
+DEFAULT_DRF_RANGE = (2.0, 200.0)
+DEFAULT_DRFS_PER_SUBJECT = 3
 # Full-dose prompts per mm of axial length: 4e5/mm is 1.32M prompts per 3.3 mm slice (the
 # BC-DPM paper's full dose is 1M per slice).
 DEFAULT_COUNTS_PER_MM = 4.0e5
+#: Torch threads of a randomised subject's simulation (ranks give the parallelism).
+SIMULATION_THREADS = 1
+#: Fixed cost of a subject in :func:`subject_cost` units (about 2.5 s on the demo scanner).
+SUBJECT_OVERHEAD = 3e7
+#: Splits whose subjects never draw held-out settings.
+HELD_OUT_SPLITS = ("train", "val")
+WHOLE_BODY = "whole_body"
 #: Environment variables set by mpiexec (MPICH / Open MPI / PMIx).
 MPI_ENVIRONMENT = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 CREATED_BY = "scripts/make_dataset.py"
@@ -66,9 +81,19 @@ class DatasetError(ValueError):
     """Settings that cannot make a dataset, or a folder made with other settings."""
 
 
+def anatomy_names():
+    """The phantom anatomy classes (``phantoms.ANATOMIES``)."""
+    return tuple(getattr(phantoms, "ANATOMIES", (WHOLE_BODY,)))
+
+
 @dataclasses.dataclass
 class DatasetSettings:
-    """Everything :func:`make_dataset` needs (the ``scripts/make_dataset.py`` flags)."""
+    """Everything :func:`make_dataset` needs (the ``scripts/make_dataset.py`` flags).
+
+    ``drf``, ``iterations`` and ``subsets`` fix the scans of a dataset that is not randomised;
+    ``drfs_per_subject``, ``drf_range``, ``anatomies``, ``hold_out`` and ``resample`` (None: on)
+    only apply with ``randomise``; ``voxel_mm`` is the output (model) grid.
+    """
 
     out: str
     subjects: int
@@ -86,9 +111,17 @@ class DatasetSettings:
     arms: bool = True
     preview: bool = False
     nifti_lowdose: bool = False
+    randomise: bool = False
+    drfs_per_subject: int = DEFAULT_DRFS_PER_SUBJECT
+    drf_range: Sequence[float] = DEFAULT_DRF_RANGE
+    anatomies: Sequence[str] = (WHOLE_BODY,)
+    detail: bool = False
+    resample: Optional[bool] = None
+    hold_out: Sequence[str] = ()
 
     def checked(self):
-        """A copy with DRFs as floats and tracer names upper case; DatasetError when invalid."""
+        """A copy with DRFs as floats, tracer names upper case and ``resample`` decided;
+        DatasetError when invalid."""
         if self.subjects < 1:
             raise DatasetError(f"--subjects must be >= 1, got {self.subjects}")
         if self.voxel_mm <= 0 or self.counts_per_mm <= 0:
@@ -104,16 +137,60 @@ class DatasetSettings:
             raise DatasetError(f"--split fractions must be >= 0 with a positive sum, got {list(self.split)}")
         if self.iterations < 1 or self.subsets < 1 or self.slab < 1:
             raise DatasetError("--iterations, --subsets and --slab must be >= 1")
-        return dataclasses.replace(self, drf=[float(d) for d in self.drf],
-                                   tracers=[t.upper() for t in self.tracers])
+        unknown = [a for a in self.anatomies if a not in anatomy_names()]
+        if unknown:
+            raise DatasetError(f"unknown anatomies {unknown}; choose from {list(anatomy_names())}")
+        checked = dataclasses.replace(
+            self, drf=[float(d) for d in self.drf], tracers=[t.upper() for t in self.tracers],
+            anatomies=list(self.anatomies), hold_out=list(self.hold_out),
+            drf_range=[float(d) for d in self.drf_range], resample=self.randomise and self.resample is not False)
+        if self.randomise:
+            checked._check_randomisation()
+        elif self.hold_out or list(self.anatomies) != [WHOLE_BODY] or self.resample:
+            raise DatasetError("--hold_out, --anatomies and --resample need --randomise")
+        return checked
+
+    def _check_randomisation(self):
+        low, high = self.drf_range
+        if self.drfs_per_subject < 1 or not 1 <= low <= high:
+            raise DatasetError(f"--drfs_per_subject must be >= 1 and --drf_range 1 <= LOW <= HIGH, got "
+                               f"{self.drfs_per_subject} and {list(self.drf_range)}")
+        known = acquisition.possible_tags(self.scan_ranges()) | set(self.anatomies) | set(self.tracers)
+        unknown = [label for label in self.hold_out if label not in known]
+        if unknown:
+            raise DatasetError(f"--hold_out {unknown} match nothing drawn; use settings tags "
+                               f"({', '.join(sorted(acquisition.possible_tags(self.scan_ranges())))}), "
+                               f"--anatomies or --tracers")
+        if set(self.anatomies) <= set(self.hold_out) or set(self.tracers) <= set(self.hold_out):
+            raise DatasetError("--hold_out leaves no anatomy or no tracer for training")
+        try:
+            acquisition.sample_scan_settings(np.random.default_rng(0), self.scan_ranges(), self.hold_out)
+        except ValueError as error:
+            raise DatasetError(f"--hold_out: {error}") from None
+
+    def scan_ranges(self):
+        """What a randomised subject's scan is drawn from: ``DEFAULT_RANGES`` on ``scanner``."""
+        return dict(acquisition.DEFAULT_RANGES, scanner=(self.scanner,))
 
     def config(self):
         """Everything that determines the data (recorded per subject, compared on resume)."""
-        return {"seed": self.seed, "voxel_mm": self.voxel_mm, "drf": [float(d) for d in self.drf],
-                "tracers": list(self.tracers), "scanner": self.scanner,
-                "scanner_settings": SCANNERS[self.scanner], "counts_per_mm": self.counts_per_mm,
-                "fov_mm": self.fov_mm, "osem_iterations": self.iterations,
-                "osem_subsets": self.subsets, "slab": self.slab, "arms": self.arms}
+        config = {"seed": self.seed, "voxel_mm": self.voxel_mm, "drf": [float(d) for d in self.drf],
+                  "tracers": list(self.tracers), "scanner": self.scanner,
+                  "scanner_settings": SCANNERS[self.scanner], "counts_per_mm": self.counts_per_mm,
+                  "fov_mm": self.fov_mm, "osem_iterations": self.iterations,
+                  "osem_subsets": self.subsets, "slab": self.slab, "arms": self.arms}
+        if self.detail:
+            config["detail"] = True
+        if not self.randomise:
+            return config
+        for fixed in ("drf", "osem_iterations", "osem_subsets"):
+            del config[fixed]
+        config["randomisation"] = {
+            "ranges": self.scan_ranges(), "drfs_per_subject": self.drfs_per_subject,
+            "drf_range": list(self.drf_range), "anatomies": list(self.anatomies),
+            "resample": self.resample, "threads": SIMULATION_THREADS}
+        config["held_out"] = {"labels": list(self.hold_out), "splits": list(HELD_OUT_SPLITS)}
+        return json.loads(json.dumps(config))
 
 
 def subject_seed(seed, index):
@@ -137,49 +214,109 @@ def split_subjects(n_subjects, fractions, seed):
     return names
 
 
-def _noise_seed(*keys):
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+def subject_sample(settings, index, split):
+    """Every choice that makes subject ``index`` of checked ``settings`` in ``split`` (JSON-able):
+    ``seed`` (the phantom's), ``scan`` (ScanSettings dict) and its ``label``, ``anatomy``,
+    ``detail``, ``tracers``, ``drfs``, ``noise_seeds`` (one per tracer), ``native_voxel_mm``,
+    ``model_voxel_mm``, ``resample``, ``counts_per_mm``, ``fov_mm``, ``slab``, ``arms`` and
+    ``held_out`` (what was excluded from its draws). :func:`make_subject` adds ``threads``."""
+    seed = subject_seed(settings.seed, index)
+    sample = {"randomised": settings.randomise, "seed": seed, "anatomy": WHOLE_BODY,
+              "tracers": list(settings.tracers), "drfs": list(settings.drf),
+              "model_voxel_mm": settings.voxel_mm, "resample": settings.resample,
+              "counts_per_mm": settings.counts_per_mm, "fov_mm": settings.fov_mm, "slab": settings.slab,
+              "arms": settings.arms, "held_out": []}
+    if settings.randomise:
+        held = list(settings.hold_out) if split in HELD_OUT_SPLITS else []
+        rngs = [np.random.default_rng([seed, k]) for k in range(1, 5)]
+        scan = acquisition.sample_scan_settings(rngs[0], settings.scan_ranges(), held)
+        anatomies = [a for a in settings.anatomies if a not in held]
+        tracers = [t for t in settings.tracers if t not in held]
+        sample.update(drfs=acquisition.sample_drfs(rngs[1], settings.drfs_per_subject, *settings.drf_range),
+                      anatomy=anatomies[int(rngs[2].integers(len(anatomies)))],
+                      tracers=[tracers[int(rngs[3].integers(len(tracers)))]], held_out=held)
+    else:
+        scan = acquisition.fixed_scan(settings.scanner, settings.iterations, settings.subsets, settings.voxel_mm)
+    sample.update(detail=settings.detail and sample["anatomy"] == WHOLE_BODY, scan=scan.to_dict(),
+                  label=scan.label(), native_voxel_mm=scan.voxel_mm,
+                  noise_seeds=[noise_seed(seed, i) for i in range(len(sample["tracers"]))])
+    return json.loads(json.dumps(sample))
 
 
-def simulate_scan(activity, mu, projector, drfs, total_counts, settings, n_iter, n_subsets, seed):
-    """Full- and low-dose OSEM images of one phantom.
+def subject_config(settings, sample):
+    """The ``config`` of a subject's manifest: the dataset's, with the ``scanner_settings``
+    (preset, mode, view mashing, true PSF, randoms and scatter fractions) of its scan."""
+    config = settings.config()
+    if sample["randomised"]:
+        scan = sample["scan"]
+        config["scanner_settings"] = dict(SCANNERS[settings.scanner], mode=scan["mode"],
+                                          randoms_fraction=scan["randoms_fraction"],
+                                          scatter_fraction=scan["scatter_fraction"])
+    return config
 
-    activity, mu: (X, Y, Z) SUV and 1/mm; projector: for (X, Y, slab) slabs; drfs: low-dose
-    factors; total_counts: full-dose expected prompts over the whole volume; settings: a
-    :data:`SCANNERS` entry.
-    Returns (images (1 + len(drfs), X, Y, Z) float32 [full, low...], prompts per image).
-    """
-    slab = projector.image_shape[2]
-    depth = activity.shape[2]
-    n_slabs = math.ceil(depth / slab)
-    pad = ((0, 0), (0, 0), (0, n_slabs * slab - depth))
-    activity = torch.from_numpy(np.pad(activity, pad))
-    mu = torch.from_numpy(np.pad(mu, pad))
-    expected = {}
-    for k in range(n_slabs):
-        part = activity[..., k * slab:(k + 1) * slab]
-        if part.sum() > 0:
-            expected[k] = simulate.expected_data(
-                part, projector, mu[..., k * slab:(k + 1) * slab], counts_per_unit=1.0,
-                randoms_fraction=settings["randoms_fraction"], scatter_fraction=settings["scatter_fraction"])
-    unit_total = sum(float(e.ybar.sum()) for e in expected.values())
-    if unit_total <= 0:
-        raise ValueError("the phantom has no activity in the field of view")
-    scale = total_counts / unit_total  # counts per unit of projected SUV at full dose
-    factors = torch.tensor([1.0] + [float(d) for d in drfs], dtype=torch.float64)
-    images = np.zeros((len(factors),) + tuple(activity.shape), np.float32)
-    prompts = np.zeros(len(factors))
-    for k, data in expected.items():
-        full = simulate.poisson(data.ybar * scale, _noise_seed(seed, k, 0))
-        counts = torch.stack([full] + [simulate.thin(full, 1.0 / d, _noise_seed(seed, k, 1 + i))
-                                       for i, d in enumerate(drfs)])
-        prompts += counts.double().sum(dim=(1, 2, 3)).numpy()
-        level = (scale / factors).to(counts.dtype)
-        additive = data.additive.unsqueeze(0) * level.reshape(-1, 1, 1, 1)
-        image = recon.osem(counts, projector, n_iter, n_subsets, mult_factor=data.mult_factor,
-                           additive=additive, scale=level)
-        images[..., k * slab:(k + 1) * slab] = image.cpu().numpy()
-    return images[..., :depth], prompts
+
+def simulate_tracer(sample, tracer_index):
+    """The phantom (native grid) and :func:`acquisition.simulate_scan` result of one tracer of
+    a subject's ``sample``."""
+    scan = ScanSettings.from_dict(sample["scan"])
+    options = {}  # the defaults are not passed, so a fixed dataset calls make_phantom as it always did
+    if sample["anatomy"] != WHOLE_BODY:
+        options["anatomy"] = sample["anatomy"]
+    if sample["detail"]:
+        options["detail"] = True
+    phantom = make_phantom(sample["seed"], voxel_mm=scan.voxel_mm, tracer=sample["tracers"][tracer_index],
+                           fov_mm=sample["fov_mm"], arms=sample["arms"], **options)
+    result = acquisition.simulate_scan(
+        phantom, scan, sample["drfs"], sample["noise_seeds"][tracer_index], sample["counts_per_mm"],
+        sample["model_voxel_mm"] if sample["resample"] else None, slab=sample["slab"])
+    return phantom, result
+
+
+def reproduce_sample(entry, tracers=None):
+    """Rebuild a subject's images exactly from its subject manifest or dataset manifest entry
+    (or its ``sample``): tracer -> :func:`acquisition.simulate_scan` result (``full``,
+    ``low`` in ``sample["drfs"]`` order, ...), for ``tracers`` (default all), run on the recorded
+    torch thread count."""
+    sample = entry.get("sample", entry)
+    with acquisition.torch_threads(sample["threads"]):
+        return {tracer: simulate_tracer(sample, i)[1] for i, tracer in enumerate(sample["tracers"])
+                if tracers is None or tracer in tracers}
+
+
+def subject_cost(sample):
+    """Relative cost of simulating a subject's ``sample``, in voxel-updates of the reconstruction
+    (each OSEM sub-iteration over the slabs and their halos, twice with a PSF model) plus the
+    phantom's voxels and a fixed overhead (fitted to measured times on the demo scanner)."""
+    scan = ScanSettings.from_dict(sample["scan"])
+    shape = phantom_grid(voxel_mm=scan.voxel_mm, fov_mm=sample["fov_mm"]).shape
+    slab = min(sample["slab"], shape[2])
+    slab_voxels = shape[0] * shape[1] * -(-shape[2] // slab) * (slab + 2 * acquisition.halo_slices(scan))
+    updates = scan.iterations * scan.subsets * (2 if scan.psf_mm > 0 else 1) + scan.iterations / 3
+    return len(sample["tracers"]) * (slab_voxels * updates + float(np.prod(shape)) + SUBJECT_OVERHEAD)
+
+
+def rank_subjects(settings, splits, rank, size):
+    """The subjects rank ``rank`` of ``size`` makes, costliest first: each subject in turn goes to
+    the least loaded rank (:func:`subject_cost`; ties to the lowest rank), so when all cost the
+    same (a fixed dataset) rank r makes r, r + N, ..."""
+    costs = [subject_cost(subject_sample(settings, i, splits[i])) for i in range(settings.subjects)]
+    loads, mine = np.zeros(size), []
+    for index in sorted(range(settings.subjects), key=lambda i: -costs[i]):
+        chosen = int(np.argmin(loads))
+        loads[chosen] += costs[index]
+        if chosen == rank:
+            mine.append(index)
+    return mine
+
+
+def output_grid(phantom, result):
+    """The phantom's activity, mu, organ and lesion labels on the grid of ``result``."""
+    arrays = phantom.activity, phantom.mu, phantom.organ_labels, phantom.lesion_labels
+    if not result["resampled"]:
+        return arrays
+    voxel = result["voxel_mm"]
+    return (*(volumes.resample_to_voxel(a, phantom.affine, voxel)[0] for a in arrays[:2]),
+            *(acquisition.resample_labels(a, phantom.affine, voxel)[0] for a in arrays[2:]))
 
 
 def liver_noise(images, truth_labels, lesion_labels):
@@ -225,67 +362,54 @@ def _write_json(path, data):
     volumes.atomic_write_bytes(path, json.dumps(data, indent=1))
 
 
-def scanner_projector(settings):
-    """The projector of ``settings.scanner`` for slabs of the phantom grid (``settings.slab``
-    slices, at most the grid's depth)."""
-    grid = phantom_grid(voxel_mm=settings.voxel_mm, fov_mm=settings.fov_mm).shape
-    scanner = SCANNERS[settings.scanner]
-    return make_projector(scanner["preset"], (grid[0], grid[1], min(settings.slab, grid[2])),
-                          settings.voxel_mm, mode=scanner["mode"], psf_fwhm_mm=scanner["psf_fwhm_mm"],
-                          view_mashing=scanner["view_mashing"])
-
-
-def make_subject(index, settings, split, projector, preview_path=None):
+def make_subject(index, settings, split, preview_path=None):
     """Simulate and write one subject of ``settings`` (checked :class:`DatasetSettings`);
-    returns its manifest (written last, atomically)."""
+    returns its manifest (written last, atomically). Lesion sizes in it are the phantom's, on
+    the native grid."""
     start = time.perf_counter()
     name = subject_name(index)
     folder = os.path.join(settings.out, name)
     os.makedirs(folder, exist_ok=True)
-    seed = subject_seed(settings.seed, index)
-    scanner = SCANNERS[settings.scanner]
-    entry = {"subject": name, "index": index, "seed": seed, "split": split, "config": settings.config(),
-             "files": [], "tracers": {}}
+    sample = subject_sample(settings, index, split)
+    sample["threads"] = SIMULATION_THREADS if settings.randomise else torch.get_num_threads()
+    entry = {"subject": name, "index": index, "seed": sample["seed"], "split": split,
+             "config": subject_config(settings, sample), "files": [], "tracers": {}}
 
     def save(file_name, kind, write, **info):
         write(os.path.join(folder, file_name))
         entry["files"].append({"file": file_name, "kind": kind, **info})
 
-    for tracer_index, tracer in enumerate(settings.tracers):
-        phantom = make_phantom(seed, voxel_mm=settings.voxel_mm, tracer=tracer, fov_mm=settings.fov_mm,
-                               arms=settings.arms)
-        affine = phantom.affine
-        if tracer_index == 0:
-            save(f"{name}_mu.nii.gz", "mu", lambda p: volumes.save_nifti(p, phantom.mu, affine))
-            save(f"{name}_organs.nii.gz", "organ_labels",
-                 lambda p: volumes.save_nifti(p, phantom.organ_labels, affine, dtype=np.int16))
-        total_counts = settings.counts_per_mm * phantom.activity.shape[2] * phantom.voxel_mm[2]
-        images, prompts = simulate_scan(phantom.activity, phantom.mu, projector, settings.drf, total_counts,
-                                        scanner, settings.iterations, settings.subsets,
-                                        _noise_seed(seed, tracer_index))
-        stem = f"{name}_{tracer}"
-        save(f"{stem}_truth.nii.gz", "truth", lambda p: volumes.save_nifti(p, phantom.activity, affine),
-             tracer=tracer)
-        save(f"{stem}_lesions.nii.gz", "lesion_labels",
-             lambda p: volumes.save_nifti(p, phantom.lesion_labels, affine, dtype=np.int16), tracer=tracer)
-        save(f"{stem}_full.nii.gz", "full_dose", lambda p: volumes.save_nifti(p, images[0], affine),
-             tracer=tracer, drf=1.0, counts=float(prompts[0]))
-        for i, drf in enumerate(settings.drf):
-            low = images[1 + i]
-            save(f"{stem}_{_drf_tag(drf)}.npz", "pair", lambda p: volumes.save_npz(p, low, images[0], affine),
-                 tracer=tracer, drf=float(drf), counts=float(prompts[1 + i]))
-            if settings.nifti_lowdose:
-                save(f"{stem}_{_drf_tag(drf)}.nii.gz", "low_dose", lambda p: volumes.save_nifti(p, low, affine),
-                     tracer=tracer, drf=float(drf), counts=float(prompts[1 + i]))
-        entry["tracers"][tracer] = {
-            "uptake": phantom.uptake, "lesions": phantom.lesions, "expected_full_counts": total_counts,
-            "counts": {"full": float(prompts[0]),
-                       **{_drf_tag(d): float(c) for d, c in zip(settings.drf, prompts[1:])}},
-            "liver_noise": liver_noise(images, phantom.organ_labels, phantom.lesion_labels)}
-        if preview_path is not None and tracer_index == 0:
-            write_preview(preview_path, phantom.activity, images, settings.drf, phantom.voxel_mm,
-                          f"{name} {tracer} ({settings.scanner}, {settings.voxel_mm:g} mm)")
-    entry.update(shape=list(phantom.activity.shape), voxel_mm=list(phantom.voxel_mm), affine=affine.tolist(),
+    with acquisition.torch_threads(sample["threads"]):
+        for tracer_index, tracer in enumerate(sample["tracers"]):
+            phantom, result = simulate_tracer(sample, tracer_index)
+            truth, mu, organs, lesions = output_grid(phantom, result)
+            affine, full, prompts = result["affine"], result["full"], result["prompts"]
+            if tracer_index == 0:
+                save(f"{name}_mu.nii.gz", "mu", lambda p: volumes.save_nifti(p, mu, affine))
+                save(f"{name}_organs.nii.gz", "organ_labels",
+                     lambda p: volumes.save_nifti(p, organs, affine, dtype=np.int16))
+            stem = f"{name}_{tracer}"
+            save(f"{stem}_truth.nii.gz", "truth", lambda p: volumes.save_nifti(p, truth, affine), tracer=tracer)
+            save(f"{stem}_lesions.nii.gz", "lesion_labels",
+                 lambda p: volumes.save_nifti(p, lesions, affine, dtype=np.int16), tracer=tracer)
+            save(f"{stem}_full.nii.gz", "full_dose", lambda p: volumes.save_nifti(p, full, affine),
+                 tracer=tracer, drf=1.0, counts=prompts[0])
+            for drf, low, counts in zip(sample["drfs"], result["low"], prompts[1:]):
+                save(f"{stem}_{_drf_tag(drf)}.npz", "pair", lambda p: volumes.save_npz(p, low, full, affine),
+                     tracer=tracer, drf=float(drf), counts=counts)
+                if settings.nifti_lowdose:
+                    save(f"{stem}_{_drf_tag(drf)}.nii.gz", "low_dose", lambda p: volumes.save_nifti(p, low, affine),
+                         tracer=tracer, drf=float(drf), counts=counts)
+            images = [full, *result["low"]]
+            entry["tracers"][tracer] = {
+                "uptake": phantom.uptake, "lesions": phantom.lesions,
+                "expected_full_counts": result["expected_full_counts"],
+                "counts": {"full": prompts[0], **{_drf_tag(d): c for d, c in zip(sample["drfs"], prompts[1:])}},
+                "liver_noise": liver_noise(images, organs, lesions)}
+            if preview_path is not None and tracer_index == 0:
+                write_preview(preview_path, truth, images, sample["drfs"], (result["voxel_mm"],) * 3,
+                              f"{name} {tracer} ({settings.scanner}, {sample['label']})")
+    entry.update(sample=sample, shape=list(full.shape), voxel_mm=[result["voxel_mm"]] * 3, affine=affine.tolist(),
                  seconds=round(time.perf_counter() - start, 2))
     _write_json(os.path.join(folder, "manifest.json"), entry)
     return entry
@@ -312,7 +436,7 @@ def write_dataset_manifest(settings, splits):
                 "split": {split: [subject_name(i) for i in range(settings.subjects) if splits[i] == split]
                           for split in SPLITS},
                 "entries": [{"subject": s["subject"], "seed": s["seed"], "split": s["split"],
-                             "seconds": s["seconds"],
+                             "seconds": s["seconds"], "sample": s.get("sample"),
                              "files": [{**f, "file": f"{s['subject']}/{f['file']}"} for f in s["files"]]}
                             for s in subjects]}
     _write_json(os.path.join(settings.out, "manifest.json"), manifest)
@@ -341,23 +465,20 @@ def make_dataset(settings, comm=None):
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     os.makedirs(settings.out, exist_ok=True)
     splits = split_subjects(settings.subjects, settings.split, settings.seed)
-    config = json.loads(json.dumps(settings.config()))
 
-    mine = list(range(rank, settings.subjects, size))
+    mine = rank_subjects(settings, splits, rank, size)
     todo = []
     for index in mine:
         done = read_subject_manifest(settings.out, index)
         if done is None:
             todo.append(index)
-        elif done["config"] != config:
+        elif done["config"] != json.loads(json.dumps(
+                subject_config(settings, subject_sample(settings, index, splits[index])))):
             raise DatasetError(f"{subject_name(index)} in {settings.out} was made with other "
                                f"parameters; use another --out")
-    projector = None
     for index in tqdm(todo, desc=f"subjects (rank 0 of {size})", disable=rank != 0):
-        if projector is None:
-            projector = scanner_projector(settings)
         preview = os.path.join(settings.out, "preview.png") if settings.preview and index == 0 else None
-        make_subject(index, settings, splits[index], projector, preview)
+        make_subject(index, settings, splits[index], preview)
     if comm is not None:
         comm.Barrier()
     if rank == 0:
