@@ -86,6 +86,7 @@ def test_one_member_writes_no_uncertainty_map(workdir):
     assert "no uncertainty map" in proc.stdout
 
 
+@pytest.mark.slow  # the library tests cover its logic; end to end with --all
 def test_sidecar_fusion_recommendation_is_the_default(workdir, make_tiny_checkpoint):
     path = make_tiny_checkpoint(workdir / "fused.pt", "paired")
     sidecar = path.with_suffix(".json")
@@ -132,6 +133,7 @@ def test_two_ranks_equal_one_rank(workdir, mode):
     np.testing.assert_array_equal(outputs[1], outputs[2])
 
 
+@pytest.mark.slow  # the library tests cover its logic; end to end with --all
 def test_data_consistency_pulls_the_mean_toward_the_low_dose_input(workdir):
     low = np.load(workdir / "subject.npz")["arr_0"][0]
     errors = {}
@@ -145,6 +147,7 @@ def test_data_consistency_pulls_the_mean_toward_the_low_dose_input(workdir):
     assert errors[3] < 0.5 * errors[0]
 
 
+@pytest.mark.slow  # the library tests cover its logic; end to end with --all
 def test_independent_stitching_runs_and_differs_from_seamfree(workdir):
     results = {}
     for stitch in ("seamfree", "independent"):
@@ -156,6 +159,7 @@ def test_independent_stitching_runs_and_differs_from_seamfree(workdir):
     assert not np.array_equal(results["seamfree"], results["independent"])
 
 
+@pytest.mark.slow  # the library tests cover its logic; end to end with --all
 def test_bcdpm_moves_prior_sample_toward_low_dose(workdir):
     low = np.load(workdir / "subject.npz")["arr_0"][0]
     outputs = {}
@@ -211,6 +215,7 @@ def test_bcdpm_settings_come_from_the_priors_tuning_table(workdir, make_tiny_che
                                   np.load(out_given / "subject_denoised.npz")["arr_0"])
 
 
+@pytest.mark.slow  # the library tests cover its logic; end to end with --all
 def test_bcdpm_takes_a_cond_dropout_checkpoint_as_its_prior(workdir, make_tiny_checkpoint):
     both = make_tiny_checkpoint(workdir / "both.pt", "paired")
     sidecar = both.with_suffix(".json")
