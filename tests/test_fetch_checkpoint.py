@@ -242,9 +242,10 @@ def test_sidecar_locations_and_help():
 def test_repository_paths_and_absolute_path_detection(tmp_path):
     assert hub.repository_path(REPO / "checkpoint" / "demo_paired.pt") == os.path.join("checkpoint", "demo_paired.pt")
     assert hub.repository_path(tmp_path / "runs" / "model000100.pt") == "model000100.pt"
-    record = {"data_dir": "/work/data3d", "note": "from C:\\data\\x.pt and /tmp/a/b.npz",
+    data_dir, npz = str(tmp_path / "data3d"), str(tmp_path / "a" / "b.npz")  # absolute, made at run time
+    record = {"data_dir": data_dir, "note": f"from C:\\data\\x.pt and {npz}",
               "url": "https://host/a/b.pt", "unit": "1/mm", "files": [170, "mean/std"]}
-    assert hub.absolute_paths(record) == ["/work/data3d", "C:\\data\\x.pt", "/tmp/a/b.npz"]
+    assert hub.absolute_paths(record) == [data_dir, "C:\\data\\x.pt", npz]
     portable = hub.portable_paths(record)
     assert portable == dict(record, data_dir="data3d", note="from x.pt and b.npz")
     assert hub.absolute_paths(portable) == []
