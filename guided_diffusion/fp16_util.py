@@ -38,6 +38,23 @@ def convert_module_to_f32(module):
             module.bias.data = module.bias.data.float()
 
 
+def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
+    """True where the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16 in ``cpuinfo``'s
+    flags). Elsewhere (AVX2-only x86, or no ``cpuinfo``) bf16 convolutions are emulated and
+    run many times slower than fp32 (BENCHMARKS.md), so ``auto`` picks fp32 there."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def auto_cpu_precision():
+    """``--precision auto`` on a CPU: bf16 where :func:`cpu_has_fast_bf16`, else fp32."""
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
 def resolve_precision(use_fp16, device, requested=None):
     """
     Decide the compute precision for `device`.

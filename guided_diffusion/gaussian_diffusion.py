@@ -76,6 +76,7 @@ class ModelMeanType(enum.Enum):
     PREVIOUS_X = enum.auto()  # the model predicts x_{t-1}
     START_X = enum.auto()  # the model predicts x_0
     EPSILON = enum.auto()  # the model predicts epsilon
+    VELOCITY = enum.auto()  # the model predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0
 
 
 class ModelVarType(enum.Enum):
@@ -273,9 +274,12 @@ class GaussianDiffusion:
                 self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
             )
             model_mean = model_output
-        elif self.model_mean_type in (ModelMeanType.START_X, ModelMeanType.EPSILON):
+        elif self.model_mean_type in (ModelMeanType.START_X, ModelMeanType.EPSILON,
+                                      ModelMeanType.VELOCITY):
             if self.model_mean_type == ModelMeanType.START_X:
                 pred_xstart = process_xstart(model_output)
+            elif self.model_mean_type == ModelMeanType.VELOCITY:
+                pred_xstart = process_xstart(self._predict_xstart_from_v(x_t=x, t=t, v=model_output))
             else:
                 pred_xstart = process_xstart(
                     self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
@@ -307,6 +311,19 @@ class GaussianDiffusion:
         return (
             _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
             - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+        )
+
+    def _predict_xstart_from_v(self, x_t, t, v):
+        return (
+            _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+            - _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+        )
+
+    def _velocity(self, x_start, t, noise):
+        """The v-prediction target ``sqrt(abar_t) eps - sqrt(1 - abar_t) x_0``."""
+        return (
+            _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * noise
+            - _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start
         )
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
@@ -815,6 +832,8 @@ class GaussianDiffusion:
                 target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
             elif self.model_mean_type == ModelMeanType.START_X:
                 target = x_start
+            elif self.model_mean_type == ModelMeanType.VELOCITY:
+                target = self._velocity(x_start, t, noise)
             else:
                 target = noise
             if model_output.shape != target.shape:

@@ -1,51 +1,94 @@
 """
 Model-space normalisation of PET volumes, stored in each checkpoint's metadata.
 
-A normalisation is ``{"clip": c, "scale": s, "range": [lo, hi]}`` (SUV values ``c`` and ``s``):
+Two recorded, monotone transforms of SUV ``s`` (g/mL) onto ``range = [lo, hi]``:
 
-    model = lo + (hi - lo) * min(max(suv, 0), c) / s        suv = (model - lo) / (hi - lo) * s
+* ``{"transform": "linear", "clip": c, "scale": d, "range": [lo, hi]}`` (the default when no
+  ``transform`` is recorded)::
 
-The published 3D DDPM uses ``clip = scale = 16`` and ``range = [0, 1]`` (SUV clipped at 16,
-divided by 16); the toolkit's own checkpoints use ``range = [-1, 1]``, the range the diffusion
-process (and ``clip_denoised``) assumes.
+      model = lo + (hi - lo) * min(max(s, 0), c) / d
+
+  The published 3D DDPM uses ``clip = scale = 16`` and ``range = [0, 1]``; the toolkit's first
+  demo checkpoints ``range = [-1, 1]``. SUV above ``c`` is lost (kidneys, bladder of PSMA scans).
+* ``{"transform": "sqrt", "knee": k, "scale": d, "range": [lo, hi]}``, variance-stabilising and
+  without a clip::
+
+      model = lo + (hi - lo) * (sqrt(1 + max(s, 0) / k) - 1) / (sqrt(1 + d / k) - 1)
+
+  Linear below ``k`` SUV, square-root above (PET noise grows with activity), ``d`` SUV maps to
+  ``hi``; higher values map above ``hi`` (the sampler's ``clip_denoised`` then saturates at ``d``,
+  :func:`saturation_suv`). The toolkit's own checkpoints since the paired-model issue use
+  :data:`SQRT_NORMALISATION` (0-100 SUV).
 
 The *null condition* of a paired model trained with conditioning dropout (``scripts/train.py
 --cond_dropout``) is an empty low-dose volume, 0 SUV everywhere (model value ``lo``): fed in
 place of the low-dose channel it makes the model an unconditional prior.
 """
 
+import math
+
 import numpy as np
 import torch
 
-DEFAULT_NORMALISATION = dict(clip=16.0, scale=16.0, range=(-1.0, 1.0))
-PUBLISHED_NORMALISATION = dict(clip=16.0, scale=16.0, range=(0.0, 1.0))
+DEFAULT_NORMALISATION = dict(transform="linear", clip=16.0, scale=16.0, range=(-1.0, 1.0))
+PUBLISHED_NORMALISATION = dict(transform="linear", clip=16.0, scale=16.0, range=(0.0, 1.0))
+SQRT_NORMALISATION = dict(transform="sqrt", knee=1.0, scale=100.0, range=(-1.0, 1.0))
+TRANSFORMS = ("linear", "sqrt")
 
 
 def resolve_normalisation(normalisation=None):
-    """Fill missing keys of ``normalisation`` from :data:`DEFAULT_NORMALISATION` and check it."""
-    norm = dict(DEFAULT_NORMALISATION, **(normalisation or {}))
+    """A checked, complete normalisation: missing keys from :data:`DEFAULT_NORMALISATION`
+    (linear) or :data:`SQRT_NORMALISATION` (``transform = "sqrt"``)."""
+    given = dict(normalisation or {})
+    transform = given.get("transform", "linear")
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown normalisation transform {transform!r}; expected one of {TRANSFORMS}")
+    norm = dict(DEFAULT_NORMALISATION if transform == "linear" else SQRT_NORMALISATION, **given)
     lo, hi = (float(v) for v in norm["range"])
-    if not (norm["clip"] > 0 and norm["scale"] > 0 and hi > lo):
-        raise ValueError(f"invalid normalisation {norm}: need clip > 0, scale > 0, range[1] > range[0]")
-    return dict(clip=float(norm["clip"]), scale=float(norm["scale"]), range=[lo, hi])
+    positive = ("clip", "scale") if transform == "linear" else ("knee", "scale")
+    if not (all(float(norm[k]) > 0 for k in positive) and hi > lo):
+        raise ValueError(f"invalid normalisation {norm}: need {' > 0, '.join(positive)} > 0, "
+                         "range[1] > range[0]")
+    return dict({k: float(norm[k]) for k in positive}, transform=transform, range=[lo, hi])
+
+
+def saturation_suv(normalisation=None):
+    """The highest SUV the model space represents within its range (``clip`` for linear,
+    ``scale`` for sqrt): voxels near it are what the hot-voxel post-processing handles."""
+    norm = resolve_normalisation(normalisation)
+    return norm["clip"] if norm["transform"] == "linear" else norm["scale"]
+
+
+def _lib(x):
+    return torch if isinstance(x, torch.Tensor) else np
 
 
 def suv_to_model(suv, normalisation=None):
     """SUV (g/mL) -> model space; numpy arrays or torch tensors of any shape (same kind back)."""
     norm = resolve_normalisation(normalisation)
     lo, hi = norm["range"]
-    if isinstance(suv, torch.Tensor):
-        clipped = suv.clamp(0.0, norm["clip"])
-    else:
-        clipped = np.clip(suv, 0.0, norm["clip"])
-    return lo + (hi - lo) * (clipped / norm["scale"])
+    lib = _lib(suv)
+    if norm["transform"] == "linear":
+        clipped = suv.clamp(0.0, norm["clip"]) if lib is torch else np.clip(suv, 0.0, norm["clip"])
+        return lo + (hi - lo) * (clipped / norm["scale"])
+    knee = norm["knee"]
+    positive = suv.clamp(min=0.0) if lib is torch else np.maximum(suv, 0.0)
+    top = math.sqrt(1.0 + norm["scale"] / knee) - 1.0
+    return lo + (hi - lo) * (lib.sqrt(1.0 + positive / knee) - 1.0) / top
 
 
 def model_to_suv(x, normalisation=None):
-    """Model space -> SUV; the inverse of :func:`suv_to_model` for SUV in ``[0, clip]``."""
+    """Model space -> SUV; the inverse of :func:`suv_to_model` (for SUV in ``[0, clip]`` when
+    linear; for all SUV >= 0 when sqrt, where model values below ``lo`` give 0)."""
     norm = resolve_normalisation(normalisation)
     lo, hi = norm["range"]
-    return (x - lo) / (hi - lo) * norm["scale"]
+    unit = (x - lo) / (hi - lo)
+    if norm["transform"] == "linear":
+        return unit * norm["scale"]
+    knee = norm["knee"]
+    root = 1.0 + unit * (math.sqrt(1.0 + norm["scale"] / knee) - 1.0)
+    root = root.clamp(min=1.0) if isinstance(root, torch.Tensor) else np.maximum(root, 1.0)
+    return knee * (root * root - 1.0)
 
 
 def null_condition_like(x, normalisation=None):

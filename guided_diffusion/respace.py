@@ -9,6 +9,7 @@ respaced indices back to original timesteps before calling the model.
 import numpy as np
 import torch as th
 
+from . import gaussian_diffusion as gd
 from .gaussian_diffusion import GaussianDiffusion
 
 
@@ -138,3 +139,28 @@ class _WrappedModel:
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)
+
+
+class RegressionDiffusion(SpacedDiffusion):
+    """
+    A supervised network (the 3D U-Net baseline) in the diffusion interface: one step, ``x_t``
+    always empty (zeros), the model's ``START_X`` output is its one-step estimate of ``x_0`` from
+    the conditioning alone. Training (``training_losses``) is then the plain MSE regression
+    ``|model(0, low_res) - x_0|^2``, and every sampling loop returns that estimate, whatever
+    noise it is given.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(use_timesteps={0}, **kwargs)
+        if self.num_timesteps != 1 or self.model_mean_type != gd.ModelMeanType.START_X:
+            raise ValueError("a regression diffusion has one step and predicts x_0")
+
+    def q_sample(self, x_start, t, noise=None):
+        return th.zeros_like(x_start)
+
+    def _sample_loop_progressive(self, step, model, shape, *, noise, device, **kwargs):
+        if device is None:
+            device = gd._default_device(model, noise)
+        zeros = th.zeros(tuple(shape), device=device)
+        yield from super()._sample_loop_progressive(step, model, shape, noise=zeros, device=device,
+                                                    **kwargs)

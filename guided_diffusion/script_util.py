@@ -19,7 +19,7 @@ import shlex
 import torch as th
 
 from . import gaussian_diffusion as gd
-from .respace import SpacedDiffusion, space_timesteps
+from .respace import RegressionDiffusion, SpacedDiffusion, space_timesteps
 from .unet import LAYOUTS, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
@@ -45,6 +45,8 @@ def diffusion_defaults():
         timestep_respacing="",
         use_kl=False,
         predict_xstart=False,
+        predict_v=False,
+        regression=False,
         rescale_timesteps=False,
         rescale_learned_sigmas=False,
     )
@@ -195,6 +197,8 @@ def create_model_and_diffusion(
     dims=2,
     in_channels=3,
     unet_layout="auto",
+    predict_v=False,
+    regression=False,
 ):
     """Build (UNetModel, SpacedDiffusion) from the model_and_diffusion_defaults() flags."""
     model = create_model(
@@ -224,6 +228,8 @@ def create_model_and_diffusion(
         noise_schedule=noise_schedule,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
+        predict_v=predict_v,
+        regression=regression,
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
@@ -311,6 +317,8 @@ def sr_create_model_and_diffusion(
     channel_mult="",
     unet_layout="auto",
     predict_residual=False,
+    predict_v=False,
+    regression=False,
 ):
     """Build (SuperResModel, SpacedDiffusion) from sr_model_and_diffusion_defaults() flags."""
     model = sr_create_model(
@@ -342,6 +350,8 @@ def sr_create_model_and_diffusion(
         noise_schedule=noise_schedule,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
+        predict_v=predict_v,
+        regression=regression,
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
@@ -429,11 +439,27 @@ def create_gaussian_diffusion(
     noise_schedule="linear",
     use_kl=False,
     predict_xstart=False,
+    predict_v=False,
+    regression=False,
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     timestep_respacing="",
 ):
-    """A SpacedDiffusion over `steps` (respaced by `timestep_respacing`), as upstream."""
+    """A SpacedDiffusion over `steps` (respaced by `timestep_respacing`), as upstream.
+
+    ``predict_v``: the model predicts v (``ModelMeanType.VELOCITY``); ``regression``: the
+    supervised one-step baseline (:class:`~guided_diffusion.respace.RegressionDiffusion`: one
+    step, x_0 prediction, ``steps`` and the respacing ignored).
+    """
+    if predict_v and (predict_xstart or regression):
+        raise ValueError("predict_v excludes predict_xstart and regression")
+    if regression:
+        if learn_sigma:
+            raise ValueError("regression (the supervised baseline) learns no variance")
+        return RegressionDiffusion(betas=gd.get_named_beta_schedule(noise_schedule, 1),
+                                   model_mean_type=gd.ModelMeanType.START_X,
+                                   model_var_type=gd.ModelVarType.FIXED_SMALL,
+                                   loss_type=gd.LossType.MSE, rescale_timesteps=rescale_timesteps)
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
@@ -453,7 +479,8 @@ def create_gaussian_diffusion(
         use_timesteps=space_timesteps(steps, timestep_respacing),
         betas=betas,
         model_mean_type=(
-            gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON
+            gd.ModelMeanType.START_X if predict_xstart
+            else gd.ModelMeanType.VELOCITY if predict_v else gd.ModelMeanType.EPSILON
         ),
         model_var_type=model_var_type,
         loss_type=loss_type,

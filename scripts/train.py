@@ -37,6 +37,7 @@ from guided_diffusion.image_datasets import (
     manifest_voxel_mm,
     resolve_normalisation,
 )
+from guided_diffusion.normalisation import SQRT_NORMALISATION, TRANSFORMS
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -84,8 +85,15 @@ def create_argparser(argv=None):
     parser.add_argument("--voxel_mm", type=float, default=None,
                         help="voxel size of the data in mm (default: data_dir/manifest.json, "
                              f"else {PUBLISHED_VOXEL_MM})")
-    parser.add_argument("--clip_suv", type=float, default=16.0, help="SUV clipping level")
-    parser.add_argument("--scale_suv", type=float, default=16.0, help="SUV divisor")
+    parser.add_argument("--normalisation", choices=TRANSFORMS, default="linear",
+                        help="model-space transform of SUV (guided_diffusion.normalisation): sqrt "
+                             "(variance-stabilising, no clip, --scale_suv SUV at the range top) or "
+                             "linear (clipped at --clip_suv, divided by --scale_suv)")
+    parser.add_argument("--clip_suv", type=float, default=16.0, help="linear: SUV clipping level")
+    parser.add_argument("--scale_suv", type=float, default=None,
+                        help="SUV at the top of the model range (default: 100 for sqrt, 16 for linear)")
+    parser.add_argument("--knee_suv", type=float, default=SQRT_NORMALISATION["knee"],
+                        help="sqrt: SUV below which the transform is about linear")
     parser.add_argument("--intensity_jitter", type=float, default=0.0,
                         help="random SUV scaling U(1-j, 1+j), same for low and full dose")
     parser.add_argument("--cond_dropout", type=float, default=0.0,
@@ -123,6 +131,17 @@ def create_argparser(argv=None):
     defaults.update(model_defaults(cond))
     add_dict_to_argparser(parser, defaults)
     return parser
+
+
+def normalisation_from_flags(args):
+    """The ``--normalisation`` / ``--clip_suv`` / ``--scale_suv`` / ``--knee_suv`` dict."""
+    if args.normalisation == "linear":
+        norm = dict(transform="linear", clip=args.clip_suv, scale=args.scale_suv or args.clip_suv)
+    else:
+        norm = dict(SQRT_NORMALISATION, knee=args.knee_suv)
+        if args.scale_suv:
+            norm["scale"] = args.scale_suv
+    return norm
 
 
 def read_voxel_mm(data_dir, flag):
@@ -173,7 +192,7 @@ def main(argv=None):
 
     seed_rank_streams(args.seed)
 
-    normalisation = resolve_normalisation(dict(clip=args.clip_suv, scale=args.scale_suv))
+    normalisation = resolve_normalisation(normalisation_from_flags(args))
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,

@@ -206,7 +206,7 @@ def test_published_writes_the_published_sidecar(tmp_path):
     metadata = read_metadata(dest / "published_3d_ddpm.pt")
     assert metadata["cond"] == "paired" and metadata["sha256"] == digest
     assert {k: metadata["flags"][k] for k in PUBLISHED} == PUBLISHED
-    assert metadata["normalisation"] == dict(clip=16.0, scale=16.0, range=[0.0, 1.0])
+    assert metadata["normalisation"] == dict(transform="linear", clip=16.0, scale=16.0, range=[0.0, 1.0])
     assert metadata["voxel_mm"] == 1.65 and metadata["patch_size_zxy"] == [96, 192, 288]
     # the source is recorded without this machine's path
     assert metadata["origin"].endswith("fetched from model.pt") and hub.absolute_paths(metadata) == []

@@ -535,3 +535,40 @@ def test_discretized_log_likelihood_sums_to_one_over_bins():
         assert probs.sum().item() == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="shapes"):
         discretized_gaussian_log_likelihood(bins, means=bins[:3], log_scales=bins)
+
+
+def test_v_prediction_target_and_inverse_are_consistent():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0; x0 = sqrt(abar) x_t - sqrt(1 - abar) v exactly."""
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=100, predict_v=True)
+    x0, eps = th.randn(3, 1, 4, 4), th.randn(3, 1, 4, 4)
+    t = th.tensor([0, 50, 99])
+    x_t = diffusion.q_sample(x0, t, noise=eps)
+    v = diffusion._velocity(x0, t, eps)
+    th.testing.assert_close(diffusion._predict_xstart_from_v(x_t, t, v), x0, rtol=1e-5, atol=1e-5)
+    out = diffusion.p_mean_variance(lambda x, ts: v, x_t, t, clip_denoised=False)
+    th.testing.assert_close(out["pred_xstart"], x0, rtol=1e-5, atol=1e-5)
+    losses = diffusion.training_losses(lambda x, ts: v, x0, t, noise=eps)
+    assert float(losses["loss"].max()) < 1e-10
+
+
+def test_regression_diffusion_is_one_step_from_an_empty_x_t():
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=1000, regression=True, timestep_respacing="ddim10")
+    assert diffusion.num_timesteps == 1
+    seen = []
+
+    def model(x, ts, low_res):
+        seen.append(x.clone())
+        return 0.5 * low_res
+
+    low = th.rand(2, 1, 4, 4)
+    for loop in (diffusion.p_sample_loop, diffusion.ddim_sample_loop):
+        sample = loop(model, low.shape, noise=th.randn_like(low), model_kwargs=dict(low_res=low))
+        th.testing.assert_close(sample, 0.5 * low)
+    assert all(float(x.abs().max()) == 0.0 for x in seen)
+    x0 = th.rand(2, 1, 4, 4)
+    losses = diffusion.training_losses(model, x0, th.zeros(2, dtype=th.long), model_kwargs=dict(low_res=low))
+    th.testing.assert_close(losses["loss"], ((x0 - 0.5 * low) ** 2).mean(dim=(1, 2, 3)))

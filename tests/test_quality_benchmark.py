@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from guided_diffusion import fp16_util
 from guided_diffusion.evaluation import baselines, benchmarking, cases, metrics, quality, speed, tuning
 from guided_diffusion.evaluation.methods import DiffusionMethod
 from guided_diffusion.pet import dataset_manifest, volumes
@@ -212,7 +213,7 @@ def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
     resolved = report["settings"]["resolved"]["bcdpm"]
     assert resolved["values"]["bc_start"] is True and resolved["values"]["bc_steps"] == 2
     assert resolved["sources"]["bc_steps"] == resolved["sources"]["bc_start"] == "checkpoint"
-    assert resolved["precision"] == "bf16"  # --precision auto on a CPU
+    assert resolved["precision"] == fp16_util.auto_cpu_precision()  # --precision auto on a CPU
     markdown = (out / "summary.md").read_text()
     assert "bc_steps 2 (checkpoint)" in markdown and "bc_start True (checkpoint)" in markdown
     assert "timestep_respacing ddim3 (given)" in markdown

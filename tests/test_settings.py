@@ -6,6 +6,7 @@ import argparse
 import numpy as np
 import pytest
 
+from guided_diffusion import fp16_util
 from guided_diffusion.sampling import arguments, settings
 from guided_diffusion.sampling.fusion import noise_index
 from guided_diffusion.pet import volumes
@@ -124,9 +125,15 @@ def test_sampling_settings_of_a_cond_dropout_prior_feed_the_null_condition():
     assert settings.sampling_settings(resolved, plain_prior, "fp32").null_condition is False
 
 
-def test_precision_auto_is_bf16_on_a_cpu():
-    assert settings.resolve_precision("auto", False, "cpu") == "bf16"
-    assert settings.resolve_precision(None, True, "cpu") == "bf16"
+def test_precision_auto_on_a_cpu_follows_its_bf16_units(tmp_path):
+    expected = "bf16" if fp16_util.cpu_has_fast_bf16() else "fp32"
+    assert settings.resolve_precision("auto", False, "cpu") == expected
+    assert settings.resolve_precision(None, True, "cpu") == expected
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("processor : 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    avx2.write_text("processor : 0\nflags\t\t: fpu avx2 fma\n")
+    assert fp16_util.cpu_has_fast_bf16(str(amx)) and not fp16_util.cpu_has_fast_bf16(str(avx2))
+    assert not fp16_util.cpu_has_fast_bf16(str(tmp_path / "missing"))
     assert settings.resolve_precision("fp32", True, "cpu") == "fp32"
 
 

@@ -277,7 +277,7 @@ def test_train_script_unconditional_and_resume(tmp_path):
     assert meta["training"]["validation"]["data_dir"] == "data"
     assert meta["flags"]["dims"] == 3 and meta["flags"]["in_channels"] == 1
     assert meta["flags"]["image_size"] == 16 and meta["patch_size_zxy"] == [8, 16, 16]
-    assert meta["normalisation"] == {"clip": 16.0, "scale": 16.0, "range": [-1.0, 1.0]}
+    assert meta["normalisation"] == {"transform": "linear", "clip": 16.0, "scale": 16.0, "range": [-1.0, 1.0]}
     second = dist_util.load_state_dict(str(log / "model000004.pt"))
     assert first.keys() == second.keys()
     assert not all(th.equal(first[k], second[k]) for k in first)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import baselines, metrics
 from .statistics import describe, finite_or_none
 from ..checkpoints import load_model_and_diffusion
-from ..normalisation import model_to_suv, resolve_normalisation, suv_to_model
+from ..normalisation import model_to_suv, saturation_suv, suv_to_model
 from ..pet import simulate
 from ..pet.projector import make_projector
 from ..pet.recon import mlem
@@ -282,7 +282,7 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
     voxel_mm = float(read_manifest(slices)["voxel_mm"])
     model, diffusion, metadata = load_checked_prior(prior, steps, device, voxel_mm, slices)
     normalisation = metadata["normalisation"]
-    clip_suv = resolve_normalisation(normalisation)["clip"]
+    clip_suv = saturation_suv(normalisation)
     test_names, test_ref = load_split(slices, "test", n_test)
     _, val_ref = load_split(slices, "val", n_val)
 

@@ -23,7 +23,7 @@ then fuses that output with the input (cheap) and is scored by the mean PSNR
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..normalisation import resolve_normalisation
+from ..normalisation import saturation_suv
 from ..sampling import fusion
 from ..sampling.hot_voxels import hot_weight
 from . import metrics
@@ -67,7 +67,7 @@ def tune_bcdpm(method, val, grid, *, drfs=None, max_subjects=0, z_range=None, ma
     :param grid: ``[{"bc_steps", "bc_sigma_mm", "bc_lambda", "hot_voxels"}]``.
     :return: ``(scores, table)``: one score per volume and grid point, and :func:`best_per_drf`.
     """
-    clip_suv = resolve_normalisation(method.metadata["normalisation"])["clip"]
+    clip_suv = saturation_suv(method.metadata["normalisation"])
     scores = []
     for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
         index = fusion.noise_index(case["low"])

@@ -411,8 +411,8 @@ def simulate_scan(phantom, scan: ScanSettings, drfs, seed, counts_per_mm, model_
     affine, voxel = native_affine, scan.voxel_mm
     resampled = model_voxel_mm is not None and not np.allclose(scan.voxel_mm, model_voxel_mm,
                                                                 rtol=RESAMPLE_RTOL)
-    if resampled:  # linear, as scripts/test.py resamples its inputs
-        stack = [volumes.resample_to_voxel(image, native_affine, model_voxel_mm) for image in images]
+    if resampled:  # as scripts/test.py resamples its inputs
+        stack = [volumes.resample_image(image, native_affine, model_voxel_mm) for image in images]
         images = np.stack([image for image, _ in stack])
         affine, voxel = stack[0][1], float(model_voxel_mm)
     return dict(full=images[0], low=images[1:], prompts=[float(p) for p in prompts], affine=affine,

@@ -315,7 +315,7 @@ def output_grid(phantom, result):
     if not result["resampled"]:
         return arrays
     voxel = result["voxel_mm"]
-    return (*(volumes.resample_to_voxel(a, phantom.affine, voxel)[0] for a in arrays[:2]),
+    return (*(volumes.resample_image(a, phantom.affine, voxel)[0] for a in arrays[:2]),
             *(acquisition.resample_labels(a, phantom.affine, voxel)[0] for a in arrays[2:]))
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .. import fp16_util
-from ..normalisation import null_condition_like, resolve_normalisation
+from ..normalisation import null_condition_like, saturation_suv
 from .distributed import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
 from .patches import PatchGrid
 from .postprocess import Member, default_steps
@@ -168,7 +168,7 @@ class VolumeDenoiser:
                                                  self.device)
         if post_steps is None:
             post_steps = default_steps(settings.hot_voxels,
-                                       resolve_normalisation(self.normalisation)["clip"],
+                                       saturation_suv(self.normalisation),
                                        settings.fusion_kappa)
         self.post_steps = list(post_steps)
 

@@ -170,10 +170,12 @@ def check_settings(resolved, num_timesteps):
 
 
 def resolve_precision(requested, use_fp16, device):
-    """``auto``: ``use_fp16`` (the checkpoint's flag) on CUDA, bf16 on a CPU; else as requested."""
+    """``auto``: ``use_fp16`` (the checkpoint's flag) on CUDA; on a CPU bf16 where it has native
+    bf16 units, else fp32 (:func:`~guided_diffusion.fp16_util.auto_cpu_precision`); else as
+    requested."""
     if requested in (None, "auto"):
         precision = fp16_util.resolve_precision(use_fp16, device)
-        return "bf16" if getattr(device, "type", str(device)) == "cpu" else precision
+        return fp16_util.auto_cpu_precision() if getattr(device, "type", str(device)) == "cpu" else precision
     return fp16_util.resolve_precision(use_fp16, device, requested)
 
 

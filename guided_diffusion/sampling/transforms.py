@@ -36,7 +36,7 @@ class NonNegative:
 
 
 class ResampleToVoxel:
-    """Resample to ``voxel_mm`` (linear interpolation, field of view kept centred) and back."""
+    """Resample to ``voxel_mm`` (cubic splines, clamped at 0, field of view kept centred) and back."""
 
     def __init__(self, voxel_mm):
         self.voxel_mm = np.broadcast_to(np.asarray(voxel_mm, dtype=float), (3,))
@@ -46,15 +46,15 @@ class ResampleToVoxel:
         record["resampled"] = not np.allclose(volumes.voxel_sizes(affine), self.voxel_mm, rtol=0.01)
         record["model_grid_affine"] = affine
         if record["resampled"]:
-            suv, record["model_grid_affine"] = volumes.resample_to_voxel(suv, affine, self.voxel_mm)
+            suv, record["model_grid_affine"] = volumes.resample_image(suv, affine, self.voxel_mm)
         record["model_shape"] = tuple(suv.shape)
         return suv
 
     def inverse(self, suv, record):
         if not record["resampled"]:
             return suv
-        return volumes.resample_like(suv, record["model_grid_affine"], record["input_shape"],
-                                     record["input_affine"])
+        return volumes.resample_image_like(suv, record["model_grid_affine"], record["input_shape"],
+                                           record["input_affine"])
 
 
 class PadTransaxial:
