@@ -37,6 +37,9 @@ def create_argparser():
     parser.add_argument("--test_subjects", type=int, default=None, help="per cell (default 2; quick 1)")
     parser.add_argument("--val_subjects", type=int, default=1, help="per cell, to tune the baselines")
     parser.add_argument("--no_bm3d", action="store_true", help="skip BM3D (its tuning is the slowest part)")
+    parser.add_argument("--members", type=int, default=1,
+                        help="ensemble members per sampling model: scores the mean and one sample, "
+                             "and the std's calibration against the error")
     parser.add_argument("--steps", default=None, help="timestep_respacing of every model (default: each sidecar's)")
     arguments.add_patching_arguments(parser)
     parser.add_argument("--cells", type=int, nargs="+", default=None, help="run only these cell indices")
@@ -56,7 +59,7 @@ def main(argv=None):
     results = robustness.run_matrix(
         cells, methods, n_val=args.val_subjects,
         n_test=args.test_subjects or (1 if args.quick else 2), seed=args.seed,
-        fov_scale=0.6 if args.quick else 1.0, bm3d=not (args.quick or args.no_bm3d),
+        fov_scale=0.6 if args.quick else 1.0, bm3d=not (args.quick or args.no_bm3d), members=args.members,
         log=lambda text: print(text, file=sys.stderr, flush=True))
     stem = os.path.splitext(args.json)[0]
     report = dict(settings=vars(args), cells=results)

@@ -120,3 +120,17 @@ def test_rescale_pass_hands_the_hooks_the_scaled_input(tiny_paired):
     factor = rescale_factor(low, 16.0)
     torch.testing.assert_close(seen[1], denoiser.prepare(low / factor, AFFINE)["y0"])
     np.testing.assert_allclose(mean, _denoise(tiny_paired, low, hot_voxels="rescale")[0], rtol=1e-6)
+
+
+def test_a_sqrt_model_space_denoises_a_50_suv_bladder_in_one_pass(tiny_paired):
+    from guided_diffusion.normalisation import SQRT_NORMALISATION, suv_to_model
+
+    model, diffusion, metadata = tiny_paired
+    sqrt_model = (model, diffusion, dict(metadata, normalisation=SQRT_NORMALISATION))
+    low = np.abs(np.random.default_rng(2).normal(2.0, 0.5, (24, 24, 16))).astype(np.float32)
+    low[6:18, 6:18, 4:12] = 50.0  # a PSMA / FDG bladder
+    assert suv_to_model(np.float32(50.0), SQRT_NORMALISATION) < 0.5  # far from the range's top
+    _, info = _denoise(sqrt_model, low, hot_voxels="rescale")
+    _, clip_info = _denoise(sqrt_model, low, hot_voxels="clip")
+    assert info["hot_voxels"]["mode"] == "input"  # nothing near 100 SUV: no second pass
+    assert member_network_evaluations(info) == member_network_evaluations(clip_info)

@@ -314,3 +314,22 @@ def test_evaluate_script_rejects_bad_input_naming_the_file(evaluation_inputs):
     assert "subjA.npz" in result.stderr
     with pytest.raises(ValueError, match="missing.npz"):
         files.evaluate_files(root / "ref", [root / "missing.npz"])
+
+
+def test_uncertainty_calibration_known_values():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.5, 2.0, (8, 8, 8))
+    error = rng.normal(0.0, 0.3, ref.shape)
+    mean = ref + error
+    # a std equal to |error| ranks perfectly, and its mean over the RMSE is E|e| / sqrt(E e^2)
+    exact = metrics.uncertainty_calibration(ref, mean, np.abs(error))
+    assert exact["rank_correlation"] == pytest.approx(1.0)
+    assert exact["std_over_rmse"] == pytest.approx(np.abs(error).mean() / np.sqrt((error ** 2).mean()))
+    # twice the RMSE everywhere: ratio 2, no ranking to speak of
+    flat = metrics.uncertainty_calibration(ref, mean, np.full(ref.shape, 2 * np.sqrt((error ** 2).mean())))
+    assert flat["std_over_rmse"] == pytest.approx(2.0) and math.isnan(flat["rank_correlation"])
+    # an anti-ranked std correlates negatively; a mask restricts the voxels
+    inverse = metrics.uncertainty_calibration(ref, mean, 1.0 / (np.abs(error) + 0.1), mask=ref > 1.0)
+    assert inverse["rank_correlation"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        metrics.uncertainty_calibration(ref, mean, np.abs(error)[:4])

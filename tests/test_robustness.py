@@ -34,18 +34,22 @@ def test_a_cell_runs_end_to_end_on_tiny_volumes(tmp_path, make_tiny_checkpoint):
     cell = robustness.Cell(anatomy="dead_leaves")
     methods = robustness.load_methods([str(paired)], device="cpu", precision="fp32",
                                       given=dict(patch_overlap=2))
-    result = robustness.run_cell(cell, methods, n_val=1, n_test=1, fov_scale=0.25, bm3d=False,
+    result = robustness.run_cell(cell, methods, n_val=1, n_test=1, fov_scale=0.25, bm3d=False, members=2,
                                  log=lambda _: None)
-    assert set(result["methods"]) == {"low_dose", "gaussian", "paired"}
+    assert set(result["methods"]) == {"low_dose", "gaussian", "paired", "paired (1 sample)"}
+    # two members from different noise differ: their std is positive and tracks the error somewhat
+    calibration = result["calibration"]["paired"]
+    assert calibration["std_over_rmse"]["mean"] > 0 and -1 <= calibration["rank_correlation"]["mean"] <= 1
     for summary in result["methods"].values():
         assert np.isfinite(summary["psnr"]["mean"]) and 0 < summary["ssim"]["mean"] <= 1
     # the tuned Gaussian is the best FWHM on the validation subject: never worse than FWHM 0 there
     assert result["tuned"]["gaussian"]["sigma_mm"] >= 0
     labels, names, gains = robustness.gains_over_gaussian([result])
-    assert names == ["low_dose", "paired"] and gains.shape == (1, 2)
+    assert names == ["low_dose", "paired", "paired (1 sample)"] and gains.shape == (1, 3)
     robustness.heat_map(tmp_path / "map.png", [result])
     assert (tmp_path / "map.png").stat().st_size > 1000
-    assert "dead_leaves" in robustness.markdown([result])
+    table = robustness.markdown([result])
+    assert "dead_leaves" in table and "std / RMSE" in table
 
 
 @pytest.mark.slow

@@ -108,12 +108,18 @@ class DiffusionMethod:
     def denoise(self, case, seeds, **overrides):
         """Denoise a case (``low``, ``affine``, ``path`` or ``acquisition``; see :mod:`.cases`) with one member per
         seed: ``(mean SUV volume (X, Y, Z), info)``; ``info`` has ``network_evaluations`` (all
-        members), ``resolved`` (:class:`~guided_diffusion.sampling.settings.Resolved`) and the
-        denoiser's ``members``."""
+        members), ``resolved`` (:class:`~guided_diffusion.sampling.settings.Resolved`), the
+        denoiser's ``members`` (their infos), ``std`` (voxel-wise, ``None`` for one seed) and
+        ``first`` (the first member's volume)."""
         denoiser, resolved = self.denoiser(case["low"], case["path"], case.get("acquisition"), **overrides)
-        mean, _, _, info = denoiser.denoise(case["low"], case["affine"], seeds)
+        mean, std, volumes, info = denoiser.denoise(case["low"], case["affine"], seeds)
         evaluations = sum(member_network_evaluations(m) for m in info["members"])
-        return mean, dict(info, network_evaluations=evaluations, resolved=resolved)
+        return mean, dict(info, network_evaluations=evaluations, resolved=resolved, std=std, first=volumes[0])
+
+    @property
+    def deterministic(self):
+        """True for a one-step regression checkpoint (every member is the same image)."""
+        return bool(self.metadata["flags"].get("regression", False))
 
 
 def case_seeds(seed, case, label, members):

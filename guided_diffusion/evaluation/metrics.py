@@ -31,7 +31,7 @@ Lesion detectability: contrast recovery ``CRC = (L_den / B_den - 1) / (L_ref / B
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 
 from ..normalisation import PUBLISHED_NORMALISATION
@@ -191,6 +191,22 @@ def image_quality(ref, den, mask=None, convention="udpet"):
         "psnr": psnr(ref, den, mask, convention),
         "ssim": ssim(ref, den, mask, convention),
     }
+
+
+def uncertainty_calibration(ref, mean, std, mask=None):
+    """How an ensemble's voxel-wise ``std`` (SUV) tracks the error of its ``mean`` against
+    ``ref`` (all ``(X, Y, Z)``): ``{"std_over_rmse"`` (mean std / RMSE of the mean; 1 is
+    calibrated), ``"rank_correlation"`` (Spearman's rho of std with |error|; ``nan`` where either
+    is constant)``}``, over all voxels or the masked ones."""
+    ref, mean, mask = _check_pair(ref, mean, mask)
+    _check_pair(ref, std, mask)
+    error = np.abs(_select(mean - ref, mask)).ravel()
+    spread = _select(np.asarray(std, np.float64), mask).ravel()
+    error_rmse = float(np.sqrt(np.mean(error ** 2)))
+    ratio = float(spread.mean()) / error_rmse if error_rmse > 0 else math.nan
+    if np.ptp(error) == 0 or np.ptp(spread) == 0:
+        return dict(std_over_rmse=ratio, rank_correlation=math.nan)
+    return dict(std_over_rmse=ratio, rank_correlation=float(stats.spearmanr(spread, error)[0]))
 
 
 # ----------------------------------------------------------------------------- VOI quantitation

@@ -166,14 +166,17 @@ def score(case, image):
                 lesion_suvmax_bias_pct=result["summary"]["lesion_suvmax_bias_pct"])
 
 
-def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=True, log=print):
+def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=True, members=1, log=print):
     """Every method on one cell: ``{method: {metric: {"mean", "sd", "n"}}}`` plus the tuned
-    baseline parameters and the seconds it took."""
+    baseline parameters and the seconds it took. ``members`` > 1: each sampling method's
+    ``members``-member mean is scored as the method, its first member as ``"METHOD (1 sample)"``,
+    and ``calibration[METHOD]`` holds the ensemble's std / RMSE and rank correlation with
+    |error| (:func:`~.metrics.uncertainty_calibration`, inside the body)."""
     begin = time.perf_counter()
     val = [simulate_case(cell, subject_seed("val", k), fov_scale) for k in range(n_val)]
     tuned = tune_baselines(val, bm3d)
     del val
-    rows = {}
+    rows, calibration = {}, {}
     for k in range(n_test):
         case = simulate_case(cell, subject_seed("test", k), fov_scale)
         images = dict(low_dose=case["low"],
@@ -181,15 +184,22 @@ def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=Tr
         if bm3d:
             images["bm3d"] = baselines.bm3d(case["low"], **tuned["bm3d"])
         for name, method in methods.items():
-            images[name], _ = method.denoise(case, case_seeds(seed, case, name, 1))
+            ensemble = 1 if method.deterministic else members
+            images[name], info = method.denoise(case, case_seeds(seed, case, name, ensemble))
+            if ensemble > 1:
+                images[f"{name} (1 sample)"] = info["first"]
+                calibration.setdefault(name, []).append(metrics.uncertainty_calibration(
+                    case["full"], images[name], info["std"], case["mask"]))
         for name, image in images.items():
             rows.setdefault(name, []).append(score(case, image))
     summary = {name: {key: describe([r[key] for r in scored]) for key in scored[0]}
                for name, scored in rows.items()}
+    calibration = {name: {key: describe([r[key] for r in scored]) for key in scored[0]}
+                   for name, scored in calibration.items()}
     seconds = time.perf_counter() - begin
     log(f"{cell.label()}: " + ", ".join(f"{m} {s['psnr']['mean']:.2f}" for m, s in summary.items())
         + f" dB PSNR ({seconds:.0f} s)")
-    return dict(cell=cell_record(cell), methods=summary, tuned=tuned, seconds=seconds)
+    return dict(cell=cell_record(cell), methods=summary, calibration=calibration, tuned=tuned, seconds=seconds)
 
 
 def cell_record(cell):
@@ -251,6 +261,14 @@ def markdown(results):
         cells = [f"{r['methods'][m]['psnr']['mean']:.2f} ({r['methods'][m]['ssim']['mean']:.3f})" for m in names]
         held = " **held out**" if r["cell"]["held_out"] else ""
         lines.append(f"| {r['cell']['label']}{held} | {r['cell']['factor']} | " + " | ".join(cells) + " |")
+    calibrated = list(results[0].get("calibration") or {})
+    if calibrated:
+        lines += ["", "Ensembles: mean std / RMSE of the mean (rank correlation of std with |error|)", "",
+                  "| cell | " + " | ".join(calibrated) + " |", "|---" * (len(calibrated) + 1) + "|"]
+        for r in results:
+            cells = [f"{r['calibration'][m]['std_over_rmse']['mean']:.2f} "
+                     f"({r['calibration'][m]['rank_correlation']['mean']:+.2f})" for m in calibrated]
+            lines.append(f"| {r['cell']['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
