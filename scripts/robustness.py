@@ -13,7 +13,9 @@ subjects no training set uses: a validation subject per cell tunes the Gaussian 
 sigma, test subjects score every method (PSNR / SSIM in the body, lesion SUVmean / SUVmax bias).
 Each checkpoint runs in its default mode (paired, or BC-DPM for a prior) with its sidecar's
 settings. Writes ``--json OUT``, ``OUT``'s stem + ``.md`` (the table) and ``.png`` (the PSNR gain
-over the tuned Gaussian per cell and method). ``--quick``: 3 cells, a smaller field of view,
+over the tuned Gaussian per cell and method), rewritten after every cell (``complete`` marks
+the end). ``--members K``: K-member ensembles of the sampling models (mean, one sample and the
+std's calibration). ``--quick``: 3 cells, a smaller field of view,
 no BM3D, one test subject.
 """
 
@@ -47,6 +49,17 @@ def create_argparser():
     return parser
 
 
+def write_report(args, results, complete):
+    """``--json``, its table (``.md``) and heat map (``.png``) of the cells done so far: the table."""
+    stem = os.path.splitext(args.json)[0]
+    report = dict(settings=vars(args), complete=complete, cells=results)
+    volumes.atomic_write_bytes(args.json, json.dumps(finite_or_none(report), indent=2, default=str) + "\n")
+    table = robustness.markdown(results)
+    volumes.atomic_write_bytes(stem + ".md", table + "\n")
+    robustness.heat_map(stem + ".png", results)
+    return table
+
+
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     set_threads(args.threads)
@@ -56,17 +69,13 @@ def main(argv=None):
     given = dict(arguments.given_settings(args), timestep_respacing=args.steps)
     methods = robustness.load_methods(args.model, device=runtime_device(args), precision=args.precision,
                                       given=given)
-    results = robustness.run_matrix(
-        cells, methods, n_val=args.val_subjects,
-        n_test=args.test_subjects or (1 if args.quick else 2), seed=args.seed,
-        fov_scale=0.6 if args.quick else 1.0, bm3d=not (args.quick or args.no_bm3d), members=args.members,
-        log=lambda text: print(text, file=sys.stderr, flush=True))
-    stem = os.path.splitext(args.json)[0]
-    report = dict(settings=vars(args), cells=results)
-    volumes.atomic_write_bytes(args.json, json.dumps(finite_or_none(report), indent=2, default=str) + "\n")
-    table = robustness.markdown(results)
-    volumes.atomic_write_bytes(stem + ".md", table + "\n")
-    robustness.heat_map(stem + ".png", results)
+    options = dict(n_val=args.val_subjects, n_test=args.test_subjects or (1 if args.quick else 2), seed=args.seed,
+                   fov_scale=0.6 if args.quick else 1.0, bm3d=not (args.quick or args.no_bm3d),
+                   members=args.members, log=lambda text: print(text, file=sys.stderr, flush=True))
+    results = []
+    for cell in cells:  # the report is rewritten after every cell: an interrupted run keeps its rows
+        results.append(robustness.run_cell(cell, methods, **options))
+        table = write_report(args, results, complete=len(results) == len(cells))
     print(table)
     return 0
 

@@ -61,5 +61,5 @@ def test_the_script_writes_json_table_and_heat_map(tmp_path, make_tiny_checkpoin
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["cells"][0]["cell"]["factor"] == "reference"
+    assert report["complete"] and report["cells"][0]["cell"]["factor"] == "reference"
     assert (tmp_path / "matrix.md").exists() and (tmp_path / "matrix.png").exists()

@@ -16,7 +16,10 @@ from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata
 from tests.mpi_helpers import REPO
 
 CHECKPOINTS = REPO / "checkpoint"
-SHIPPED = ("demo_paired.pt", "demo_prior.pt")
+SHIPPED = ("demo_paired.pt", "demo_prior.pt", "demo_unet.pt")
+TRAINING_SETS = {"demo_paired.pt": ([(100, 16), (200, 6)], 170), "demo_prior.pt": ([(100, 16), (200, 6)], 170),
+                 "demo_unet.pt": ([(300, 80)], 240)}
+"""(seed, subjects) of each checkpoint's make_dataset.py training sets, and their pair count."""
 
 
 def _sums():
@@ -41,11 +44,13 @@ def test_shipped_sidecars_record_no_absolute_paths(name):
     assert absolute_paths(metadata) == []
     data = metadata["training_data"]
     assert data["generator"] == "scripts/make_dataset.py"
-    assert data["files"] >= sum(d["files"] for d in data["datasets"]) == 170
-    assert [(d["seed"], d["subjects"]) for d in data["datasets"]] == [(100, 16), (200, 6)]
+    sets, files = TRAINING_SETS[name]
+    assert data["files"] >= sum(d["files"] for d in data["datasets"]) == files
+    assert [(d["seed"], d["subjects"]) for d in data["datasets"]] == sets
 
 
-@pytest.mark.parametrize("name, cond", [("demo_paired.pt", "paired"), ("demo_prior.pt", "none")])
+@pytest.mark.parametrize("name, cond", [("demo_paired.pt", "paired"), ("demo_prior.pt", "none"),
+                                       ("demo_unet.pt", "paired")])
 def test_checkpoint_loads_safely_and_builds_its_model(name, cond):
     state = torch.load(CHECKPOINTS / name, map_location="cpu", weights_only=True)
     assert all(torch.is_tensor(v) for v in state.values())

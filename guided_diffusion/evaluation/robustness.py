@@ -11,7 +11,7 @@ volume at its native voxel size; the denoiser resamples it to the model's grid a
 ``scripts/test.py`` does.
 
 Per cell and method: PSNR / SSIM (UDPET conventions, inside the body: full dose > 0.05 SUV),
-lesion SUVmean / SUVmax bias, mean over the test subjects; :func:`run_matrix` returns them,
+lesion SUVmean / SUVmax bias, mean over the test subjects; :func:`run_cell` returns them,
 :func:`heat_map` draws the PSNR gain over the tuned Gaussian.
 """
 
@@ -216,11 +216,6 @@ def load_methods(model_paths, *, device, precision="auto", given=None):
         methods[os.path.splitext(os.path.basename(path))[0]] = DiffusionMethod(
             path, "auto", dict(given or {}), device=device, precision=precision)
     return methods
-
-
-def run_matrix(cells, methods, log=print, **options):
-    """:func:`run_cell` for every cell; ``options`` go to it."""
-    return [run_cell(cell, methods, log=log, **options) for cell in cells]
 
 
 def gains_over_gaussian(results, key="psnr"):
