@@ -36,3 +36,6 @@ python scripts/train.py "${common[@]}" --predict_v True --log_dir "$runs/paired_
 python scripts/train.py "${common[@]}" --regression True --predict_xstart True --predict_residual True --log_dir "$runs/unet" \
   --lr_anneal_steps "$(( ${PAIRED_STEPS:-1100} / 2 ))" > "$runs/unet.log" 2>&1 &
 wait
+# Ship the U-Net's raw step-550 weights (the v-prediction model is not shipped: checkpoint/README.md);
+# the sidecar's training_data description, commands and reproduce entries were then added by hand.
+python scripts/package_checkpoint.py "$runs/unet/model000550.pt" --name demo_unet
