@@ -38,4 +38,4 @@ python scripts/train.py "${common[@]}" --regression True --predict_xstart True -
 wait
 # Ship the U-Net's raw step-550 weights (the v-prediction model is not shipped: checkpoint/README.md);
 # the sidecar's training_data description, commands and reproduce entries were then added by hand.
-python scripts/package_checkpoint.py "$runs/unet/model000550.pt" --name demo_unet
+python scripts/package_checkpoint.py "$runs/unet/model$(printf %06d $(( ${PAIRED_STEPS:-1100} / 2 ))).pt" --name demo_unet
