@@ -20,6 +20,8 @@ conventions (normalisation to ``[0, 1]``, 1.65 mm voxels) are then assumed for t
 import hashlib
 import os
 
+import torch as th
+
 from . import dist_util
 from .normalisation import PUBLISHED_NORMALISATION
 from .pet.volumes import read_json
@@ -130,3 +132,32 @@ def load_model_and_diffusion(model_path, overrides=None, device=None, verify_has
     model.to(device if device is not None else dist_util.dev())
     model.eval()
     return model, diffusion, dict(metadata, flags=flags, sha256=digest)
+
+
+def warm_start(model, source_path, cond="paired"):
+    """Initialise a new training run's ``model`` from the weights of ``source_path``.
+
+    The architectures must match exactly (strict load, the error names the file). When the
+    source is a one-step regression model (sidecar ``flags.regression``: the 3D U-Net baseline,
+    which only ever saw an empty ``x_t``), the first convolution's ``x_t`` input weights never
+    received a gradient; they are zeroed, so the diffusion model starts as the U-Net and learns
+    to use ``x_t``.
+
+    :return: the record for the new run's sidecar (``path`` basename, ``sha256``, ``step``,
+        ``zeroed_noisy_input``).
+    """
+    if not os.path.exists(source_path):
+        raise FileNotFoundError(f"{source_path}: warm-start checkpoint not found")
+    metadata = read_metadata(source_path) or {}
+    if metadata.get("cond", cond) != cond:
+        raise ValueError(f"{source_path}: a {metadata['cond']!r} checkpoint cannot start a "
+                         f"{cond!r} model")
+    state_dict = dist_util.load_state_dict(source_path, map_location="cpu")
+    load_checkpoint_strict(model, state_dict, source_path)
+    zeroed = bool(metadata.get("flags", {}).get("regression")) and cond == "paired"
+    if zeroed:
+        first = model.input_blocks[0][0]
+        with th.no_grad():
+            first.weight[:, : first.weight.shape[1] // 2].zero_()
+    return dict(path=os.path.basename(source_path), sha256=sha256_file(source_path),
+                step=metadata.get("step"), zeroed_noisy_input=zeroed)

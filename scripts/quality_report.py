@@ -9,11 +9,12 @@ dataset, with the quality-bar verdict (guided_diffusion.evaluation.quality).
    (FWHM in mm) with the best mean PSNR (UDPET convention) inside the body mask (full dose >
    ``--mask_suv`` SUV) over the validation volumes, saved to ``OUTDIR/gaussian_params.json``.
 2. Every held-out test volume (each subject, tracer and DRF) is denoised in-process: ``paired``
-   (the paired checkpoint, low dose as input channel), ``bcdpm`` (the prior plus BC-DPM's
+   (the paired checkpoint, low dose as input channel), ``unet`` (the supervised U-Net baseline,
+   one step), ``bcdpm`` (the prior plus BC-DPM's
    block, simulating the dataset's scanner settings and the file's counts from its subject
    manifest), and the tuned Gaussian. Every sampling flag resolves as ``scripts/test.py``'s:
    flag > the checkpoint's tuning table > its sidecar > the toolkit's default.
-3. Metrics of ``low_dose``, ``gaussian``, ``paired``, ``bcdpm`` against the full dose with the
+3. Metrics of ``low_dose``, ``gaussian``, ``paired``, ``unet``, ``bcdpm`` against the full dose with the
    dataset's organ and lesion labels, inside the body mask.
 4. ``OUTDIR/per_volume.csv``, ``summary.md`` / ``summary.json`` (mean +- sd per method and DRF),
    ``quality_vs_drf.png`` and ``example.png`` (coronal MIPs of one test volume), and the
@@ -40,6 +41,9 @@ def create_argparser():
     parser.add_argument("--test", required=True,
                         help="test split: a make_dataset.py directory (its test.txt) or a list")
     parser.add_argument("--paired", default=None, help="paired checkpoint .pt (skipped if absent)")
+    parser.add_argument("--unet", default=None,
+                        help="supervised 3D U-Net baseline checkpoint .pt (a --regression model, "
+                             "method 'unet'; skipped if absent)")
     parser.add_argument("--prior", default=None,
                         help="BC-DPM prior: an unconditional checkpoint, or a paired one trained "
                              "with --cond_dropout (skipped if absent)")
@@ -71,13 +75,15 @@ def main(argv=None):
     set_threads(args.threads)
     device = runtime_device(args)
     given = arguments.given_settings(args)
-    respacing = dict(paired=args.steps, bcdpm=args.bc_respacing or args.steps)
+    respacing = dict(paired=args.steps, unet=None, bcdpm=args.bc_respacing or args.steps)
     diffusion = {}
-    for name, flag, path in (("paired", "--paired", args.paired), ("bcdpm", "--prior", args.prior)):
+    for name, mode, flag, path in (("paired", "paired", "--paired", args.paired),
+                                   ("unet", "paired", "--unet", args.unet),
+                                   ("bcdpm", "bcdpm", "--prior", args.prior)):
         if path is not None:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: checkpoint not found ({flag})")
-            diffusion[name] = DiffusionMethod(path, name, dict(given, timestep_respacing=respacing[name]),
+            diffusion[name] = DiffusionMethod(path, mode, dict(given, timestep_respacing=respacing[name]),
                                               device=device, precision=args.precision,
                                               defaults=arguments.noise_class_defaults(args))
     markdown, _ = quality.run_report(

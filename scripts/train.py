@@ -30,6 +30,7 @@ import torch as th
 
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.checkpoints import warm_start
 from guided_diffusion.image_datasets import (
     OrderedVolumePatchDataset,
     list_volume_sources,
@@ -101,6 +102,10 @@ def create_argparser(argv=None):
                              "(one model for paired sampling and as BC-DPM's prior)")
     parser.add_argument("--random_flip", type=str2bool, default=True,
                         help="random left-right (X) flips")
+    parser.add_argument("--init_from", default=None,
+                        help="start from these weights (same architecture; e.g. the U-Net baseline "
+                             "for a paired diffusion model, see checkpoints.warm_start); a resumed "
+                             "run ignores it")
     parser.add_argument("--max_steps", type=int, default=0, help="stop after this step (0: never)")
     parser.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off)")
     parser.add_argument("--val_dir", default=None,
@@ -189,6 +194,7 @@ def main(argv=None):
     model, diffusion = create(**flags)
     model.to(dist_util.dev())
     logger.log(f"{sum(p.numel() for p in model.parameters())} parameters")
+    init_record = warm_start(model, args.init_from, args.cond) if args.init_from else None
 
     seed_rank_streams(args.seed)
 
@@ -219,6 +225,7 @@ def main(argv=None):
             world_size=dist_util.world_size(), ema_rate=args.ema_rate, seed=args.seed,
             precision=args.precision, grad_clip=args.grad_clip,
             schedule_sampler=args.schedule_sampler, lr_anneal_steps=args.lr_anneal_steps,
+            init_from=init_record,
         ),
     )
 

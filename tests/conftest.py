@@ -19,7 +19,7 @@ TINY_FLAGS = dict(num_channels=16, channel_mult="1,2", num_res_blocks=1, num_hea
 
 
 def save_tiny_checkpoint(path, cond, respacing="ddim5", voxel_mm=4.0, patch_size_zxy=(8, 16, 16),
-                         sampling=None):
+                         sampling=None, flags=None):
     """Write a tiny random 3D checkpoint ``path`` (``.pt``) and its sidecar ``.json``.
 
     :param cond: ``"paired"`` (SuperResModel, low dose as second channel) or ``"none"``
@@ -29,15 +29,17 @@ def save_tiny_checkpoint(path, cond, respacing="ddim5", voxel_mm=4.0, patch_size
     :param patch_size_zxy: training patch size in the model layout ``(Z, X, Y)``.
     :param sampling: further entries of the sidecar's ``sampling`` recommendations (e.g.
         ``bc_start``, ``bc_steps``).
+    :param flags: flags replacing the tiny defaults (e.g. the U-Net baseline's ``regression``).
     The output layer gets small random weights, so samples depend on the network.
     """
     torch.manual_seed(0)
+    tiny = dict(TINY_FLAGS, **(flags or {}))
     if cond == "paired":
-        flags = dict(sr_model_and_diffusion_defaults(), large_size=16, small_size=16, **TINY_FLAGS)
+        flags = dict(sr_model_and_diffusion_defaults(), large_size=16, small_size=16, **tiny)
         model, _ = sr_create_model_and_diffusion(**flags)
     else:
         flags = dict(model_and_diffusion_defaults(), image_size=16, dims=3, in_channels=1,
-                     attention_resolutions="", **TINY_FLAGS)
+                     attention_resolutions="", **tiny)
         model, _ = create_model_and_diffusion(**flags)
     with torch.no_grad():
         model.out[-1].weight.normal_(0, 0.02)

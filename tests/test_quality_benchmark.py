@@ -61,6 +61,14 @@ def checkpoints(tmp_path_factory, make_tiny_checkpoint):
     return paired, prior
 
 
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory, make_tiny_checkpoint):
+    """A tiny U-Net baseline: one-step regression, x0 as a residual on the low dose."""
+    flags = dict(regression=True, predict_xstart=True, predict_residual=True, learn_sigma=False)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("quality_unet") / "unet.pt", "paired",
+                                respacing="", voxel_mm=VOXEL_MM, flags=flags)
+
+
 # ----------------------------------------------------------------------------- dataset manifest
 
 
@@ -194,11 +202,11 @@ def test_tune_gaussian_picks_the_best_width_of_the_grid_per_drf():
     assert params[50.0]["sigma_mm"] >= params[4.0]["sigma_mm"] > 0
 
 
-def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
+def test_quality_report_end_to_end(dataset, checkpoints, unet, tmp_path):
     paired, prior = checkpoints
     out = tmp_path / "report"
     proc = _run("quality_report.py", "--val", dataset, "--test", dataset / "test.txt", "--paired", paired,
-                "--prior", prior, "--out", out, "--json", tmp_path / "copy.json", "--z_range", *Z_RANGE,
+                "--unet", unet, "--prior", prior, "--out", out, "--json", tmp_path / "copy.json", "--z_range", *Z_RANGE,
                 "--steps", "ddim3", "--bc_recon_iters", 1,
                 "--bc_recon_subsets", 2, "--patch_overlap", 2, "--fwhm_grid_mm", *FWHM_GRID,
                 "--threads", 1)
@@ -227,8 +235,8 @@ def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
         assert math.isclose(best["sigma_mm"], chosen)
     rows = list(csv.DictReader((out / "per_volume.csv").open()))
     test_files = dataset_manifest.split_files(dataset, "test")
-    assert len(rows) == len(test_files) * 4
-    assert {r["method"] for r in rows} == {"low_dose", "gaussian", "paired", "bcdpm"}
+    assert len(rows) == len(test_files) * 5
+    assert {r["method"] for r in rows} == {"low_dose", "gaussian", "paired", "unet", "bcdpm"}
     assert {r["bc_steps"] for r in rows if r["method"] == "bcdpm"} == {"2"}
     for row in rows:
         for key in ("psnr", "ssim", "nrmse", "lesion_suvmean_bias_pct"):
@@ -248,6 +256,8 @@ def test_quality_report_end_to_end(dataset, checkpoints, tmp_path):
     evaluations = {r["method"]: int(r["network_evaluations"]) for r in rows}
     assert evaluations["low_dose"] == evaluations["gaussian"] == 0
     assert evaluations["paired"] > 0 and evaluations["bcdpm"] == 2 * evaluations["paired"] // 3
+    # the U-Net is one evaluation per patch: a third of the 3-step sampler's
+    assert evaluations["unet"] == evaluations["paired"] // 3
     # random networks cannot beat the Gaussian: the verdict reports the failure
     assert report["quality_bar"]["overall"] == "FAIL"
     assert "Quality bar: FAIL" in proc.stdout and "paired - gaussian PSNR" in proc.stdout

@@ -375,3 +375,51 @@ def test_logger_csv_adds_columns_and_averages(tmp_path):
     assert (tmp_path / "progress.csv").read_text().splitlines() == [
         "loss,step,psnr", "1.5,1,", ",2,30.0",
     ]
+
+
+def _tiny_paired(**extra):
+    from tests.conftest import TINY_FLAGS
+
+    flags = dict(sr_model_and_diffusion_defaults(), large_size=16, small_size=16,
+                 **dict(TINY_FLAGS, learn_sigma=False, predict_xstart=True,
+                        predict_residual=True, **extra))
+    th.manual_seed(1)
+    model, _ = sr_create_model_and_diffusion(**flags)
+    with th.no_grad():
+        model.out[-1].weight.normal_(0, 0.05)
+    return model, flags
+
+
+def test_warm_start_from_the_unet_baseline_starts_as_it_whatever_x_t(tmp_path):
+    from guided_diffusion.checkpoints import warm_start
+
+    unet, flags = _tiny_paired(regression=True)
+    path = tmp_path / "unet.pt"
+    th.save(unet.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps(dict(flags=flags, cond="paired", step=7)))
+    diffusion_model, _ = _tiny_paired()
+    low, x_t = th.randn(2, 1, 8, 16, 16), th.randn(2, 1, 8, 16, 16)
+    t0 = th.zeros(2, dtype=th.long)
+    with th.no_grad():
+        assert not th.allclose(diffusion_model(x_t, t0, low_res=low), unet(th.zeros_like(x_t), t0, low_res=low))
+        record = warm_start(diffusion_model, str(path))
+        expected = unet(th.zeros_like(x_t), t0, low_res=low)
+        th.testing.assert_close(diffusion_model(x_t, t0, low_res=low), expected)
+    assert record["zeroed_noisy_input"] and record["step"] == 7 and record["path"] == "unet.pt"
+    # the x_t weights are trainable zeros, the low-dose weights the U-Net's
+    first = diffusion_model.input_blocks[0][0].weight
+    assert first.requires_grad and th.count_nonzero(first[:, :1]) == 0
+    th.testing.assert_close(first[:, 1:], unet.input_blocks[0][0].weight[:, 1:])
+
+
+def test_warm_start_rejects_another_architecture_naming_the_file(tmp_path):
+    from guided_diffusion.checkpoints import warm_start
+
+    small, _ = _tiny_paired()
+    path = tmp_path / "small.pt"
+    th.save(small.state_dict(), path)
+    wider, _ = _tiny_paired(num_channels=32)
+    with pytest.raises(ValueError, match="small.pt"):
+        warm_start(wider, str(path))
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        warm_start(wider, str(tmp_path / "absent.pt"))

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Recipe of the shipped paired diffusion model (checkpoint/demo_paired.pt) and U-Net baseline
+# (checkpoint/demo_unet.pt), second stage. Both start from the step-550 U-Net of
+# checkpoint/train_paired_v.sh (run here when absent; $INIT overrides, e.g. an earlier release
+# of demo_unet.pt, which holds those weights):
+#   - the diffusion model: x0 prediction as a residual on the low-dose input, t uniform over
+#     1000 linear steps, its x_t input weights zeroed at the start (checkpoints.warm_start), so
+#     it starts as the U-Net and learns to use x_t: PAIRED_STEPS (default 1800) steps;
+#   - the U-Net, trained on with at most half the diffusion model's total budget:
+#     UNET_STEPS (default 600) steps, 550 + 600 against 550 + 1800.
+# One core each, side by side (2.5 s per step). Both resume from their log directories.
+#   bash checkpoint/train_paired.sh [DATA_DIR] [RUN_DIR]
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+data="${1:-data}"
+runs="${2:-runs}"
+init="${INIT:-$runs/unet/model000550.pt}"
+[ -e "$init" ] || PAIRED_STEPS=1100 bash checkpoint/train_paired_v.sh "$data" "$runs"
+export PATH="$repo/.venv/bin:$PATH"
+source checkpoint/paired_common.sh
+paired_steps="${PAIRED_STEPS:-1800}"; unet_steps="${UNET_STEPS:-600}"
+python scripts/train.py "${common[@]}" --predict_xstart True --predict_residual True \
+  --init_from "$init" --log_dir "$runs/paired_x0" --lr_anneal_steps "$paired_steps" \
+  > "$runs/paired_x0.log" 2>&1 &
+python scripts/train.py "${common[@]}" "${unet_flags[@]}" --init_from "$init" \
+  --log_dir "$runs/unet_long" --lr_anneal_steps "$unet_steps" > "$runs/unet_long.log" 2>&1 &
+wait
+python scripts/package_checkpoint.py "$runs/paired_x0/model$(printf %06d "$paired_steps").pt" --name demo_paired
+python scripts/package_checkpoint.py "$runs/unet_long/model$(printf %06d "$unet_steps").pt" --name demo_unet
