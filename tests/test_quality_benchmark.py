@@ -492,3 +492,35 @@ def test_tune_bcdpm_picks_the_best_pair_per_drf_and_runs_end_to_end(dataset, che
     # the lower dose is the noisier input
     assert result["bc_tuning"][0]["noise_index"] < result["bc_tuning"][1]["noise_index"]
     assert result["settings"]["bc_steps"] == [1, 2] and result["settings"]["bc_start"] is True
+
+
+def test_sampler_rows_average_per_respacing_best_one_member_first():
+    scores = [dict(respacing="ddim10", psnr_one=30.0, psnr_mean=31.0, std_over_rmse=0.5, rank_correlation=0.2,
+                   evaluations=10),
+              dict(respacing="ddim10", psnr_one=32.0, psnr_mean=33.0, std_over_rmse=0.7, rank_correlation=float("nan"),
+                   evaluations=10),
+              dict(respacing="10", psnr_one=31.5, psnr_mean=33.5, std_over_rmse=1.0, rank_correlation=0.4,
+                   evaluations=10)]
+    rows = tuning.sampler_rows(scores)
+    # "10" (31.5 dB) before the mean of the two ddim10 volumes (31.0 dB)
+    assert [r["respacing"] for r in rows] == ["10", "ddim10"]
+    ddim = rows[1]
+    assert ddim["psnr_one"] == 31.0 and ddim["psnr_mean"] == 32.0 and ddim["std_over_rmse"] == pytest.approx(0.6)
+    # a NaN rank correlation (a volume without spread) is left out of the mean
+    assert ddim["rank_correlation"] == pytest.approx(0.2) and ddim["volumes"] == 2 and rows[0]["volumes"] == 1
+
+
+def test_tune_sampler_scores_members_of_each_respacing(dataset, checkpoints):
+    paired, _ = checkpoints
+    given = dict(patch_overlap=2)
+    methods = {r: DiffusionMethod(str(paired), "paired", dict(given, timestep_respacing=r), device=torch.device("cpu"),
+                                  precision="fp32") for r in ("ddim3", "2")}
+    scores, rows = tuning.tune_sampler(methods, dataset, 2, drfs=[20.0], z_range=Z_RANGE)
+    assert len(scores) == 2 and {r["respacing"] for r in rows} == {"ddim3", "2"}
+    by = {s["respacing"]: s for s in scores}
+    # evaluations per member: the steps times the patches, the same patches for both
+    assert by["ddim3"]["evaluations"] / 3 == by["2"]["evaluations"] / 2 > 0
+    for s in scores:
+        assert math.isfinite(s["psnr_one"]) and math.isfinite(s["psnr_mean"]) and s["std_over_rmse"] > 0
+    with pytest.raises(ValueError, match="members >= 2"):
+        tuning.tune_sampler(methods, dataset, 1)

@@ -14,6 +14,10 @@ that DRF's inputs. Recorded in the prior's sidecar (``sampling.bc_tuning``), the
 resolver picks the row nearest to each input's own noise index, so no DRF needs to be known at
 denoising time.
 
+:func:`tune_sampler`: a paired checkpoint's sampler (respacing / DDIM or ancestral) from the
+PSNR of one member and of a K-member mean, and the ensemble's calibration (mean std / RMSE of
+the mean, rank correlation of std with |error|), per validation volume (:func:`sampler_rows`).
+
 :func:`tune_fusion`: the noise-adaptive fusion's ``kappa`` (and window) for a paired
 checkpoint: every validation volume is denoised once with fusion off; each ``(kappa, window)``
 then fuses that output with the input (cheap) and is scored by the mean PSNR
@@ -118,3 +122,37 @@ def tune_fusion(method, val, kappas, windows, *, drfs=None, max_subjects=0, z_ra
         scored.append(dict(full=case["full"], low=case["low"], mask=case["mask"], drf=case["drf"],
                            denoised=denoised))
     return score_grid(scored, kappas, windows), len(scored)
+
+
+def sampler_rows(scores):
+    """One row per respacing from ``scores`` = ``[{"respacing", "psnr_one", "psnr_mean",
+    "std_over_rmse", "rank_correlation", "evaluations"}]`` (one per volume): the means, best
+    one-member PSNR first."""
+    rows = []
+    for respacing in dict.fromkeys(s["respacing"] for s in scores):
+        mine = [s for s in scores if s["respacing"] == respacing]
+        row = {key: float(np.nanmean([s[key] for s in mine]))
+               for key in ("psnr_one", "psnr_mean", "std_over_rmse", "rank_correlation", "evaluations")}
+        rows.append(dict(respacing=respacing, volumes=len(mine), **row))
+    return sorted(rows, key=lambda row: -row["psnr_one"])
+
+
+def tune_sampler(methods, val, members, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0):
+    """Denoise every validation volume with ``members`` members per sampler and score them.
+
+    :param methods: ``{respacing: DiffusionMethod}``, one paired checkpoint built per respacing.
+    :param members: ensemble size (>= 2: the std needs two).
+    :return: ``(scores, rows)``: one score per volume and respacing, and :func:`sampler_rows`.
+    """
+    if members < 2:
+        raise ValueError("tune_sampler needs members >= 2 (the ensemble's std)")
+    scores = []
+    for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
+        for respacing, method in methods.items():
+            mean, info = method.denoise(case, case_seeds(seed, case, "paired", members))
+            calibration = metrics.uncertainty_calibration(case["full"], mean, info["std"], case["mask"])
+            scores.append(dict(volume=case["path"], drf=case["drf"], respacing=respacing,
+                               psnr_one=metrics.psnr(case["full"], info["first"], mask=case["mask"]),
+                               psnr_mean=metrics.psnr(case["full"], mean, mask=case["mask"]),
+                               evaluations=info["network_evaluations"] / members, **calibration))
+    return scores, sampler_rows(scores)
