@@ -18,3 +18,7 @@ common=(--cond paired --data_dir "$data/gd_train" --voxel_mm 3.3 --patch_size 16
         --log_interval 50 --save_interval 200 --seed 0
         --val_dir "$data/gd_val" --val_interval 600 --val_patches 4)
 unet_flags=(--regression True --predict_xstart True --predict_residual True)
+# the model card's dataset record (scripts/package_checkpoint.py --training_data)
+training_data='{"generator": "scripts/make_dataset.py", "description": "80 randomised subjects (seed 300): whole body, head and dead-leaves anatomy, FDG/PSMA/DOTATATE/FAPI, random OSEM/MLEM reconstructions with and without PSF, post-filters, 2D / SSRB, native voxels 2-4 mm resampled to 3.3 mm, 3 DRFs per subject in 2-200; MLEM 100 without PSF and 1.65 mm held out: 240 low/full pairs",
+ "commands": ["mpiexec -n 2 python scripts/make_dataset.py --out data/gd_train --subjects 80 --seed 300 --randomise --anatomies whole_body brain dead_leaves --detail --tracers FDG PSMA DOTATATE FAPI --hold_out mlem100_nopsf 1.65 --split 1 0 0"]}'
+

@@ -26,5 +26,14 @@ python scripts/train.py "${common[@]}" --predict_xstart True --predict_residual 
 python scripts/train.py "${common[@]}" "${unet_flags[@]}" --init_from "$init" \
   --log_dir "$runs/unet_long" --lr_anneal_steps "$unet_steps" > "$runs/unet_long.log" 2>&1 &
 wait
-python scripts/package_checkpoint.py "$runs/paired_x0/model$(printf %06d "$paired_steps").pt" --name demo_paired
-python scripts/package_checkpoint.py "$runs/unet_long/model$(printf %06d "$unet_steps").pt" --name demo_unet
+paired="$runs/paired_x0/model$(printf %06d "$paired_steps").pt"
+# the sampler default: best one-member PSNR on the validation subjects (4-member ensembles)
+python scripts/tune_sampler.py --val "$data/gd_val" --paired "$paired" --respacings ddim5 ddim10 10 \
+  --members 4 --z_range 8 56 --threads 2 --out "$runs/sampler_paired.json"
+respacing="$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["rows"][0]["respacing"])' \
+  "$runs/sampler_paired.json")"
+python scripts/package_checkpoint.py "$paired" --name demo_paired --training_data "$training_data" \
+  --sampling "{\"timestep_respacing\": \"$respacing\"}" \
+  --training_data '{"reproduce": "bash checkpoint/train_paired.sh"}'
+python scripts/package_checkpoint.py "$runs/unet_long/model$(printf %06d "$unet_steps").pt" --name demo_unet \
+  --training_data "$training_data" --training_data '{"reproduce": "bash checkpoint/train_paired.sh"}'

@@ -392,11 +392,13 @@ def write_sha256sums(directory):
     atomic_write_bytes(os.path.join(directory, "SHA256SUMS"), lines)
 
 
-def package(source, name, dest, sampling=None, validation=None):
+def package(source, name, dest, sampling=None, validation=None, training_data=None):
     """Copy ``source`` (a state_dict .pt with a training sidecar) to ``dest/NAME.pt`` + JSON.
 
     :param sampling: recommended sampling flags, merged over the training sidecar's.
     :param validation: JSON-able validation numbers recorded in the sidecar.
+    :param training_data: the model card's dataset description (e.g. ``description``,
+        ``generator``, ``commands``, ``reproduce``), merged over the training sidecar's.
     :return: ``(path of the new .pt, its sidecar dict)``.
     """
     metadata = read_metadata(source)
@@ -417,6 +419,8 @@ def package(source, name, dest, sampling=None, validation=None):
     )
     if validation is not None:
         card["validation"] = validation
+    if training_data:
+        card["training_data"] = dict(card.get("training_data", {}), **training_data)
     atomic_write_bytes(sidecar_path(target), json.dumps(card, indent=2, sort_keys=True) + "\n")
     write_sha256sums(dest)
     return target, card

@@ -6,8 +6,8 @@ Turn a training checkpoint into a shipped one: ``checkpoint/NAME.pt`` + ``NAME.j
 
 The weights are copied as a plain float32 ``state_dict`` (loadable with ``weights_only=True``);
 the sidecar is the training sidecar plus ``sampling`` (recommended sampling flags that
-``scripts/test.py`` uses as defaults), optional ``validation`` numbers, the licence, and the
-new file's ``sha256``. ``checkpoint/SHA256SUMS`` is rewritten from every ``.pt`` there.
+``scripts/test.py`` uses as defaults), optional ``validation`` numbers, the dataset description
+of the model card (``--training_data``), the licence, and the new file's ``sha256``. ``checkpoint/SHA256SUMS`` is rewritten from every ``.pt`` there.
 See ``guided_diffusion.checkpoint_hub.package``.
 """
 
@@ -28,15 +28,18 @@ def main(argv=None):
                         help="JSON dict of recommended sampling flags; repeat to merge several "
                              "(later keys win), e.g. the 'bc_tuning' of scripts/tune_bcdpm.py")
     parser.add_argument("--validation", default=None, help="JSON file with validation numbers")
+    parser.add_argument("--training_data", action="append", default=[],
+                        help="JSON dict merged over the sidecar's training_data (the model card's "
+                             "dataset record: description, generator, commands, reproduce); "
+                             "repeatable like --sampling")
     args = parser.parse_args(argv)
     validation = None
     if args.validation:
         with open(args.validation) as handle:
             validation = json.load(handle)
-    sampling = {}
-    for text in args.sampling:
-        sampling.update(json.loads(text))
-    target, card = package(args.source, args.name, args.dest, sampling, validation)
+    sampling, training_data = ({k: v for text in texts for k, v in json.loads(text).items()}
+                               for texts in (args.sampling, args.training_data))
+    target, card = package(args.source, args.name, args.dest, sampling, validation, training_data)
     print(f"wrote {target} (sha256 {card['sha256']}) and {sidecar_path(target)}")
 
 

@@ -98,11 +98,15 @@ def test_package_checkpoint_merges_sampling_and_lists_the_hash(tmp_path, make_ti
     subprocess.run([sys.executable, str(REPO / "scripts" / "package_checkpoint.py"), str(source),
                     "--name", "tiny_prior", "--dest", str(dest),
                     "--sampling", json.dumps(dict(bc_steps=3, patch_z=10)),
-                    "--sampling", json.dumps(dict(bc_tuning=tuning))], check=True, cwd=REPO,
+                    "--sampling", json.dumps(dict(bc_tuning=tuning)),
+                    "--training_data", json.dumps(dict(generator="scripts/make_dataset.py"))], check=True, cwd=REPO,
                    capture_output=True)
     metadata = read_metadata(dest / "tiny_prior.pt")
     # later --sampling dicts merge over earlier ones and over the training sidecar's
     assert metadata["sampling"] == dict(timestep_respacing="ddim5", bc_steps=3, patch_z=10, bc_tuning=tuning)
+    # the description merges over the training sidecar's dataset record
+    source_data = read_metadata(source).get("training_data", {})
+    assert metadata["training_data"] == dict(source_data, generator="scripts/make_dataset.py")
     digest = hashlib.sha256((dest / "tiny_prior.pt").read_bytes()).hexdigest()
     assert metadata["sha256"] == digest
     assert (dest / "SHA256SUMS").read_text() == f"{digest}  tiny_prior.pt\n"
