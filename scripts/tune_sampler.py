@@ -10,13 +10,15 @@ DDIM, eta 0; ``N``: ancestral sampling), as ``scripts/test.py`` would with that
 ``--timestep_respacing``. Per respacing: the mean PSNR of one member and of the members' mean
 (UDPET convention, inside the body mask), the calibration of the members' voxel-wise std (mean
 std / RMSE of the mean, Spearman rank correlation of std with |error|) and the network
-evaluations per member. The table goes to stdout and ``--out``, best one-member PSNR first:
+evaluations per member. The table goes to stdout and ``--out``, best one-member PSNR first,
+except the chosen row on top: the cheapest respacing within ``--tolerance_db`` dB of the best,
 the default for ``scripts/package_checkpoint.py --sampling '{"timestep_respacing": ...}'``.
 """
 
 import argparse
 import json
 
+from guided_diffusion.checkpoint_hub import portable_paths
 from guided_diffusion.evaluation import cases, tuning
 from guided_diffusion.evaluation.methods import DiffusionMethod
 from guided_diffusion.pet import volumes
@@ -35,6 +37,8 @@ def create_argparser():
     parser.add_argument("--drf", type=float, nargs="+", default=None, help="DRFs to use (default all)")
     parser.add_argument("--max_subjects", type=int, default=0, help="first N subjects (0: all)")
     parser.add_argument("--z_range", type=int, nargs=2, default=None, metavar=("START", "STOP"))
+    parser.add_argument("--tolerance_db", type=float, default=0.05,
+                        help="the cheapest respacing within this many dB of the best one-member PSNR is chosen")
     parser.add_argument("--mask_suv", type=float, default=0.05, help="body mask: full dose > this SUV")
     add_runtime_arguments(parser, seed_help="sampling seed", device=True)
     arguments.add_patching_arguments(parser)
@@ -52,15 +56,16 @@ def main(argv=None):
                for respacing in args.respacings}
     scores, rows = tuning.tune_sampler(methods, args.val, args.members, drfs=args.drf,
                                        max_subjects=args.max_subjects, z_range=args.z_range,
-                                       mask_suv=args.mask_suv, seed=args.seed)
+                                       mask_suv=args.mask_suv, seed=args.seed,
+                                       tolerance_db=args.tolerance_db)
     print(f"{'respacing':>10s} {'evals':>6s} {'PSNR 1':>8s} {'PSNR mean':>10s} {'std/RMSE':>9s} {'rank corr':>9s}")
     for row in rows:
         print(f"{row['respacing']:>10s} {row['evaluations']:6.0f} {row['psnr_one']:8.2f} "
               f"{row['psnr_mean']:10.2f} {row['std_over_rmse']:9.2f} {row['rank_correlation']:+9.2f}")
-    print(f"best one-member PSNR: {rows[0]['respacing']}")
+    print(f"chosen (cheapest within {args.tolerance_db} dB of the best one-member PSNR): {rows[0]['respacing']}")
     record = dict({k: v for k, v in vars(args).items() if k != "out"},
                   precision=next(iter(methods.values())).precision)
-    volumes.atomic_write_bytes(args.out, json.dumps(dict(settings=record, rows=rows, scores=scores),
+    volumes.atomic_write_bytes(args.out, json.dumps(portable_paths(dict(settings=record, rows=rows, scores=scores)),
                                                     indent=2) + "\n")
     return 0
 

@@ -494,7 +494,7 @@ def test_tune_bcdpm_picks_the_best_pair_per_drf_and_runs_end_to_end(dataset, che
     assert result["settings"]["bc_steps"] == [1, 2] and result["settings"]["bc_start"] is True
 
 
-def test_sampler_rows_average_per_respacing_best_one_member_first():
+def test_sampler_rows_average_per_respacing_cheapest_within_tolerance_first():
     scores = [dict(respacing="ddim10", psnr_one=30.0, psnr_mean=31.0, std_over_rmse=0.5, rank_correlation=0.2,
                    evaluations=10),
               dict(respacing="ddim10", psnr_one=32.0, psnr_mean=33.0, std_over_rmse=0.7, rank_correlation=float("nan"),
@@ -508,6 +508,11 @@ def test_sampler_rows_average_per_respacing_best_one_member_first():
     assert ddim["psnr_one"] == 31.0 and ddim["psnr_mean"] == 32.0 and ddim["std_over_rmse"] == pytest.approx(0.6)
     # a NaN rank correlation (a volume without spread) is left out of the mean
     assert ddim["rank_correlation"] == pytest.approx(0.2) and ddim["volumes"] == 2 and rows[0]["volumes"] == 1
+    # ddim5 is 0.04 dB below "10" at half the evaluations: chosen (first), the rest best first
+    cheap = [dict(respacing="ddim5", psnr_one=31.46, psnr_mean=33.0, std_over_rmse=1.0, rank_correlation=0.3,
+                  evaluations=5)]
+    assert [r["respacing"] for r in tuning.sampler_rows(scores + cheap)] == ["ddim5", "10", "ddim10"]
+    assert [r["respacing"] for r in tuning.sampler_rows(scores + cheap, tolerance_db=0.01)] == ["10", "ddim5", "ddim10"]
 
 
 def test_tune_sampler_scores_members_of_each_respacing(dataset, checkpoints):

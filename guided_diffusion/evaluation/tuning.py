@@ -124,24 +124,30 @@ def tune_fusion(method, val, kappas, windows, *, drfs=None, max_subjects=0, z_ra
     return score_grid(scored, kappas, windows), len(scored)
 
 
-def sampler_rows(scores):
+def sampler_rows(scores, tolerance_db=0.05):
     """One row per respacing from ``scores`` = ``[{"respacing", "psnr_one", "psnr_mean",
     "std_over_rmse", "rank_correlation", "evaluations"}]`` (one per volume): the means, best
-    one-member PSNR first."""
+    one-member PSNR first, except that the first row (the default to ship) is the cheapest
+    respacing (fewest network evaluations) within ``tolerance_db`` dB of the best."""
     rows = []
     for respacing in dict.fromkeys(s["respacing"] for s in scores):
         mine = [s for s in scores if s["respacing"] == respacing]
         row = {key: float(np.nanmean([s[key] for s in mine]))
                for key in ("psnr_one", "psnr_mean", "std_over_rmse", "rank_correlation", "evaluations")}
         rows.append(dict(respacing=respacing, volumes=len(mine), **row))
-    return sorted(rows, key=lambda row: -row["psnr_one"])
+    rows.sort(key=lambda row: -row["psnr_one"])
+    chosen = min((row for row in rows if row["psnr_one"] >= rows[0]["psnr_one"] - tolerance_db),
+                 key=lambda row: row["evaluations"])
+    return [chosen] + [row for row in rows if row is not chosen]
 
 
-def tune_sampler(methods, val, members, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0):
+def tune_sampler(methods, val, members, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0,
+                 tolerance_db=0.05):
     """Denoise every validation volume with ``members`` members per sampler and score them.
 
     :param methods: ``{respacing: DiffusionMethod}``, one paired checkpoint built per respacing.
     :param members: ensemble size (>= 2: the std needs two).
+    :param tolerance_db: one-member PSNR a cheaper respacing may lose and still be chosen.
     :return: ``(scores, rows)``: one score per volume and respacing, and :func:`sampler_rows`.
     """
     if members < 2:
@@ -155,4 +161,4 @@ def tune_sampler(methods, val, members, *, drfs=None, max_subjects=0, z_range=No
                                psnr_one=metrics.psnr(case["full"], info["first"], mask=case["mask"]),
                                psnr_mean=metrics.psnr(case["full"], mean, mask=case["mask"]),
                                evaluations=info["network_evaluations"] / members, **calibration))
-    return scores, sampler_rows(scores)
+    return scores, sampler_rows(scores, tolerance_db)
