@@ -58,8 +58,10 @@ def create_argparser():
     parser.add_argument("--mask_suv", type=float, default=0.05, help="body mask: full-dose voxels above this SUV")
     parser.add_argument("--fwhm_grid_mm", type=float, nargs="+", default=[0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0],
                         help="Gaussian FWHM grid (mm) searched per DRF on the validation split")
-    parser.add_argument("--steps", default="ddim10", help="timestep_respacing of the paired model ('ddimN': DDIM)")
-    parser.add_argument("--bc_respacing", default=None, help="timestep_respacing of the BC-DPM prior (default: --steps)")
+    parser.add_argument("--steps", default=None,
+                        help="timestep_respacing of the paired model ('ddimN': DDIM; default: its sidecar's)")
+    parser.add_argument("--bc_respacing", default=None,
+                        help="timestep_respacing of the BC-DPM prior (default: its sidecar's)")
     parser.add_argument("--num_ensemble", type=int, default=1, help="members averaged per volume")
     add_runtime_arguments(parser, seed_help="sampling seed", device=True)
     arguments.add_patching_arguments(parser)
@@ -75,7 +77,7 @@ def main(argv=None):
     set_threads(args.threads)
     device = runtime_device(args)
     given = arguments.given_settings(args)
-    respacing = dict(paired=args.steps, unet=None, bcdpm=args.bc_respacing or args.steps)
+    respacing = dict(paired=args.steps, unet=None, bcdpm=args.bc_respacing)
     diffusion = {}
     for name, mode, flag, path in (("paired", "paired", "--paired", args.paired),
                                    ("unet", "paired", "--unet", args.unet),

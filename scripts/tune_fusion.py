@@ -37,7 +37,7 @@ def create_argparser():
     parser.add_argument("--mask_suv", type=float, default=0.05, help="body mask: full dose > this SUV")
     parser.add_argument("--kappas", type=float, nargs="+", default=[1.5, 2, 3, 4, 6])
     parser.add_argument("--windows", type=int, nargs="+", default=[5, fusion.FUSION_WINDOW])
-    parser.add_argument("--steps", default="ddim10", help="timestep respacing of the sampler")
+    parser.add_argument("--steps", default=None, help="timestep respacing of the sampler (default: the sidecar's)")
     parser.add_argument("--hot_voxels", choices=HOT_MODES, default=None,
                         help="voxels above the model's SUV range (see scripts/test.py; default rescale)")
     add_runtime_arguments(parser, seed_help="sampling seed", device=True)

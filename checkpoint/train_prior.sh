@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Reproduce the shipped demo checkpoints (checkpoint/demo_paired.pt, checkpoint/demo_prior.pt):
-# simulate the training data, then train both models side by side (one core each).
-#   bash checkpoint/train_demo_checkpoints.sh [DATA_DIR] [RUN_DIR]
-# The shipped weights come from the runs documented in checkpoint/README.md: demo_paired.pt is
-# model003400.pt of the paired run (1,200 steps at a constant learning rate, then resumed with
-# the learning rate annealed linearly to 0 at step 3,400: ~33 + ~42 min with 2 threads),
+# Reproduce the shipped BC-DPM prior (checkpoint/demo_prior.pt): simulate its training data,
+# train it, tune BC-DPM's settings on the validation subjects and package it.
+#   bash checkpoint/train_prior.sh [DATA_DIR] [RUN_DIR]
 # demo_prior.pt is model002500.pt of the prior run (500 steps at a constant learning rate, then
 # resumed with the learning rate annealed linearly to 0 at step 2,500), with BC-DPM's l, lambda,
 # Gaussian sigma and hot-voxel mode tuned per noise level on the validation subjects.
+# (The paired model once trained beside it on the same data was replaced by
+# checkpoint/train_paired.sh's; its recipe is in the git history of this file.)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -21,24 +20,18 @@ mpiexec -n 2 python scripts/make_dataset.py --out "$data/train_fdg" --subjects 1
   --tracers FDG --split 1 0 0
 mpiexec -n 2 python scripts/make_dataset.py --out "$data/train_mix" --subjects 6 --seed 200 \
   --tracers PSMA DOTATATE FAPI --split 1 0 0
-# Validation subjects (BC-DPM tuning here; Gaussian sigma and fusion kappa in checkpoint/README.md).
+# Validation subjects (BC-DPM tuning here; the quality report's Gaussian sigma in checkpoint/README.md).
 mpiexec -n 2 python scripts/make_dataset.py --out "$data/val" --subjects 2 --seed 800 \
   --tracers FDG PSMA --split 0 1 0
 
 # Small 3D UNet, published block layout (scale-shift norm, res-block up/down-sampling, X/Y-only
-# resampling, no attention), x0-prediction for few-step sampling, full-plane axial slabs.
+# resampling, no attention), x0-prediction, full-plane axial slabs.
 common=(--data_dir "$data" --voxel_mm 3.3 --patch_size 10 160 100 --batch_size 1
         --num_channels 24 --channel_mult 1,2,4 --num_res_blocks 1 --attention_resolutions ""
         --use_scale_shift_norm True --resblock_updown True --learn_sigma False
         --predict_xstart True --diffusion_steps 1000 --noise_schedule linear
         --lr 2e-4 --grad_clip 1.0 --ema_rate 0.999 --precision bf16
         --log_interval 50 --seed 0)
-# The paired model predicts x0 as a correction to the low-dose input (--predict_residual).
-paired=(--cond paired --predict_residual True --threads 2 --save_interval 200 --log_dir "$runs/paired")
-python scripts/train.py "${paired[@]}" "${common[@]}" --max_steps 1200
-# Fine-tune: resumes from model001200.pt (weights, optimiser, data position) with the learning
-# rate decaying linearly from 2e-4 x (1 - 1200 / 3400) to 0 at step 3400, where it stops.
-python scripts/train.py "${paired[@]}" "${common[@]}" --lr_anneal_steps 3400
 # The prior is trained on the low-noise end only (t < 200 of 1000): BC-DPM with --bc_start uses it
 # in the last l of 100 respaced steps (t <= 10 * l), so that is where the training time goes.
 prior=(--cond none --dims 3 --in_channels 1 --unet_layout published3d --threads 1
@@ -46,8 +39,6 @@ prior=(--cond none --dims 3 --in_channels 1 --unet_layout published3d --threads 
 python scripts/train.py "${prior[@]}" "${common[@]}" --max_steps 500
 # Continued from model000500.pt with the learning rate decaying linearly to 0 at step 2500.
 python scripts/train.py "${prior[@]}" "${common[@]}" --lr_anneal_steps 2500
-python scripts/package_checkpoint.py "$runs/paired/model003400.pt" --name demo_paired \
-  --sampling '{"timestep_respacing": "ddim10", "patch_z": 32, "patch_overlap": 8, "fusion_kappa": 2.0}'
 # The prior is sampled on slabs of its training depth (10 slices): on deeper slabs its group
 # norms see other statistics and its x0 estimate degrades. BC-DPM starts at step l from the
 # diffused input (l = 3 where the tuning table below does not say otherwise).
