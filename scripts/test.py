@@ -164,10 +164,8 @@ def main(argv=None):
         settings.check_settings(run, diffusion.num_timesteps)
     except ValueError as error:
         raise InputError(str(error).splitlines()[0]) from None
-    trained_t = metadata.get("sampling", {}).get("trained_max_t")
-    if trained_t and not run["bc_start"]:
-        logger.warn(f"{args.model_path} was trained only for t < {trained_t}: sampling from pure "
-                    f"noise leaves its training range (use --bc_start)")
+    for warning in settings.range_warnings(run, metadata, args.model_path):
+        logger.warn(warning)
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
                f"{diffusion.num_timesteps} steps ({'DDIM' if run['use_ddim'] else 'ancestral'}), "
                f"checkpoint {args.model_path}")

@@ -150,3 +150,20 @@ def test_acquisition_flag_beats_manifest_beats_default(tmp_path):
     kwargs, sources = settings.resolve_acquisition(dict(none, total_counts=123.0, scanner="demo"), str(alone))
     assert (kwargs["total_counts"], kwargs["scanner"]) == (123.0, "demo")
     assert sources["total_counts"] == sources["scanner"] == "given"
+
+
+def test_range_warnings_name_an_untrained_t_range_and_slabs_deeper_than_validated():
+    paired = dict(metadata("paired"), patch_size_zxy=[16, 48, 48])
+    assert settings.range_warnings(settings.resolve_settings({}, paired, "paired"), paired, "m.pt") == []
+    same = settings.resolve_settings(dict(patch_z=16), paired, "paired")
+    assert settings.range_warnings(same, paired, "m.pt") == []
+    [deeper] = settings.range_warnings(settings.resolve_settings(dict(patch_z=32), paired, "paired"), paired, "m.pt")
+    assert deeper.startswith("--patch_z 32:") and "16 slices m.pt" in deeper
+    # a recommended depth deeper than the training patches was validated: no warning up to it
+    slabs = dict(paired, sampling=dict(patch_z=32))
+    assert settings.range_warnings(settings.resolve_settings({}, slabs, "paired"), slabs, "m.pt") == []
+    prior = dict(metadata("none", trained_max_t=200), patch_size_zxy=[10, 160, 100])
+    [untrained] = settings.range_warnings(settings.resolve_settings({}, prior, "bcdpm"), prior, "p.pt")
+    assert "t < 200" in untrained and "--bc_start" in untrained
+    started = settings.resolve_settings(dict(bc_start=True), prior, "bcdpm")
+    assert settings.range_warnings(started, prior, "p.pt") == []

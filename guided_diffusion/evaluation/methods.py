@@ -55,10 +55,8 @@ class DiffusionMethod:
         self.precision = settings.resolve_precision(
             precision, bool(self.metadata["flags"].get("use_fp16", False)), device)
         self._acquisitions = {}
-        trained_t = self.metadata.get("sampling", {}).get("trained_max_t")
-        if trained_t and settings.uses_bcdpm(self.mode) and not run["bc_start"]:
-            print(f"warning: {model_path} was trained only for t < {trained_t}: sampling from "
-                  f"pure noise leaves its training range (use --bc_start)", file=sys.stderr)
+        for warning in settings.range_warnings(run, self.metadata, model_path):
+            print(f"warning: {warning}", file=sys.stderr)
 
     @property
     def tuning(self):

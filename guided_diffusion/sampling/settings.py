@@ -169,6 +169,23 @@ def check_settings(resolved, num_timesteps):
             raise ValueError(f"--{key} must be >= {0 if key == 'patch_overlap' else 1}, got {v[key]}")
 
 
+def range_warnings(resolved, metadata, model_path):
+    """One-line warnings for settings outside what the checkpoint was trained or validated on:
+    a prior trained only for t < ``trained_max_t`` sampled from pure noise (no ``--bc_start``),
+    and axial slabs deeper than both its training patches and its recommended ``patch_z`` (the
+    group norms see other statistics; BENCHMARKS.md measures what that costs)."""
+    recommended = metadata.get("sampling", {})
+    warnings = []
+    if recommended.get("trained_max_t") and not resolved["bc_start"]:
+        warnings.append(f"{model_path} was trained only for t < {recommended['trained_max_t']}: sampling "
+                        f"from pure noise leaves its training range (use --bc_start)")
+    depths = [d for d in (metadata.get("patch_size_zxy", [None])[0], recommended.get("patch_z")) if d]
+    if depths and resolved["patch_z"] and resolved["patch_z"] > max(depths):
+        warnings.append(f"--patch_z {resolved['patch_z']}: slabs deeper than the {max(depths)} slices "
+                        f"{model_path} was trained and validated on; its output may degrade")
+    return warnings
+
+
 def resolve_precision(requested, use_fp16, device):
     """``auto``: ``use_fp16`` (the checkpoint's flag) on CUDA; on a CPU bf16 where it has native
     bf16 units, else fp32 (:func:`~guided_diffusion.fp16_util.auto_cpu_precision`); else as
