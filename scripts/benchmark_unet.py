@@ -4,9 +4,12 @@ Benchmark the UNet forward pass (no grad) of the published 3D PET DDPM and a sma
 
 Input is ``x_t`` and ``low_res`` of shape (B, 1, Z, X, Y) each (the network sees 2
 channels). Precisions: fp32 (default layout), fp32 and bf16 autocast in channels-last-3D.
-Prints a markdown table; ``--json OUT`` also writes the figures.
+Prints a markdown table; ``--json OUT`` also writes the figures. With ``--model CKPT``: that
+checkpoint's forward on a ``--shape Z X Y`` patch instead, its counted GFLOP/s against a large
+matrix product's in the same precision and run (fp32 and bf16, channels-last 3D).
 
     python scripts/benchmark_unet.py --json results/benchmark_unet.json
+    python scripts/benchmark_unet.py --model checkpoint/demo_paired.pt --shape 16 160 100 --threads 2
 """
 
 import argparse
@@ -16,6 +19,7 @@ import platform
 
 import torch
 
+from guided_diffusion.checkpoints import load_model_and_diffusion
 from guided_diffusion.evaluation import speed
 from guided_diffusion.pet import volumes
 from guided_diffusion.script_util import add_runtime_arguments, runtime_device, set_threads
@@ -26,6 +30,9 @@ def create_argparser():
     parser.add_argument("--json", help="write results to this JSON file")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode")
+    parser.add_argument("--model", help="checkpoint .pt: measure its forward efficiency instead")
+    parser.add_argument("--shape", type=int, nargs=3, default=[16, 160, 100], metavar=("Z", "X", "Y"),
+                        help="patch of --model in voxels (default: a demo-volume slab of demo_paired.pt)")
     add_runtime_arguments(parser, seed_help="seed of the weights and inputs", precision=False, device=True)
     return parser
 
@@ -37,6 +44,34 @@ def main(argv=None):
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     set_threads(args.threads)
     device = runtime_device(args)
+    if args.model:
+        rows = efficiency_rows(args, device)
+    else:
+        rows = architecture_rows(args, device)
+    meta = dict(device=str(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                load_average=os.getloadavg(), torch=torch.__version__,
+                machine=platform.processor() or platform.machine(),
+                repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    print(f"\n{meta}")
+    if args.json:
+        volumes.atomic_write_bytes(args.json, json.dumps(dict(meta=meta, results=rows), indent=2))
+
+
+def efficiency_rows(args, device):
+    model = load_model_and_diffusion(args.model, device=device)[0]
+    rows = [dict(model=args.model, shape_zxy=args.shape, precision=precision,
+                 **speed.forward_efficiency(model, tuple(args.shape), device, precision, args.repeats,
+                                            args.warmup, args.seed))
+            for precision in ("fp32", "bf16")]
+    print("| model | patch (Z,X,Y) | precision | GFLOP | median s | GFLOP/s | matmul GFLOP/s | ratio |")
+    print("|" + "---|" * 8)
+    for r in rows:
+        print(f"| {r['model']} | {tuple(r['shape_zxy'])} | {r['precision']} | {r['gflop']:.1f} | "
+              f"{r['median_s']:.3f} | {r['gflops']:.0f} | {r['matmul_gflops']:.0f} | {r['ratio']:.2f} |")
+    return rows
+
+
+def architecture_rows(args, device):
     rows = []
     for name, (_, size) in speed.CONFIGS.items():
         for row in speed.unet_rows(name, size, device, args.repeats, args.warmup, args.seed):
@@ -47,13 +82,7 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['config']} | {tuple(r['input_shape'])} | {r['params']:,} | {r['precision']} | "
               f"{r['memory_format']} | {r['median_s']:.3f} | {r['min_s']:.3f} |")
-    meta = dict(device=str(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                load_average=os.getloadavg(), torch=torch.__version__,
-                machine=platform.processor() or platform.machine(),
-                repeats=args.repeats, warmup=args.warmup, seed=args.seed)
-    print(f"\n{meta}")
-    if args.json:
-        volumes.atomic_write_bytes(args.json, json.dumps(dict(meta=meta, results=rows), indent=2))
+    return rows
 
 
 if __name__ == "__main__":

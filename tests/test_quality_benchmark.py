@@ -529,3 +529,24 @@ def test_tune_sampler_scores_members_of_each_respacing(dataset, checkpoints):
         assert math.isfinite(s["psnr_one"]) and math.isfinite(s["psnr_mean"]) and s["std_over_rmse"] > 0
     with pytest.raises(ValueError, match="members >= 2"):
         tuning.tune_sampler(methods, dataset, 1)
+
+
+def test_count_flops_of_a_convolution_matches_the_hand_count():
+    conv = torch.nn.Conv3d(2, 4, 3, padding=1, bias=False)
+    x = torch.zeros(1, 2, 4, 5, 6)
+    # a multiply and an add per weight and output voxel
+    assert speed.count_flops(lambda: conv(x)) == 2 * (2 * 27) * 4 * (4 * 5 * 6)
+
+
+def test_benchmark_unet_measures_a_checkpoints_forward_efficiency(checkpoints, tmp_path):
+    paired, _ = checkpoints
+    out = tmp_path / "efficiency.json"
+    proc = _run("benchmark_unet.py", "--model", paired, "--shape", 8, 16, 16, "--repeats", 1, "--warmup", 0,
+                "--threads", 1, "--device", "cpu", "--json", out)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    assert rows[0]["gflop"] == rows[1]["gflop"] > 0  # the same network, counted once per forward
+    for r in rows:
+        assert r["gflops"] == pytest.approx(r["gflop"] / r["median_s"])
+        assert r["ratio"] == pytest.approx(r["gflops"] / r["matmul_gflops"])
+    assert "| fp32 |" in proc.stdout and "| bf16 |" in proc.stdout

@@ -3,6 +3,8 @@
 UNet (:func:`time_forward`, :func:`unet_rows`): ``model(x_t, t, low_res)`` without gradients on
 ``(1, 1, S, S, S)`` inputs (the network sees 2 channels), in each of :data:`MODES`: fp32 in the
 default layout (the published code's setting), fp32 and bf16 autocast in channels-last 3D.
+Efficiency (:func:`forward_efficiency`): a checkpoint's forward on its sampling patch, its
+counted FLOPs per second against a large matrix product's in the same precision and run.
 
 Projector (:func:`projector_case`, :data:`PROJECTOR_CASES`): build, forward and back projection
 and one OSEM iteration of a preset; ``ecat921_2d`` is compared with skimage's radon / iradon on
@@ -41,11 +43,13 @@ def memory_format_name(channels_last):
 
 
 def time_forward(model, device, precision, channels_last, size, repeats, warmup, seed=0):
-    """Median/min wall seconds of ``model(x, t, low_res)`` on ``(1, 1, size, size, size)`` inputs."""
+    """Median/min wall seconds of ``model(x, t, low_res)`` on ``(1, 1, *shape)`` inputs;
+    ``size`` is a cube side or a ``(Z, X, Y)`` shape in voxels."""
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     gen = torch.Generator().manual_seed(seed)
-    x, low_res = (torch.randn(1, 1, size, size, size, generator=gen)
+    shape = (size,) * 3 if isinstance(size, int) else tuple(size)
+    x, low_res = (torch.randn(1, 1, *shape, generator=gen)
                   .to(device).contiguous(memory_format=memory_format) for _ in range(2))
     t = torch.tensor([500], device=device)
     seconds = []
@@ -83,6 +87,45 @@ def unet_comparison(rows):
     fastest = min(rows, key=lambda r: r["median_s"])
     return dict(rows=rows, published_s=published["median_s"], fastest=fastest,
                 speedup=published["median_s"] / fastest["median_s"])
+
+
+def count_flops(fn):
+    """Floating-point operations (multiply and add counted apart) of the convolutions and matrix
+    products that ``fn()`` runs, by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_gflops(device, precision, n=2048, repeats=5):
+    """GFLOP/s of the best of ``repeats`` ``(n, n) @ (n, n)`` products in ``precision``."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
+
+    def product():
+        with fp16_util.autocast(device, precision):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    product()
+    seconds, _ = _timed(product, repeats)
+    return 2.0 * n ** 3 / seconds / 1e9
+
+
+def forward_efficiency(model, shape_zxy, device, precision, repeats=3, warmup=1, seed=0):
+    """``model(x, t, low_res)`` on ``(1, 1, *shape_zxy)`` in channels-last 3D against a large
+    matrix product, same precision and run: ``{"gflop", "median_s", "gflops", "matmul_gflops",
+    "ratio"}`` (GFLOP per forward, its GFLOP/s, the product's, and their ratio)."""
+    model = model.eval().to(device)
+    x = torch.zeros(1, 1, *shape_zxy, device=device)
+    flops = count_flops(lambda: model(x, torch.tensor([500], device=device), low_res=x))
+    median, _ = time_forward(model, device, precision, True, shape_zxy, repeats, warmup, seed)
+    gflops = flops / median / 1e9
+    reference = matmul_gflops(device, precision)
+    return dict(gflop=flops / 1e9, median_s=median, gflops=gflops, matmul_gflops=reference,
+                ratio=gflops / reference)
 
 
 # ----------------------------------------------------------------------------- projector
