@@ -63,11 +63,9 @@ def efficiency_rows(args, device):
                  **speed.forward_efficiency(model, tuple(args.shape), device, precision, args.repeats,
                                             args.warmup, args.seed))
             for precision in ("fp32", "bf16")]
-    print("| model | patch (Z,X,Y) | precision | GFLOP | median s | GFLOP/s | matmul GFLOP/s | ratio |")
-    print("|" + "---|" * 8)
-    for r in rows:
-        print(f"| {r['model']} | {tuple(r['shape_zxy'])} | {r['precision']} | {r['gflop']:.1f} | "
-              f"{r['median_s']:.3f} | {r['gflops']:.0f} | {r['matmul_gflops']:.0f} | {r['ratio']:.2f} |")
+    print_table(("model", "patch (Z,X,Y)", "precision", "GFLOP", "median s", "GFLOP/s", "matmul GFLOP/s", "ratio"),
+                [(r["model"], tuple(r["shape_zxy"]), r["precision"], f"{r['gflop']:.1f}", f"{r['median_s']:.3f}",
+                  f"{r['gflops']:.0f}", f"{r['matmul_gflops']:.0f}", f"{r['ratio']:.2f}") for r in rows])
     return rows
 
 
@@ -77,12 +75,18 @@ def architecture_rows(args, device):
         for row in speed.unet_rows(name, size, device, args.repeats, args.warmup, args.seed):
             rows.append(dict(row, input_shape=[1, 2, size, size, size],
                              median_s=round(row["median_s"], 4), min_s=round(row["min_s"], 4)))
-    print("| config | input (B,C,Z,X,Y) | params | precision | memory format | median s | min s |")
-    print("|" + "---|" * 7)
-    for r in rows:
-        print(f"| {r['config']} | {tuple(r['input_shape'])} | {r['params']:,} | {r['precision']} | "
-              f"{r['memory_format']} | {r['median_s']:.3f} | {r['min_s']:.3f} |")
+    print_table(("config", "input (B,C,Z,X,Y)", "params", "precision", "memory format", "median s", "min s"),
+                [(r["config"], tuple(r["input_shape"]), f"{r['params']:,}", r["precision"], r["memory_format"],
+                  f"{r['median_s']:.3f}", f"{r['min_s']:.3f}") for r in rows])
     return rows
+
+
+def print_table(header, lines):
+    """A markdown table on stdout: ``header`` titles, one tuple of cells per line."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in lines:
+        print("| " + " | ".join(str(cell) for cell in cells) + " |")
 
 
 if __name__ == "__main__":
