@@ -32,8 +32,10 @@ python scripts/tune_sampler.py --val "$data/gd_val" --paired "$paired" --respaci
   --members 4 --z_range 8 56 --threads 2 --out "$runs/sampler_paired.json"
 respacing="$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["rows"][0]["respacing"])' \
   "$runs/sampler_paired.json")"
+# slabs of the training depth (16) overlapping by 4: on the validation subjects 0.02-0.03 dB below
+# an overlap of 8 at 0.7x the time (checkpoint/README.md)
 python scripts/package_checkpoint.py "$paired" --name demo_paired --training_data "$training_data" \
-  --sampling "{\"timestep_respacing\": \"$respacing\"}" \
+  --sampling "{\"timestep_respacing\": \"$respacing\", \"patch_overlap\": 4}" \
   --training_data '{"reproduce": "bash checkpoint/train_paired.sh"}'
 python scripts/package_checkpoint.py "$runs/unet_long/model$(printf %06d "$unet_steps").pt" --name demo_unet \
   --training_data "$training_data" --training_data '{"reproduce": "bash checkpoint/train_paired.sh"}'
