@@ -10,14 +10,11 @@
 #     UNET_STEPS (default 1500) steps, 550 + 1500 against 550 + 3600.
 # One core each, side by side (0.9 s per step on this run's AVX2 machine). Both resume from their log directories.
 #   bash checkpoint/train_paired.sh [DATA_DIR] [RUN_DIR]
-set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
+source "$(dirname "${BASH_SOURCE[0]}")/recipe_env.sh"
 data="${1:-data}"
 runs="${2:-runs}"
 init="${INIT:-$runs/unet/model000550.pt}"
 [ -e "$init" ] || PAIRED_STEPS=1100 bash checkpoint/train_paired_v.sh "$data" "$runs"
-export PATH="$repo/.venv/bin:$PATH"
 source checkpoint/paired_common.sh
 paired_steps="${PAIRED_STEPS:-3600}"; unet_steps="${UNET_STEPS:-1500}"
 python scripts/train.py "${common[@]}" --predict_xstart True --predict_residual True \
@@ -27,7 +24,8 @@ python scripts/train.py "${common[@]}" "${unet_flags[@]}" --init_from "$init" \
   --log_dir "$runs/unet_long" --lr_anneal_steps "$unet_steps" > "$runs/unet_long.log" 2>&1 &
 wait
 paired="$runs/paired_x0/model$(printf %06d "$paired_steps").pt"
-# the sampler default: best one-member PSNR on the validation subjects (4-member ensembles)
+# the sampler default: the cheapest respacing within 0.05 dB of the best one-member PSNR on the
+# validation subjects (4-member ensembles)
 python scripts/tune_sampler.py --val "$data/gd_val" --paired "$paired" --respacings ddim5 ddim10 10 \
   --members 4 --z_range 8 56 --threads 2 --out "$runs/sampler_paired.json"
 respacing="$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["rows"][0]["respacing"])' \

@@ -6,11 +6,7 @@
 # step-550 weights start checkpoint/train_paired.sh. 1,100 steps take about 46 min.
 #   bash checkpoint/train_paired_v.sh [DATA_DIR] [RUN_DIR]
 # Both runs resume from their log directories when rerun.
-set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-bash scripts/setup_env.sh
-export PATH="$repo/.venv/bin:$PATH"
+source "$(dirname "${BASH_SOURCE[0]}")/recipe_env.sh"
 data="${1:-data}"
 runs="${2:-runs}"
 source checkpoint/paired_common.sh

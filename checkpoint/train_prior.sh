@@ -7,11 +7,7 @@
 # Gaussian sigma and hot-voxel mode tuned per noise level on the validation subjects.
 # (The paired model once trained beside it on the same data was replaced by
 # checkpoint/train_paired.sh's; its recipe is in the git history of this file.)
-set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-bash scripts/setup_env.sh
-export PATH="$repo/.venv/bin:$PATH"
+source "$(dirname "${BASH_SOURCE[0]}")/recipe_env.sh"
 data="${1:-data/demo_train}"
 runs="${2:-runs/demo}"
 

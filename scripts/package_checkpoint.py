@@ -7,7 +7,8 @@ Turn a training checkpoint into a shipped one: ``checkpoint/NAME.pt`` + ``NAME.j
 The weights are copied as a plain float32 ``state_dict`` (loadable with ``weights_only=True``);
 the sidecar is the training sidecar plus ``sampling`` (recommended sampling flags that
 ``scripts/test.py`` uses as defaults), optional ``validation`` numbers, the dataset description
-of the model card (``--training_data``), the licence, and the new file's ``sha256``. ``checkpoint/SHA256SUMS`` is rewritten from every ``.pt`` there.
+of the model card (``--training_data``), the licence, and the new file's ``sha256``.
+``checkpoint/SHA256SUMS`` is rewritten from every ``.pt`` there.
 See ``guided_diffusion.checkpoint_hub.package``.
 """
 
