@@ -16,7 +16,8 @@ import torch.distributed as dist
 def create_named_schedule_sampler(name, diffusion):
     """
     Create a ScheduleSampler by name: "uniform", "uniform:N" (uniform over the first N steps
-    only) or "loss-second-moment".
+    only), "low:N:P" (a fraction P of the draws uniform over the first N steps, the rest over
+    all; :class:`LowNoiseMixtureSampler`) or "loss-second-moment".
 
     :param name: the name of the sampler.
     :param diffusion: the diffusion object to sample for.
@@ -31,11 +32,26 @@ def create_named_schedule_sampler(name, diffusion):
         if not 0 < max_t <= diffusion.num_timesteps:
             raise ValueError(f"schedule sampler {name!r}: N must be in [1, {diffusion.num_timesteps}]")
         return UniformSampler(diffusion, max_t)
+    if name.startswith("low:"):
+        return LowNoiseMixtureSampler(diffusion, *_low_mixture_arguments(name, diffusion.num_timesteps))
     if name == "loss-second-moment":
         return LossSecondMomentResampler(diffusion)
     raise ValueError(
-        f"unknown schedule sampler: {name!r} (use 'uniform', 'uniform:N' or 'loss-second-moment')"
+        f"unknown schedule sampler: {name!r} (use 'uniform', 'uniform:N', 'low:N:P' or 'loss-second-moment')"
     )
+
+
+def _low_mixture_arguments(name, num_timesteps):
+    """``(N, P)`` of a ``"low:N:P"`` sampler name (ValueError if malformed or out of range)."""
+    parts = name.split(":")
+    try:
+        max_t, fraction = int(parts[1]), float(parts[2])
+    except (IndexError, ValueError):
+        max_t, fraction = 0, -1.0
+    if len(parts) != 3 or not 0 < max_t <= num_timesteps or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"schedule sampler {name!r}: expected 'low:N:P' with N in [1, {num_timesteps}] "
+                         f"and P in [0, 1]")
+    return max_t, fraction
 
 
 class ScheduleSampler(ABC):
@@ -85,6 +101,30 @@ class UniformSampler(ScheduleSampler):
 
     def weights(self):
         return self._weights
+
+
+class LowNoiseMixtureSampler(ScheduleSampler):
+    """A fraction ``fraction`` of the draws uniform over the first ``max_t`` steps, the rest
+    uniform over all steps: a prior trained for the whole chain that spends its capacity where
+    a sampler conditioned in its last steps (BC-DPM) uses it.
+
+    Unlike the importance samplers above, the loss weights are 1: the mixture *is* the training
+    objective's distribution over steps (importance weights would restore the uniform objective
+    and undo the emphasis).
+    """
+
+    def __init__(self, diffusion, max_t, fraction):
+        self.diffusion = diffusion
+        steps = diffusion.num_timesteps
+        self._weights = np.full([steps], (1.0 - fraction) / steps)
+        self._weights[:max_t] += fraction / max_t
+
+    def weights(self):
+        return self._weights
+
+    def sample(self, batch_size, device):
+        indices, weights = super().sample(batch_size, device)
+        return indices, th.ones_like(weights)
 
 
 class LossAwareSampler(ScheduleSampler):

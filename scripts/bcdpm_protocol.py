@@ -3,7 +3,8 @@
 Subcommands
 -----------
 ``make-slices --out DIR --subjects N --seed S [--slices_per_subject K] [--image_size 128]
-[--voxel_mm 4.0] [--fwhm_mm 6.0] [--val_subjects 1] [--test_subjects T] [--tracer FDG]``
+[--voxel_mm 4.0] [--fwhm_mm 6.0] [--val_subjects 1] [--test_subjects T] [--tracers FDG ...]
+[--anatomies whole_body ...] [--detail]``
     High-count 2D slices from procedural whole-body phantoms. Subject ``i`` is the phantom of
     seed ``SeedSequence([S, i])`` on an ``image_size x image_size`` transaxial grid of
     ``voxel_mm`` voxels (the whole body fits when ``image_size * voxel_mm`` >= 400 mm) and
@@ -13,6 +14,9 @@ Subcommands
     resolution; 6 mm is the ECAT 921's transaxial resolution near the centre): a noise-free,
     reconstruction-like reference. It plays the role of the paper's full-count clinical images:
     the low-count data are simulated *from it*, so it is exactly the truth of the simulation.
+    Each subject's tracer and anatomy are drawn from ``--tracers`` and ``--anatomies`` (the
+    default, FDG whole bodies, is the paper's setting; a prior's training slices are drawn
+    wider); ``--detail`` adds the whole body's fine structures.
     Subjects are split (seeded permutation) into ``--test_subjects`` (default ``ceil(N / 7)``,
     the paper's 60 : 10 ratio), ``--val_subjects`` (tuning of the baselines) and training.
 
@@ -21,9 +25,10 @@ Subcommands
     ``val.txt``, ``test.txt`` (file lists relative to DIR; ``scripts/train.py`` uses
     ``train.txt``) and ``manifest.json`` (``voxel_mm`` read by ``train.py``, parameters, slices).
 
-``evaluate --slices DIR --prior CKPT --out OUTDIR [--counts 1e6 3e5 1e5] [--n_test 20]
+``evaluate --out OUTDIR [--slices DIR] [--prior CKPT] [--counts 1e6 3e5 1e5] [--n_test 20]
 [--n_val 4] [--runs 5] [--steps 100] [--lam 0.2] [--l 5 10 15] [--mlem_iters 100]
-[--inserter_iters N] [--gf_sigma_vox S] [--bm3d_factors F ...] [--seed 0] [--threads N]
+[--inserter_iters N] [--gf_sigma_vox S] [--improved_l 2 4 8] [--improved_lams 0 0.3 0.6]
+[--bm3d_factors F ...] [--seed 0] [--threads N]
 [--device cuda]``
     For every count level and slice (test slices, and validation slices for tuning): the
     noise-free sinogram is the ECAT-921-like 2D projection (``ecat921_2d``: 160 radial bins x
@@ -39,21 +44,26 @@ Subcommands
     * ``BM3D``: 2D BM3D with its noise sigma grid-searched the same way (grid: multiples of the
       validation images' RMS error inside the body, ``--bm3d_factors``; the grid dominates the
       baselines' time).
-    * ``BC-DPM``: the 2D unconditional prior ``--prior`` (``cond "none"``, ``dims 2``) sampled
-      with ``--steps`` respaced DDPM steps; in the last ``l`` steps the bidirectional
-      conditioning block (Eq. 10) with ``lambda = --lam``, the same BC-DPM code as
-      ``scripts/test.py``; its Gaussian-filter condition uses the tuned Gaussian sigma of that
-      count level (``--gf_sigma_vox`` overrides); its noise inserter re-simulates the same
-      acquisition (projector, counts per unit activity, randoms) and reconstructs with
-      ``--inserter_iters`` MLEM iterations (default ``--mlem_iters``, the paper's P-dagger;
-      fewer are faster). The result is the mean of ``--runs`` samples (the paper: 5); where the
-      tuned Gaussian image exceeds 0.75 x the prior's SUV clip, the output blends to it (as
-      ``scripts/test.py --hot_voxels input`` does with the input). The full protocol runs
-      ``steps x runs`` UNet evaluations per slice and count level: use a GPU (``--device
-      cuda``, the default when present); BM3D and the metrics run on the CPU.
-    * ``BC-DPM, start from low-count``: the same, but the chain starts at step ``l - 1`` from the
-      low-count image diffused to that step (the toolkit's ``--bc_start``), so only the ``l``
-      conditioned steps run (``l x runs`` UNet evaluations per slice and count level).
+    * ``BC-DPM (paper, Algorithm 2)``: the 2D unconditional prior ``--prior`` (``cond
+      "none"``, ``dims 2``) sampled from pure noise with ``--steps`` respaced DDPM steps; in the
+      last ``l`` steps (``--l``, per count level) the bidirectional conditioning block (Eq. 10)
+      with a constant ``lambda = --lam``, the same BC-DPM code as ``scripts/test.py``; its
+      Gaussian-filter condition uses the tuned Gaussian sigma of that count level
+      (``--gf_sigma_vox`` overrides); its noise inserter re-simulates the same acquisition
+      (projector, counts per unit activity, randoms) and reconstructs with ``--inserter_iters``
+      MLEM iterations (default ``--mlem_iters``, the paper's P-dagger; fewer are faster). The
+      result is the mean of ``--runs`` samples (the paper: 5); where the tuned Gaussian image
+      exceeds 0.75 x the prior's saturation SUV, the output blends to it (as ``scripts/test.py
+      --hot_voxels input`` does with the input). It runs ``steps x runs`` UNet evaluations per
+      slice and count level: a GPU (``--device cuda``, the default when present) is faster; BM3D
+      and the metrics run on the CPU.
+    * ``BC-DPM, improved``: the toolkit's variant (``scripts/test.py --bc_start
+      --bc_lam_schedule linear``): the chain starts at step ``l - 1`` from the low-count image
+      diffused to that step, and lambda falls linearly from its value at the first conditioned
+      step to 0 at the last (the noise-insertion term ``lambda (y - N(x'))`` adds noise that no
+      later step removes). ``l`` and ``lambda`` are tuned per count level for the best mean
+      PSNR on the validation slices over ``--improved_l`` x ``--improved_lams``; ``l x runs``
+      UNet evaluations per slice.
 
     Metrics on each 2D slice (whole image, UDPET convention applied in 2D):
     ``PSNR = 20 log10(max(ref) / RMSE)`` and SSIM of both images divided by their own maximum,
@@ -67,35 +77,27 @@ Subcommands
     parameters, settings) and ``example.png`` (first test slice: reference, low-count and every
     method at every count level, as the paper's Fig. 3). The table is also printed.
 
-Training the 2D prior (``scripts/train.py`` trains it; no extra subcommand)::
-
-    python scripts/bcdpm_protocol.py make-slices --out data/bcdpm_slices --subjects 70 --seed 0 \\
-        --slices_per_subject 50
-    python scripts/train.py --cond none --dims 2 --data_dir data/bcdpm_slices \\
-        --log_dir runs/bcdpm_prior2d --patch_size 1 128 128 --image_size 128 \\
-        --num_channels 128 --num_res_blocks 2 --attention_resolutions 16,8 \\
-        --diffusion_steps 1000 --noise_schedule linear --learn_sigma True \\
-        --lr 1e-4 --weight_decay 0.01 --batch_size 8 --random_flip False
-    python scripts/bcdpm_protocol.py evaluate --slices data/bcdpm_slices \\
-        --prior runs/bcdpm_prior2d/ema_0.9999_NNNNNN.pt --out results/bcdpm_table1
-
-(the paper: AdamW, lr 1e-4, weight decay 0.01, batch 8, T = 1000, linear betas 1e-4 .. 0.02;
-3000 training slices from 60 patients, 400 test slices from 10; ``--random_flip False`` because
-left-right is not symmetric in the body. ``train.py`` reads ``train.txt`` and the voxel size
-from ``manifest.json``; with ``--dims 2`` and a one-slice patch its batches are ``(B, 1, X, Y)``
-and it writes the ``.json`` sidecars that ``evaluate`` needs.)
+With the defaults, ``evaluate --out DIR`` runs the whole protocol from the shipped 2D prior
+(``checkpoint/bcdpm_prior2d.pt``) on ``data/slices2d``, which it first makes (30 FDG subjects,
+seed 300, 20 slices each) when it is missing. ``checkpoint/train_prior2d.sh`` reproduces the
+prior (its own, wider training slices: other seeds, tracers and anatomies).
 
 The work is done by :mod:`guided_diffusion.pet.slices` (make-slices) and
 :mod:`guided_diffusion.evaluation.bcdpm_protocol` (evaluate).
 """
 
 import argparse
+import os
 from functools import partial
 
 from guided_diffusion.evaluation import bcdpm_protocol
 from guided_diffusion.pet import slices
 from guided_diffusion.script_util import add_runtime_arguments, runtime_device, set_threads
 
+DEFAULT_PRIOR = "checkpoint/bcdpm_prior2d.pt"
+DEFAULT_SLICES = "data/slices2d"
+#: The protocol's test and validation slices (``make-slices`` arguments) when ``--slices`` is missing.
+PROTOCOL_SLICES = dict(subjects=30, seed=300, slices_per_subject=20)
 #: evaluate's flags that are not arguments of ``bcdpm_protocol.evaluate``.
 RUNTIME_FLAGS = ("command", "threads", "device")
 
@@ -113,11 +115,15 @@ def create_argparser():
     make.add_argument("--fwhm_mm", type=float, default=6.0, help="in-plane resolution of the reference (mm)")
     make.add_argument("--val_subjects", type=int, default=1, help="subjects for tuning the baselines")
     make.add_argument("--test_subjects", type=int, default=None, help="test subjects (default ceil(N / 7))")
-    make.add_argument("--tracer", default="FDG")
+    make.add_argument("--tracers", nargs="+", default=["FDG"], help="tracers, one drawn per subject")
+    make.add_argument("--anatomies", nargs="+", default=["whole_body"], choices=slices.ANATOMIES,
+                      help="phantom anatomies, one drawn per subject")
+    make.add_argument("--detail", action="store_true", help="whole body: fine structures (vessels, nodes, ...)")
 
     run = commands.add_parser("evaluate", help="Table 1: Gaussian, BM3D and BC-DPM at each count level")
-    run.add_argument("--slices", required=True, help="directory from make-slices")
-    run.add_argument("--prior", required=True, help="2D unconditional prior .pt (with its .json sidecar)")
+    run.add_argument("--slices", default=DEFAULT_SLICES,
+                     help="directory from make-slices (default: made with the protocol's settings if missing)")
+    run.add_argument("--prior", default=DEFAULT_PRIOR, help="2D unconditional prior .pt (with its .json sidecar)")
     run.add_argument("--out", required=True, help="output directory (table.md, table.json, example.png)")
     run.add_argument("--counts", type=float, nargs="+", default=[1e6, 3e5, 1e5], help="total events per slice")
     run.add_argument("--n_test", type=int, default=20, help="test slices (evenly spaced through test.txt)")
@@ -132,6 +138,10 @@ def create_argparser():
                      help="MLEM iterations in BC-DPM's noise inserter (default: --mlem_iters)")
     run.add_argument("--gf_sigma_vox", type=float, default=None,
                      help="Gaussian-filter condition sigma (voxels; default: the tuned Gaussian sigma)")
+    run.add_argument("--improved_l", type=int, nargs="+", default=list(bcdpm_protocol.IMPROVED_L_GRID),
+                     help="improved BC-DPM: l values tuned on the validation slices")
+    run.add_argument("--improved_lams", type=float, nargs="+", default=list(bcdpm_protocol.IMPROVED_LAM_GRID),
+                     help="improved BC-DPM: lambda values tuned on the validation slices")
     run.add_argument("--bm3d_factors", type=float, nargs="+", default=list(bcdpm_protocol.BM3D_SIGMA_FACTORS),
                      help="BM3D sigma grid, in units of the validation images' RMS error in the body")
     add_runtime_arguments(run, seed_help="seed of the noise and the samplers", precision=False, device=True)
@@ -143,10 +153,13 @@ def main(argv=None):
     if args.command == "make-slices":
         manifest = slices.make_slices(args.out, args.subjects, args.seed, args.slices_per_subject,
                                       args.image_size, args.voxel_mm, args.fwhm_mm, args.val_subjects,
-                                      args.test_subjects, args.tracer)
+                                      args.test_subjects, args.tracers, args.anatomies, args.detail)
         print(f"wrote {len(manifest['slices'])} slices to {args.out}: {manifest['split']}")
         return manifest
     set_threads(args.threads)
+    if not os.path.exists(os.path.join(args.slices, "manifest.json")):
+        print(f"{args.slices}: no slice dataset; making the protocol's ({PROTOCOL_SLICES})", flush=True)
+        slices.make_slices(args.slices, **PROTOCOL_SLICES)
     settings = {name: value for name, value in vars(args).items() if name not in RUNTIME_FLAGS}
     return bcdpm_protocol.evaluate(**settings, device=runtime_device(args), log=partial(print, flush=True))
 

@@ -67,7 +67,8 @@ def evaluation(slices_dir, tmp_path_factory):
     out = work / "out"
     printed = run_script("evaluate", "--slices", slices_dir, "--prior", prior, "--out", out, "--counts", "1e6", "1e4",
                          "--l", 2, 2, "--steps", 5, "--runs", 1, "--mlem_iters", 10, "--n_test", 2, "--n_val", 1,
-                         "--bm3d_factors", 1.0, "--device", "cpu", "--threads", 1)
+                         "--bm3d_factors", 1.0, "--improved_l", 1, 2, "--improved_lams", 0, 0.5,
+                         "--device", "cpu", "--threads", 1)
     assert (out / "table.md").read_text() in printed + "\n"
     return json.loads((out / "table.json").read_text()), out
 
@@ -161,7 +162,8 @@ def test_slice_quality_matches_hand_computed_values():
 def test_paper_gains_are_the_published_ones():
     results = {method: {protocol.count_label(c): {"psnr": {"mean": values[0]}} for c, values in by_level.items()}
                for method, by_level in protocol.PAPER_TABLE1.items()}
-    results[protocol.BCDPM_FROM_LOW] = {label: {"psnr": {"mean": 40.0}} for label in ("1M", "0.3M", "0.1M")}
+    results[protocol.BCDPM_IMPROVED] = {label: {"psnr": {"mean": 40.0}} for label in ("1M", "0.3M", "0.1M")}
+    results[protocol.BCDPM_PAPER] = results.pop("BC-DPM")
     gains = protocol.gain_comparison(results, [1e6, 3e5, 1e5])
     assert [label for label, _, _, _ in gains] == ["1M", "0.3M", "0.1M"]
     assert [round(paper, 1) for _, _, _, paper in gains] == [2.7, 2.4, 1.2]
@@ -188,11 +190,18 @@ def test_evaluate_writes_the_table_with_finite_numbers(evaluation):
     assert header in table and all(f"| {method} |" in table for method in protocol.METHODS)
     assert "| 1M |" in table and "+2.69 |" in table and "| 0.01M |" in table and "n/a" in table
     gaussian = saved["results"]["Gaussian"]["1M"]["psnr"]["mean"]
-    bcdpm = saved["results"]["BC-DPM"]["1M"]["psnr"]["mean"]
-    assert saved["gain_over_gaussian_db"][0]["toolkit"] == pytest.approx(bcdpm - gaussian)
-    from_low = saved["results"][protocol.BCDPM_FROM_LOW]["1M"]["psnr"]["mean"]
-    assert saved["gain_over_gaussian_db"][0]["toolkit_start_from_low"] == pytest.approx(from_low - gaussian)
-    assert all(saved["tuned"][label]["bm3d_sigma_suv"] > 0 for label in ("1M", "0.01M"))
+    bcdpm = saved["results"][protocol.BCDPM_PAPER]["1M"]["psnr"]["mean"]
+    assert saved["gain_over_gaussian_db"][0]["toolkit_paper_algorithm"] == pytest.approx(bcdpm - gaussian)
+    improved = saved["results"][protocol.BCDPM_IMPROVED]["1M"]["psnr"]["mean"]
+    assert saved["gain_over_gaussian_db"][0]["toolkit_improved"] == pytest.approx(improved - gaussian)
+    for label in ("1M", "0.01M"):
+        tuned = saved["tuned"][label]
+        assert tuned["bm3d_sigma_suv"] > 0
+        # the improved variant's (l, lambda): the best of its validation grid
+        grid = tuned["improved"]["grid"]
+        assert {(row["l"], row["lam"]) for row in grid} == {(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)}
+        best = max(grid, key=lambda row: row["psnr_db"])
+        assert (tuned["improved"]["l"], tuned["improved"]["lam"]) == (best["l"], best["lam"])
 
 
 def test_low_count_psnr_drops_with_the_counts(evaluation):
@@ -207,8 +216,9 @@ def test_low_count_psnr_drops_with_the_counts(evaluation):
 
 def test_evaluate_rejects_a_3d_prior_and_mismatched_flags(slices_dir, tmp_path, make_tiny_checkpoint):
     prior_3d = make_tiny_checkpoint(tmp_path / "prior3d.pt", "none", voxel_mm=VOXEL_MM)
-    def evaluate(prior, steps_l):
-        protocol.evaluate(slices_dir, str(prior), tmp_path / "out", device="cpu", steps=5, steps_l=steps_l)
+    def evaluate(prior, steps_l, improved_l=(1,)):
+        protocol.evaluate(slices_dir, str(prior), tmp_path / "out", device="cpu", steps=5, steps_l=steps_l,
+                          improved_l=improved_l)
 
     with pytest.raises(ValueError, match="unconditional 2D prior"):
         evaluate(prior_3d, [1, 1, 1])
@@ -217,6 +227,8 @@ def test_evaluate_rejects_a_3d_prior_and_mismatched_flags(slices_dir, tmp_path, 
         evaluate(prior_4mm, [1, 1, 1])
     with pytest.raises(ValueError, match="one value per count level"):
         evaluate(prior_4mm, [1])
+    with pytest.raises(ValueError, match="every --improved_l must be in"):
+        evaluate(prior_4mm, [1, 1, 1], improved_l=(8,))
     assert not (tmp_path / "out").exists()
 
 

@@ -15,6 +15,7 @@ from guided_diffusion.sampling.guidance import (
     LowDoseAcquisition,
     PoissonNoiseInserter,
     model_to_volume,
+    scheduled_lambda,
     volume_to_model,
 )
 from guided_diffusion.pet.projector import make_projector
@@ -86,6 +87,29 @@ def test_hook_with_identity_filter_gives_closed_form():
     conditioner = BidirectionalConditioner(y0, ALPHAS_CUMPROD, num_steps_l=1, lam=0.25,
                                            gaussian_sigma_vox=0.0, noise_inserter=shift_inserter)
     assert torch.allclose(conditioner(x_prev, torch.tensor([0, 0])), y0 - 0.025, atol=1e-6)
+
+
+@pytest.mark.parametrize("t, expected_lam", [(3, 0.3), (2, 0.2), (1, 0.1), (0, 0.0)])
+def test_linear_lambda_schedule_falls_to_zero_at_the_last_step(t, expected_lam):
+    # GF = I and N(x) = x + 0.1: x_{t-1} = y_{t-1} - 0.1 lam_t, lam_t = 0.3 t / (l - 1) with l = 4
+    y0 = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    x_prev = torch.randn(1, 1, 4, 4)
+    conditioner = BidirectionalConditioner(y0, ALPHAS_CUMPROD, num_steps_l=4, lam=0.3, gaussian_sigma_vox=0.0,
+                                           noise_inserter=shift_inserter, lam_schedule="linear",
+                                           generator=torch.Generator().manual_seed(7))
+    abar_prev = 1.0 if t == 0 else ALPHAS_CUMPROD[t - 1]
+    eps = torch.randn(y0.shape, generator=torch.Generator().manual_seed(7)) if t else 0.0
+    y = math.sqrt(abar_prev) * y0 + math.sqrt(1 - abar_prev) * eps
+    assert scheduled_lambda(0.3, "linear", t, 4) == pytest.approx(expected_lam)
+    assert torch.allclose(conditioner(x_prev, torch.tensor([t])), y - 0.1 * expected_lam, atol=1e-6)
+
+
+def test_lambda_schedules_by_hand():
+    assert [scheduled_lambda(0.2, "constant", t, 5) for t in range(5)] == [0.2] * 5
+    assert [scheduled_lambda(0.4, "linear", t, 5) for t in range(5)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert scheduled_lambda(0.4, "linear", 0, 1) == 0.0  # l = 1: the only step is the last
+    with pytest.raises(ValueError, match="lambda schedule"):
+        scheduled_lambda(0.2, "cosine", 0, 3)
 
 
 def test_hook_acts_only_in_the_last_l_steps_of_the_sampler():

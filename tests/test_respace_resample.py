@@ -170,6 +170,24 @@ def test_uniform_sampler_weights_are_one():
     assert th.equal(w, th.ones(64))
 
 
+def test_low_noise_mixture_sampler_draws_its_mixture_with_unit_weights():
+    diffusion = spaced("100")
+    sampler = create_named_schedule_sampler("low:10:0.5", diffusion)
+    expected = np.full(100, 0.5 / 100)
+    expected[:10] += 0.5 / 10
+    np.testing.assert_allclose(sampler.weights() / sampler.weights().sum(), expected)
+    np.random.seed(0)
+    t, w = sampler.sample(20000, th.device("cpu"))
+    assert abs(float((t < 10).float().mean()) - 0.55) < 0.015  # 0.5 + 0.5 * 10 / 100
+    assert int(t.max()) >= 90 and th.equal(w, th.ones(20000))
+
+
+@pytest.mark.parametrize("name", ["low:10", "low:0:0.5", "low:101:0.5", "low:10:1.5", "low:a:b"])
+def test_low_noise_mixture_sampler_rejects_bad_names(name):
+    with pytest.raises(ValueError, match="low:N:P"):
+        create_named_schedule_sampler(name, spaced("100"))
+
+
 def fill_history(sampler, rng):
     """Give every step a full history of losses loss = (t + 1) * u, u in [0.5, 1.5)."""
     T, H = sampler._loss_history.shape

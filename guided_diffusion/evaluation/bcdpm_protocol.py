@@ -8,8 +8,11 @@ is scaled to the count level and Poisson noise drawn; MLEM with the randoms in t
 gives the low-count image. Methods (:data:`METHODS`): the low-count image itself, a 2D Gaussian
 and BM3D (tuned per count level on validation slices, :func:`tune_baselines`), and BC-DPM
 (:func:`bcdpm_denoise`, the toolkit's :class:`~guided_diffusion.sampling.guidance.BCDPMFactory`
-on a :class:`~guided_diffusion.sampling.guidance.KnownAcquisition`), from pure noise and
-started from the diffused low-count image. Metrics per slice: :func:`slice_quality`. Output
+on a :class:`~guided_diffusion.sampling.guidance.KnownAcquisition`) in two variants: as the
+paper states it (Algorithm 2: pure noise, constant lambda, the paper's l) and the toolkit's
+improved variant (started from the diffused low-count image, lambda falling to 0 at the last
+step, l and lambda tuned per count level on the validation slices, :func:`tune_improved`).
+Metrics per slice: :func:`slice_quality`. Output
 (:func:`evaluate`): ``table.md`` (:func:`markdown_table`), ``table.json`` and ``example.png``
 (:func:`save_example`).
 """
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import baselines, metrics
 from .statistics import describe, finite_or_none
+from ..checkpoint_hub import portable_paths
 from ..checkpoints import load_model_and_diffusion
 from ..normalisation import model_to_suv, saturation_suv, suv_to_model
 from ..pet import simulate
@@ -40,8 +44,11 @@ RANDOMS_FRACTION = 0.2            # uniform randoms = 20 % of the trues (the pap
 BODY_SUV_THRESHOLD = 0.05         # body voxels (for the BM3D sigma grid)
 GAUSSIAN_SIGMA_GRID_VOX = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 BM3D_SIGMA_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-BCDPM_FROM_LOW = "BC-DPM, start from low-count"
-METHODS = ("MLEM (low-count)", "Gaussian", "BM3D", "BC-DPM", BCDPM_FROM_LOW)
+BCDPM_PAPER = "BC-DPM (paper, Algorithm 2)"
+BCDPM_IMPROVED = "BC-DPM, improved"
+METHODS = ("MLEM (low-count)", "Gaussian", "BM3D", BCDPM_PAPER, BCDPM_IMPROVED)
+IMPROVED_L_GRID = (2, 4, 8)
+IMPROVED_LAM_GRID = (0.0, 0.3, 0.6)
 METRICS_NOTE = ("2D, UDPET convention: PSNR 20 log10(max ref / RMSE); SSIM on images / own max, "
                 "data_range 1, 7x7 window; whole image")
 
@@ -134,14 +141,15 @@ def tune_baselines(val_low, val_ref, bm3d_factors=BM3D_SIGMA_FACTORS):
 
 
 def bcdpm_denoise(model, diffusion, normalisation, acquisition, index, *, steps_l, lam, gf_sigma_vox, runs,
-                  inserter_iters, seed, start_from_low=False):
+                  inserter_iters, seed, start_from_low=False, lam_schedule="constant"):
     """BC-DPM of slice ``index`` of ``acquisition``: mean of ``runs`` samples, ``(X, Y)`` SUV.
 
     The ``runs`` samples are one batch; the hook is :class:`BCDPMFactory`'s (``l = steps_l``,
     Gaussian-filter sigma ``gf_sigma_vox`` voxels, ``P^+`` = ``inserter_iters`` MLEM
-    iterations). ``start_from_low``: the toolkit's ``--bc_start``: begin at step ``l - 1`` from
-    the low-count image diffused to that step (:func:`diffused_start`), instead of running the
-    ``steps - l`` unconditioned steps from pure noise.
+    iterations, ``lam_schedule`` over the l steps). ``start_from_low``: the toolkit's
+    ``--bc_start``: begin at step ``l - 1`` from the low-count image diffused to that step
+    (:func:`diffused_start`), instead of running the ``steps - l`` unconditioned steps from
+    pure noise.
     """
     device = next(model.parameters()).device
     low = torch.as_tensor(acquisition.low[index], device=device)
@@ -149,7 +157,7 @@ def bcdpm_denoise(model, diffusion, normalisation, acquisition, index, *, steps_
     generator = torch.Generator(device=device).manual_seed(seed)
     factory = BCDPMFactory(acquisition.known(index, normalisation), num_steps_l=steps_l, lam=lam,
                            sigma_mm=gf_sigma_vox * acquisition.voxel_mm, recon_iters=inserter_iters,
-                           recon_subsets=1)
+                           recon_subsets=1, lam_schedule=lam_schedule)
     hook = factory(y0, diffusion, generator)
     start = dict(noise=None, start_t=None)
     if start_from_low:
@@ -159,6 +167,35 @@ def bcdpm_denoise(model, diffusion, normalisation, acquisition, index, *, steps_
         samples = diffusion.p_sample_loop(model, tuple(y0.shape), clip_denoised=True, device=device,
                                           step_hook=hook, generator=generator, **start)
     return model_to_suv(samples, normalisation).clamp_min(0).mean(dim=0)[0].cpu().numpy()
+
+
+def bcdpm_image(sample, gaussian, clip_suv):
+    """BC-DPM's output where the prior represents it, the tuned Gaussian image above 0.75 x
+    its saturation SUV (``scripts/test.py``'s hot passthrough)."""
+    return replace_hot_voxels(sample, gaussian, gaussian, clip_suv)
+
+
+def tune_improved(prior, acquisition, references, gaussian_sigma_vox, *, l_grid, lam_grid, runs, inserter_iters,
+                  seed):
+    """The improved variant's best ``(l, lambda)`` for mean PSNR on validation slices
+    ``references`` (scanned as ``acquisition``), the Gaussian condition at the tuned Gaussian
+    sigma: ``dict(l, lam, psnr_db, grid)``. ``prior`` is ``(model, diffusion, normalisation)``."""
+    model, diffusion, normalisation = prior
+    clip_suv = saturation_suv(normalisation)
+    grid = []
+    for steps_l in l_grid:
+        for lam in lam_grid:
+            scores = []
+            for index, reference in enumerate(references):
+                sample = bcdpm_denoise(model, diffusion, normalisation, acquisition, index, steps_l=steps_l, lam=lam,
+                                       gf_sigma_vox=gaussian_sigma_vox, runs=runs, inserter_iters=inserter_iters,
+                                       seed=derived_seed(seed, 4, steps_l, index), start_from_low=True,
+                                       lam_schedule="linear")
+                gaussian = gaussian_2d(acquisition.low[index], gaussian_sigma_vox)
+                scores.append(slice_quality(reference, bcdpm_image(sample, gaussian, clip_suv))[0])
+            grid.append(dict(l=int(steps_l), lam=float(lam), psnr_db=float(np.mean(scores))))
+    best = max(grid, key=lambda row: row["psnr_db"])
+    return dict(best, grid=grid)
 
 
 def load_prior(path, steps, device):
@@ -177,17 +214,17 @@ def load_prior(path, steps, device):
 
 
 def gain_comparison(results, counts):
-    """Rows ``(label, ours, ours_from_low, paper)`` of the BC-DPM PSNR gain over Gaussian (as in
-    the paper, and started from the low-count image; paper: None if absent)."""
+    """Rows ``(label, paper variant, improved, published)`` of the BC-DPM PSNR gain over
+    Gaussian (the toolkit's two variants; the paper's published gain, None if absent)."""
     rows = []
     for level in counts:
         label = count_label(level)
         gaussian = results["Gaussian"][label]["psnr"]["mean"]
-        ours, from_low = (results[m][label]["psnr"]["mean"] - gaussian for m in ("BC-DPM", BCDPM_FROM_LOW))
+        ours, improved = (results[m][label]["psnr"]["mean"] - gaussian for m in (BCDPM_PAPER, BCDPM_IMPROVED))
         paper = None
         if level in PAPER_TABLE1["BC-DPM"]:
             paper = PAPER_TABLE1["BC-DPM"][level][0] - PAPER_TABLE1["Gaussian"][level][0]
-        rows.append((label, ours, from_low, paper))
+        rows.append((label, ours, improved, paper))
     return rows
 
 
@@ -202,14 +239,15 @@ def markdown_table(results, counts, tuned, n_test):
                  for label in labels]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "BC-DPM gain over Gaussian (PSNR, dB):", "",
-              "| Count level | this toolkit | this toolkit, start from low-count | paper |",
+              "| Count level | toolkit, paper's algorithm | toolkit, improved | published (paper) |",
               "|---|---:|---:|---:|"]
-    for label, ours, from_low, paper in gain_comparison(results, counts):
-        lines.append(f"| {label} | {ours:+.2f} | {from_low:+.2f} | "
+    for label, ours, improved, paper in gain_comparison(results, counts):
+        lines.append(f"| {label} | {ours:+.2f} | {improved:+.2f} | "
                      f"{'n/a' if paper is None else f'{paper:+.2f}'} |")
     lines += ["", "Tuned on the validation slices (best mean PSNR):", ""]
     lines += [f"- {label}: Gaussian sigma {tuned[label]['gaussian_sigma_vox']:g} voxels, "
-              f"BM3D sigma {tuned[label]['bm3d_sigma_suv']:.4g} SUV" for label in labels]
+              f"BM3D sigma {tuned[label]['bm3d_sigma_suv']:.4g} SUV, improved BC-DPM l "
+              f"{tuned[label]['improved']['l']} lambda {tuned[label]['improved']['lam']:g}" for label in labels]
     return "\n".join(lines) + "\n"
 
 
@@ -244,8 +282,11 @@ def save_example(path, reference, examples, counts, quality):
 # ----------------------------------------------------------------------------- evaluate
 
 
-def check_settings(counts, steps_l, *, n_test, n_val, runs, steps, mlem_iters, bm3d_factors):
+def check_settings(counts, steps_l, *, n_test, n_val, runs, steps, mlem_iters, bm3d_factors,
+                   improved_l=IMPROVED_L_GRID, improved_lams=IMPROVED_LAM_GRID):
     """ValueError for settings :func:`evaluate` cannot run (before anything is loaded)."""
+    if any(not 1 <= value <= steps for value in improved_l) or any(not 0 <= v <= 1 for v in improved_lams):
+        raise ValueError(f"every --improved_l must be in [1, --steps={steps}] and every --improved_lams in [0, 1]")
     if len(steps_l) != len(counts):
         raise ValueError(f"--l needs one value per count level: {len(steps_l)} for {len(counts)} levels")
     if any(c <= 0 for c in counts) or runs < 1 or steps < 1 or mlem_iters < 1:
@@ -268,7 +309,8 @@ def load_checked_prior(prior, steps, device, voxel_mm, slices):
 
 def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 10, 15), n_test=20, n_val=4,
              runs=5, steps=100, lam=0.2, mlem_iters=100, inserter_iters=None, gf_sigma_vox=None,
-             bm3d_factors=BM3D_SIGMA_FACTORS, seed=0, log=print):
+             bm3d_factors=BM3D_SIGMA_FACTORS, improved_l=IMPROVED_L_GRID, improved_lams=IMPROVED_LAM_GRID,
+             seed=0, log=print):
     """Run the protocol on the slice dataset ``slices`` with the 2D prior ``prior``; write
     ``table.md``, ``table.json`` and ``example.png`` to ``out`` and return the report (what
     ``table.json`` holds). The arguments are the ``evaluate`` command's flags (``steps_l`` is
@@ -276,7 +318,7 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
     counts = [float(c) for c in counts]
     steps_l, bm3d_factors = list(steps_l), list(bm3d_factors)
     check_settings(counts, steps_l, n_test=n_test, n_val=n_val, runs=runs, steps=steps, mlem_iters=mlem_iters,
-                   bm3d_factors=bm3d_factors)
+                   bm3d_factors=bm3d_factors, improved_l=improved_l, improved_lams=improved_lams)
     inserter_iters = mlem_iters if inserter_iters is None else inserter_iters
     device = torch.device(device)
     voxel_mm = float(read_manifest(slices)["voxel_mm"])
@@ -295,6 +337,9 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
                           [derived_seed(seed, 1, level_index, i) for i in range(len(val_ref))], device)
         tuned[label] = tune_baselines(val.low, val_ref, bm3d_factors)
         level_sigma = tuned[label]["gaussian_sigma_vox"] if gf_sigma_vox is None else gf_sigma_vox
+        tuned[label]["improved"] = improved = tune_improved(
+            (model, diffusion, normalisation), val, val_ref, level_sigma, l_grid=improved_l, lam_grid=improved_lams,
+            runs=runs, inserter_iters=inserter_iters, seed=derived_seed(seed, 5, level_index))
         test = Acquisition(test_ref, level, voxel_mm, mlem_iters,
                            [derived_seed(seed, 2, level_index, i) for i in range(len(test_ref))], device)
         acquisitions[label] = dict(mean_measured_counts=float(test.measured_counts.mean()))
@@ -306,13 +351,14 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
                 "Gaussian": gaussian_2d(low, tuned[label]["gaussian_sigma_vox"]),
                 "BM3D": bm3d_2d(low, tuned[label]["bm3d_sigma_suv"]),
             }
-            for method, from_low in (("BC-DPM", False), (BCDPM_FROM_LOW, True)):
-                sample = bcdpm_denoise(
-                    model, diffusion, normalisation, test, index, steps_l=level_l, lam=lam,
-                    gf_sigma_vox=level_sigma, runs=runs, inserter_iters=inserter_iters,
-                    seed=derived_seed(seed, 3, level_index, index), start_from_low=from_low)
-                # above the prior's SUV range: the tuned Gaussian (scripts/test.py's hot passthrough)
-                images[method] = replace_hot_voxels(sample, images["Gaussian"], images["Gaussian"], clip_suv)
+            variants = {BCDPM_PAPER: dict(steps_l=level_l, lam=lam),
+                        BCDPM_IMPROVED: dict(steps_l=improved["l"], lam=improved["lam"], start_from_low=True,
+                                             lam_schedule="linear")}
+            for method, variant in variants.items():
+                sample = bcdpm_denoise(model, diffusion, normalisation, test, index, gf_sigma_vox=level_sigma,
+                                       runs=runs, inserter_iters=inserter_iters,
+                                       seed=derived_seed(seed, 3, level_index, index), **variant)
+                images[method] = bcdpm_image(sample, images["Gaussian"], clip_suv)
             for method, image in images.items():
                 scores[method].append(slice_quality(reference, image))
             if index == 0:
@@ -329,13 +375,14 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
         results=results, tuned=tuned, acquisitions=acquisitions, test_slices=test_names,
         paper_table1={method: {count_label(c): v for c, v in by_level.items()}
                       for method, by_level in PAPER_TABLE1.items()},
-        gain_over_gaussian_db=[dict(counts=label, toolkit=ours, toolkit_start_from_low=from_low, paper=paper)
-                               for label, ours, from_low, paper in gain_comparison(results, counts)],
+        gain_over_gaussian_db=[dict(counts=label, toolkit_paper_algorithm=ours, toolkit_improved=improved, paper=paper)
+                               for label, ours, improved, paper in gain_comparison(results, counts)],
         settings=dict(counts=counts, l=steps_l, lam=lam, steps=steps, runs=runs, mlem_iters=mlem_iters,
+                      improved_l=list(improved_l), improved_lams=list(improved_lams),
                       inserter_iters=inserter_iters, gf_sigma_vox=gf_sigma_vox, bm3d_factors=bm3d_factors,
                       n_test=len(test_ref), n_val=len(val_ref), seed=seed, scanner=SCANNER,
-                      randoms_fraction=RANDOMS_FRACTION, voxel_mm=voxel_mm, prior=os.path.abspath(prior),
-                      prior_sha256=metadata["sha256"], slices=os.path.abspath(slices), device=str(device),
+                      randoms_fraction=RANDOMS_FRACTION, voxel_mm=voxel_mm, prior=portable_paths(os.path.abspath(prior)),
+                      prior_sha256=metadata["sha256"], slices=portable_paths(os.path.abspath(slices)), device=str(device),
                       metrics=METRICS_NOTE),
     ))
     atomic_write_bytes(os.path.join(out, "table.json"), json.dumps(report, indent=2) + "\n")

@@ -26,7 +26,7 @@ import numpy as np
 
 from .dataset_manifest import SPLIT_NAMES
 from .filters import fwhm_to_sigma, gaussian_filter
-from .phantoms import make_phantom
+from .phantoms import ANATOMIES, ANATOMY_FOV_MM, make_phantom
 from .projector import make_projector
 from .volumes import atomic_write, atomic_write_bytes
 
@@ -42,15 +42,18 @@ def derived_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-def body_slice_indices(activity, n_slices, rng):
+def body_slice_indices(activity, n_slices, rng, at_most=False):
     """``n_slices`` axial indices of ``activity`` ``(X, Y, Z)``, stratified over the body.
 
     The body's extent is the Z range whose slices hold >= 10 % of the busiest slice's activity;
-    it is cut into ``n_slices`` equal strata and one slice drawn uniformly in each.
+    it is cut into ``n_slices`` equal strata and one slice drawn uniformly in each. A body
+    shorter than ``n_slices`` is an error, unless ``at_most`` (then every slice of it is drawn).
     """
     per_slice = activity.sum(axis=(0, 1))
     inside = np.flatnonzero(per_slice >= BODY_AXIAL_THRESHOLD * per_slice.max())
     low, high = int(inside[0]), int(inside[-1]) + 1
+    if at_most:
+        n_slices = min(n_slices, high - low)
     if high - low < n_slices:
         raise ValueError(f"the body spans {high - low} slices, fewer than the {n_slices} requested")
     edges = np.linspace(low, high, n_slices + 1)
@@ -87,13 +90,37 @@ def save_slice(path, image, affine):
     atomic_write(path, write, ".npz")
 
 
+def subject_kind(seed, index, tracers, anatomies, detail):
+    """Subject ``index``'s ``(tracer, anatomy, detail)``: drawn uniformly from ``tracers`` and
+    ``anatomies`` (a stream of its own, so one tracer and one anatomy give the same phantoms as
+    without the choice); ``detail`` applies to the whole body only."""
+    rng = np.random.default_rng(derived_seed(seed, index, 2))
+    tracer = tracers[int(rng.integers(len(tracers)))]
+    anatomy = anatomies[int(rng.integers(len(anatomies)))]
+    return tracer, anatomy, bool(detail and anatomy == "whole_body")
+
+
+def subject_phantom(subject_seed, voxel_mm, fov_mm, tracer, anatomy, detail):
+    """The phantom of one subject on a ``fov_mm`` transaxial grid: the whole body over
+    :data:`PHANTOM_AXIAL_FOV_MM`, other anatomies over their own axial extent."""
+    axial_mm = PHANTOM_AXIAL_FOV_MM if anatomy == "whole_body" else ANATOMY_FOV_MM[anatomy][2]
+    return make_phantom(subject_seed, voxel_mm=voxel_mm, tracer=tracer, fov_mm=(fov_mm, fov_mm, axial_mm),
+                        anatomy=anatomy, detail=detail)
+
+
 def make_slices(out, subjects, seed, slices_per_subject=10, image_size=128, voxel_mm=4.0, fwhm_mm=6.0,
-                val_subjects=1, test_subjects=None, tracer="FDG"):
+                val_subjects=1, test_subjects=None, tracers=("FDG",), anatomies=("whole_body",), detail=False):
     """Write the slice dataset to ``out`` (see the module docstring) and return its manifest.
 
     ``test_subjects`` defaults to ``ceil(subjects / 7)`` (the paper's 60 : 10 ratio); the
-    transaxial field of view ``image_size * voxel_mm`` must hold a body (>= 400 mm).
+    transaxial field of view ``image_size * voxel_mm`` must hold a body (>= 400 mm). Each
+    subject's tracer and anatomy are drawn from ``tracers`` and ``anatomies``
+    (:func:`subject_kind`); ``detail`` adds the whole body's fine structures.
     """
+    tracers, anatomies = list(tracers), list(anatomies)
+    unknown = [a for a in anatomies if a not in ANATOMIES]
+    if not tracers or not anatomies or unknown:
+        raise ValueError(f"need one or more tracers and anatomies from {ANATOMIES}, got {tracers} and {anatomies}")
     if subjects < 1 or slices_per_subject < 1 or image_size < 8:
         raise ValueError("need subjects >= 1, slices_per_subject >= 1 and image_size >= 8")
     if not (voxel_mm > 0 and fwhm_mm >= 0):
@@ -109,10 +136,11 @@ def make_slices(out, subjects, seed, slices_per_subject=10, image_size=128, voxe
     entries = []
     for index in range(subjects):
         subject_seed = derived_seed(seed, index)
-        phantom = make_phantom(subject_seed, voxel_mm=voxel_mm, tracer=tracer,
-                               fov_mm=(fov_mm, fov_mm, PHANTOM_AXIAL_FOV_MM))
+        tracer, anatomy, subject_detail = subject_kind(seed, index, tracers, anatomies, detail)
+        phantom = subject_phantom(subject_seed, voxel_mm, fov_mm, tracer, anatomy, subject_detail)
         rng = np.random.default_rng(derived_seed(seed, index, 1))
-        for z in body_slice_indices(phantom.activity, slices_per_subject, rng):
+        # the head and dead leaves span ~50 slices at 4 mm: at most that many from them
+        for z in body_slice_indices(phantom.activity, slices_per_subject, rng, at_most=anatomy != "whole_body"):
             name = os.path.join("slices", f"s{index:04d}_z{z:03d}.npz")
             affine = phantom.affine.copy()
             affine[:3, 3] += affine[:3, 2] * z  # voxel (i, j, 0) of the slice is voxel (i, j, z)
@@ -120,11 +148,13 @@ def make_slices(out, subjects, seed, slices_per_subject=10, image_size=128, voxe
                        affine)
             lists[split[index]].append(name)
             entries.append(dict(file=name, subject=index, subject_seed=subject_seed, z=z,
-                                z_mm=float(affine[2, 3]), split=split[index]))
+                                z_mm=float(affine[2, 3]), split=split[index], tracer=tracer, anatomy=anatomy,
+                                detail=subject_detail))
     for name, files in lists.items():
         atomic_write_bytes(os.path.join(out, f"{name}.txt"), "".join(f + "\n" for f in files))
     manifest = dict(protocol=PROTOCOL, seed=seed, subjects=subjects, slices_per_subject=slices_per_subject,
-                    image_size=image_size, voxel_mm=voxel_mm, fwhm_mm=fwhm_mm, tracer=tracer,
+                    image_size=image_size, voxel_mm=voxel_mm, fwhm_mm=fwhm_mm, tracers=tracers,
+                    anatomies=anatomies, detail=bool(detail),
                     split={name: len(files) for name, files in lists.items()}, slices=entries)
     atomic_write_bytes(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -7,6 +7,7 @@ parsed arguments into the resolver's ``given`` dicts.
 """
 
 from ..script_util import str2bool
+from .guidance import LAMBDA_SCHEDULES
 from .hot_voxels import HOT_MODES
 from .settings import ACQUISITION_DEFAULTS, BC_STEPS_BY_NOISE, DEFAULTS
 
@@ -46,6 +47,10 @@ def add_guidance_arguments(parser):
     group.add_argument("--bc_sigma_mm", type=float, default=None,
                        help="BC-DPM Gaussian-filter condition sigma in mm (default: as --bc_lambda; "
                             f"without a table {D['bc_sigma_mm']})")
+    group.add_argument("--bc_lam_schedule", choices=LAMBDA_SCHEDULES, default=None,
+                       help="BC-DPM lambda over the l steps: constant (the paper's Algorithm 2) or linear "
+                            "(to 0 at the last step: the toolkit's improved variant with --bc_start; "
+                            "default: the checkpoint's recommendation, else constant)")
     group.add_argument("--bc_start", type=str2bool, nargs="?", const=True, default=None,
                        help="start the reverse process at step l from the diffused low-dose volume "
                             "instead of pure noise (skips the T-l unconditioned steps; default: the "

@@ -40,6 +40,23 @@ from ..pet.projector import make_projector
 from ..pet.recon import osem, osem_sensitivities
 
 
+LAMBDA_SCHEDULES = ("constant", "linear")
+"""``constant``: the paper's lambda at every conditioned step (Algorithm 2); ``linear``: the
+toolkit's improved variant, lambda falling linearly to 0 at the last step (nothing denoises
+after the last step, so its noise-insertion term would stay in the image)."""
+
+
+def scheduled_lambda(lam, schedule, t, num_steps_l):
+    """lambda at step index ``t`` of the last ``num_steps_l`` (``t = l - 1 .. 0``): ``lam``
+    (constant), or ``lam * t / (l - 1)`` (linear: ``lam`` at the first conditioned step, 0 at
+    the last; 0 throughout when ``l = 1``)."""
+    if schedule not in LAMBDA_SCHEDULES:
+        raise ValueError(f"unknown lambda schedule {schedule!r}; choose one of {LAMBDA_SCHEDULES}")
+    if schedule == "constant":
+        return float(lam)
+    return float(lam) * t / (num_steps_l - 1) if num_steps_l > 1 else 0.0
+
+
 def step_index(t):
     """The (common) respaced step index of a sampler's ``t`` (int or tensor of equal values)."""
     if torch.is_tensor(t):
@@ -62,6 +79,7 @@ class BidirectionalConditioner:
     :param lam: balance ``lambda`` in [0, 1] between the Gaussian-filter condition (weight
         ``1 - lam``) and the noise-insertion condition (``lam``). With ``lam == 0`` the noise
         inserter is never called.
+    :param lam_schedule: one of :data:`LAMBDA_SCHEDULES` (:func:`scheduled_lambda`).
     :param gaussian_sigma_vox: Gaussian filter sigma in voxels, scalar or per spatial axis
         (``(Z, X, Y)`` or ``(X, Y)``).
     :param noise_inserter: ``N``, a callable on model-layout tensors (e.g.
@@ -71,7 +89,8 @@ class BidirectionalConditioner:
     """
 
     def __init__(self, y0, alphas_cumprod, *, num_steps_l, lam=0.2, gaussian_sigma_vox,
-                 noise_inserter, generator=None):
+                 noise_inserter, generator=None, lam_schedule="constant"):
+        scheduled_lambda(lam, lam_schedule, 0, 1)  # checks the schedule's name
         if not 0.0 <= float(lam) <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if int(num_steps_l) < 0:
@@ -87,6 +106,7 @@ class BidirectionalConditioner:
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         self.num_steps_l = int(num_steps_l)
         self.lam = float(lam)
+        self.lam_schedule = lam_schedule
         self.gaussian_sigma_vox = gaussian_sigma_vox
         self.noise_inserter = noise_inserter
         self.generator = generator
@@ -113,14 +133,15 @@ class BidirectionalConditioner:
             raise ValueError(
                 f"sample shape {tuple(x_prev.shape)} differs from y0 {tuple(self.y0.shape)}"
             )
+        lam = scheduled_lambda(self.lam, self.lam_schedule, t, self.num_steps_l)
         with torch.no_grad():
             y = self.diffused_y(t).to(device=x_prev.device, dtype=x_prev.dtype)
             # (1-lam)(GF(y) + x' - GF(x')) + lam(y + x' - N(x')) = x' + (1-lam) GF(y - x') + lam (y - N(x'))
             result = x_prev
-            if self.lam < 1.0:
-                result = result + (1.0 - self.lam) * gaussian_filter(y - x_prev, self.gaussian_sigma_vox)
-            if self.lam > 0.0:
-                result = result + self.lam * (y - self.noise_inserter(x_prev))
+            if lam < 1.0:
+                result = result + (1.0 - lam) * gaussian_filter(y - x_prev, self.gaussian_sigma_vox)
+            if lam > 0.0:
+                result = result + lam * (y - self.noise_inserter(x_prev))
         return result
 
 
@@ -301,14 +322,17 @@ class BCDPMFactory:
 
     :param acquisition: :class:`LowDoseAcquisition` or :class:`KnownAcquisition`.
     :param num_steps_l, lam: BC-DPM's ``l`` and ``lambda``.
+    :param lam_schedule: ``constant`` (the paper) or ``linear`` (to 0 at the last step).
     :param sigma_mm: Gaussian-filter condition sigma in mm (converted per axis with the
         acquisition's voxel size).
     """
 
-    def __init__(self, acquisition, *, num_steps_l, lam, sigma_mm, recon_iters, recon_subsets):
+    def __init__(self, acquisition, *, num_steps_l, lam, sigma_mm, recon_iters, recon_subsets,
+                 lam_schedule="constant"):
         self.acquisition = acquisition
         self.num_steps_l = int(num_steps_l)
         self.lam = float(lam)
+        self.lam_schedule = lam_schedule
         self.sigma_mm = float(sigma_mm)
         self.recon_iters = int(recon_iters)
         self.recon_subsets = int(recon_subsets)
@@ -341,7 +365,7 @@ class BCDPMFactory:
         return BidirectionalConditioner(
             y0, diffusion.alphas_cumprod, num_steps_l=self.num_steps_l, lam=self.lam,
             gaussian_sigma_vox=self.sigma_vox(y0.ndim), noise_inserter=inserter,
-            generator=generator)
+            generator=generator, lam_schedule=self.lam_schedule)
 
 
 class HookChain:

@@ -26,7 +26,7 @@ from ..pet import dataset_manifest
 from .data_consistency import DataConsistencyFactory
 from .denoiser import SamplingSettings, VolumeDenoiser, is_null_conditioned_prior, serves_as_prior
 from .fusion import noise_index
-from .guidance import BCDPMFactory, LowDoseAcquisition, chain_factories
+from .guidance import LAMBDA_SCHEDULES, BCDPMFactory, LowDoseAcquisition, chain_factories
 from .hot_voxels import HOT_MODES
 
 MODES = ("paired", "bcdpm", "hybrid")
@@ -39,14 +39,15 @@ DEFAULTS = dict(
     patch_z=None, patch_overlap=8, max_patch_voxels=None, batch_size=1, stitch="seamfree",
     precision="auto", hot_voxels="rescale", fusion_kappa=0.0,
     bc_steps=BC_STEPS_BY_NOISE["medium"], bc_lambda=0.2, bc_sigma_mm=4.0, bc_start=False,
-    bc_recon_iters=2, bc_recon_subsets=8, dc_steps=0, dc_iters=1, dc_subsets=1,
+    bc_lam_schedule="constant", bc_recon_iters=2, bc_recon_subsets=8, dc_steps=0, dc_iters=1, dc_subsets=1,
 )
 """The last layer. ``use_ddim`` None: DDIM when the respacing is ``"ddimN"``; ``patch_z``
 None: the checkpoint's training patch depth; ``precision`` auto: the checkpoint's
-``use_fp16`` on CUDA, bf16 on a CPU; ``fusion_kappa`` 0: off; ``bc_lambda`` 0.2: the paper's."""
+``use_fp16`` on CUDA, bf16 on a CPU; ``fusion_kappa`` 0: off; ``bc_lambda`` 0.2 and
+``bc_lam_schedule`` constant: the paper's."""
 
 SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "fusion_kappa",
-                "bc_steps", "bc_start")
+                "bc_steps", "bc_start", "bc_lam_schedule")
 """Keys a checkpoint sidecar's ``sampling`` may recommend."""
 
 TUNED_KEYS = dict(bc_lambda=float, bc_sigma_mm=float, bc_steps=int, hot_voxels=str)
@@ -164,6 +165,8 @@ def check_settings(resolved, num_timesteps):
         raise ValueError(f"--hot_voxels must be one of {HOT_MODES}, got {v['hot_voxels']!r}")
     if not 0.0 <= v["bc_lambda"] <= 1.0:
         raise ValueError(f"--bc_lambda must lie in [0, 1], got {v['bc_lambda']}")
+    if v["bc_lam_schedule"] not in LAMBDA_SCHEDULES:
+        raise ValueError(f"--bc_lam_schedule must be one of {LAMBDA_SCHEDULES}, got {v['bc_lam_schedule']!r}")
     for key in ("patch_overlap", "batch_size", "bc_recon_iters", "bc_recon_subsets"):
         if v[key] < (0 if key == "patch_overlap" else 1):
             raise ValueError(f"--{key} must be >= {0 if key == 'patch_overlap' else 1}, got {v[key]}")
@@ -257,7 +260,7 @@ def guidance_factory(resolved, metadata, acquisition=None):
         acquisition = LowDoseAcquisition(normalisation=metadata["normalisation"],
                                          voxel_mm=metadata["voxel_mm"], **acquisition)
     bc = BCDPMFactory(acquisition, num_steps_l=v["bc_steps"], lam=v["bc_lambda"],
-                      sigma_mm=v["bc_sigma_mm"], recon_iters=v["bc_recon_iters"],
+                      lam_schedule=v["bc_lam_schedule"], sigma_mm=v["bc_sigma_mm"], recon_iters=v["bc_recon_iters"],
                       recon_subsets=v["bc_recon_subsets"]) if use_bc else None
     dc = DataConsistencyFactory(acquisition, num_steps=v["dc_steps"], iters=v["dc_iters"],
                                 subsets=v["dc_subsets"], use_ddim=v["use_ddim"]) if use_dc else None
