@@ -392,18 +392,26 @@ def write_sha256sums(directory):
     atomic_write_bytes(os.path.join(directory, "SHA256SUMS"), lines)
 
 
-def package(source, name, dest, sampling=None, validation=None, training_data=None):
+#: Flags a packaged checkpoint may change: they act at sampling only, not on the trained weights.
+SAMPLING_ONLY_FLAGS = ("sigma_small",)
+
+
+def package(source, name, dest, sampling=None, validation=None, training_data=None, flags=None):
     """Copy ``source`` (a state_dict .pt with a training sidecar) to ``dest/NAME.pt`` + JSON.
 
     :param sampling: recommended sampling flags, merged over the training sidecar's.
     :param validation: JSON-able validation numbers recorded in the sidecar.
     :param training_data: the model card's dataset description (e.g. ``description``,
         ``generator``, ``commands``, ``reproduce``), merged over the training sidecar's.
+    :param flags: new values of :data:`SAMPLING_ONLY_FLAGS` (e.g. ``sigma_small``).
     :return: ``(path of the new .pt, its sidecar dict)``.
     """
     metadata = read_metadata(source)
     if metadata is None:
         raise ValueError(f"{source}: no JSON sidecar ({sidecar_path(source)}); package training checkpoints")
+    unknown = sorted(set(flags or {}) - set(SAMPLING_ONLY_FLAGS))
+    if unknown:
+        raise ValueError(f"--flags {unknown}: only the sampling-only flags {list(SAMPLING_ONLY_FLAGS)} may change")
     state = torch.load(source, map_location="cpu", weights_only=True)
     state = {k: v.float().contiguous() for k, v in state.items()}
     target = os.path.join(dest, name + ".pt")
@@ -416,6 +424,7 @@ def package(source, name, dest, sampling=None, validation=None, training_data=No
         sha256=sha256_file(target),
         licence=LICENCE,
         sampling=dict(metadata.get("sampling", {}), **(sampling or {})),
+        flags=dict(metadata["flags"], **(flags or {})),
     )
     if validation is not None:
         card["validation"] = validation

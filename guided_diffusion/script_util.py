@@ -37,9 +37,12 @@ SR_FALLBACK_CHANNEL_MULT = (1, 1, 2, 3, 4)
 
 
 def diffusion_defaults():
-    """Defaults for the diffusion process (upstream)."""
+    """Defaults for the diffusion process (upstream; ``sigma_small``, as in improved-diffusion:
+    sample with the posterior variance instead of beta_t when the variance is not learned; it
+    changes sampling only, not the MSE training)."""
     return dict(
         learn_sigma=False,
+        sigma_small=False,
         diffusion_steps=1000,
         noise_schedule="linear",
         timestep_respacing="",
@@ -199,6 +202,7 @@ def create_model_and_diffusion(
     unet_layout="auto",
     predict_v=False,
     regression=False,
+    sigma_small=False,
 ):
     """Build (UNetModel, SpacedDiffusion) from the model_and_diffusion_defaults() flags."""
     model = create_model(
@@ -225,6 +229,7 @@ def create_model_and_diffusion(
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
         learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
         noise_schedule=noise_schedule,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
@@ -319,6 +324,7 @@ def sr_create_model_and_diffusion(
     predict_residual=False,
     predict_v=False,
     regression=False,
+    sigma_small=False,
 ):
     """Build (SuperResModel, SpacedDiffusion) from sr_model_and_diffusion_defaults() flags."""
     model = sr_create_model(
@@ -347,6 +353,7 @@ def sr_create_model_and_diffusion(
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
         learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
         noise_schedule=noise_schedule,
         use_kl=use_kl,
         predict_xstart=predict_xstart,

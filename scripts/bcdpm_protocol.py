@@ -27,7 +27,7 @@ Subcommands
 
 ``evaluate --out OUTDIR [--slices DIR] [--prior CKPT] [--counts 1e6 3e5 1e5] [--n_test 20]
 [--n_val 4] [--runs 5] [--steps 100] [--lam 0.2] [--l 5 10 15] [--mlem_iters 100]
-[--inserter_iters N] [--gf_sigma_vox S] [--improved_l 2 4 8] [--improved_lams 0 0.3 0.6]
+[--inserter_iters N] [--gf_sigma_vox S] [--paper_n_test N] [--improved_l 2 4 8] [--improved_lams 0 0.3 0.6]
 [--bm3d_factors F ...] [--seed 0] [--threads N]
 [--device cuda]``
     For every count level and slice (test slices, and validation slices for tuning): the
@@ -120,6 +120,15 @@ def create_argparser():
                       help="phantom anatomies, one drawn per subject")
     make.add_argument("--detail", action="store_true", help="whole body: fine structures (vessels, nodes, ...)")
 
+    stack = commands.add_parser("make-stack", help="a NIfTI volume of slices scanned slice-wise (for test.py)")
+    stack.add_argument("--slices", default=DEFAULT_SLICES, help="directory from make-slices")
+    stack.add_argument("--out", required=True, help="output directory (low.nii.gz, reference.nii.gz, stack.json)")
+    stack.add_argument("--split", default="test")
+    stack.add_argument("--n_slices", type=int, default=8, help="slices (evenly spaced through the split)")
+    stack.add_argument("--hottest_counts", type=float, default=1e6, help="expected events of the hottest slice")
+    stack.add_argument("--mlem_iters", type=int, default=100)
+    stack.add_argument("--seed", type=int, default=0, help="seed of the Poisson noise")
+
     run = commands.add_parser("evaluate", help="Table 1: Gaussian, BM3D and BC-DPM at each count level")
     run.add_argument("--slices", default=DEFAULT_SLICES,
                      help="directory from make-slices (default: made with the protocol's settings if missing)")
@@ -138,6 +147,8 @@ def create_argparser():
                      help="MLEM iterations in BC-DPM's noise inserter (default: --mlem_iters)")
     run.add_argument("--gf_sigma_vox", type=float, default=None,
                      help="Gaussian-filter condition sigma (voxels; default: the tuned Gaussian sigma)")
+    run.add_argument("--paper_n_test", type=int, default=None,
+                     help="the paper's variant (steps x runs evaluations per slice) on the first N test slices only")
     run.add_argument("--improved_l", type=int, nargs="+", default=list(bcdpm_protocol.IMPROVED_L_GRID),
                      help="improved BC-DPM: l values tuned on the validation slices")
     run.add_argument("--improved_lams", type=float, nargs="+", default=list(bcdpm_protocol.IMPROVED_LAM_GRID),
@@ -156,6 +167,15 @@ def main(argv=None):
                                       args.test_subjects, args.tracers, args.anatomies, args.detail)
         print(f"wrote {len(manifest['slices'])} slices to {args.out}: {manifest['split']}")
         return manifest
+    if args.command == "make-stack":
+        record = bcdpm_protocol.make_stack(args.slices, args.out, split=args.split, n_slices=args.n_slices,
+                                           hottest_counts=args.hottest_counts, mlem_iters=args.mlem_iters,
+                                           seed=args.seed)
+        print(f"wrote {len(record['slices'])} slices to {args.out}/low.nii.gz (hottest {args.hottest_counts:g} "
+              f"events); denoise it slice by slice with: python scripts/test.py --model_path {DEFAULT_PRIOR} "
+              f"--cond_mode bcdpm --base_samples {args.out}/low.nii.gz --bc_scanner {bcdpm_protocol.SCANNER} "
+              f"--bc_slice_counts {args.hottest_counts:g} --save_dir DIR")
+        return record
     set_threads(args.threads)
     if not os.path.exists(os.path.join(args.slices, "manifest.json")):
         print(f"{args.slices}: no slice dataset; making the protocol's ({PROTOCOL_SLICES})", flush=True)

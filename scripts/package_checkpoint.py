@@ -28,6 +28,9 @@ def main(argv=None):
     parser.add_argument("--sampling", action="append", default=[],
                         help="JSON dict of recommended sampling flags; repeat to merge several "
                              "(later keys win), e.g. the 'bc_tuning' of scripts/tune_bcdpm.py")
+    parser.add_argument("--flags", default="{}",
+                        help='JSON of sampling-only flags to change, e.g. \'{"sigma_small": true}\' (sample with '
+                             "the posterior variance; the weights are unaffected)")
     parser.add_argument("--validation", default=None, help="JSON file with validation numbers")
     parser.add_argument("--training_data", action="append", default=[],
                         help="JSON dict merged over the sidecar's training_data (the model card's "
@@ -40,7 +43,8 @@ def main(argv=None):
             validation = json.load(handle)
     sampling, training_data = ({k: v for text in texts for k, v in json.loads(text).items()}
                                for texts in (args.sampling, args.training_data))
-    target, card = package(args.source, args.name, args.dest, sampling, validation, training_data)
+    target, card = package(args.source, args.name, args.dest, sampling, validation, training_data,
+                           json.loads(args.flags))
     print(f"wrote {target} (sha256 {card['sha256']}) and {sidecar_path(target)}")
 
 

@@ -114,6 +114,18 @@ def test_package_checkpoint_merges_sampling_and_lists_the_hash(tmp_path, make_ti
     assert all(torch.equal(state[k], v) for k, v in torch.load(source, weights_only=True).items())
 
 
+def test_package_changes_only_sampling_flags_and_the_sampler_follows(tmp_path, make_tiny_checkpoint):
+    from guided_diffusion.gaussian_diffusion import ModelVarType
+
+    source = make_tiny_checkpoint(tmp_path / "model000010.pt", "none", flags=dict(learn_sigma=False))
+    target, card = package(str(source), "tiny", str(tmp_path / "shipped"), flags=dict(sigma_small=True))
+    assert card["flags"]["sigma_small"] is True
+    assert load_model_and_diffusion(str(source))[1].model_var_type == ModelVarType.FIXED_LARGE
+    assert load_model_and_diffusion(target)[1].model_var_type == ModelVarType.FIXED_SMALL
+    with pytest.raises(ValueError, match="only the sampling-only flags"):
+        package(str(source), "tiny", str(tmp_path / "shipped"), flags=dict(num_channels=8))
+
+
 def test_package_records_no_absolute_paths(tmp_path, make_tiny_checkpoint):
     source = make_tiny_checkpoint(tmp_path / "model000010.pt", "paired")
     sidecar = source.with_suffix(".json")

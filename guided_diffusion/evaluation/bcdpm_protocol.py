@@ -31,7 +31,7 @@ from .statistics import describe, finite_or_none
 from ..checkpoint_hub import portable_paths
 from ..checkpoints import load_model_and_diffusion
 from ..normalisation import model_to_suv, saturation_suv, suv_to_model
-from ..pet import simulate
+from ..pet import simulate, volumes
 from ..pet.projector import make_projector
 from ..pet.recon import mlem
 from ..pet.slices import SCANNER, derived_seed, load_split, read_manifest
@@ -76,6 +76,7 @@ class Acquisition:
     ``low`` ``(N, X, Y)`` SUV (``mlem_iters`` MLEM iterations), ``scale`` ``(N,)`` counts per
     unit of projected activity, ``randoms`` ``(N, radial, view, 1)`` expected randoms (counts),
     ``measured_counts`` ``(N,)``; ``projector`` the 2D projector; one Poisson seed per slice.
+    ``counts``: expected events (trues + randoms) per slice, one for all or one per slice.
     """
 
     def __init__(self, references, counts, voxel_mm, mlem_iters, seeds, device):
@@ -83,12 +84,16 @@ class Acquisition:
         self.voxel_mm = float(voxel_mm)
         self.projector = make_projector(SCANNER, (size_x, size_y, 1), voxel_mm, mode="2d", device=device)
         activity = torch.as_tensor(references, device=device)[..., None]
-        data = simulate.expected_data(activity, self.projector, randoms_fraction=RANDOMS_FRACTION,
-                                      total_counts=float(counts))
-        noisy = torch.stack([simulate.poisson(data.ybar[i], seed) for i, seed in enumerate(seeds)])
-        self.scale, self.randoms = data.scale, data.randoms
+        counts = np.broadcast_to(np.asarray(counts, dtype=float), (len(references),))
+        groups = [slice(None)] if np.all(counts == counts[0]) else [slice(i, i + 1) for i in range(len(counts))]
+        parts = [simulate.expected_data(activity[group], self.projector, randoms_fraction=RANDOMS_FRACTION,
+                                        total_counts=float(counts[group][0])) for group in groups]
+        ybar = torch.cat([part.ybar for part in parts])
+        noisy = torch.stack([simulate.poisson(ybar[i], seed) for i, seed in enumerate(seeds)])
+        self.scale = torch.cat([torch.as_tensor(part.scale).reshape(-1) for part in parts])
+        self.randoms = torch.cat([part.randoms for part in parts])
         self.measured_counts = noisy.sum(dim=(1, 2, 3))
-        image = mlem(noisy, self.projector, mlem_iters, additive=data.randoms, scale=data.scale)
+        image = mlem(noisy, self.projector, mlem_iters, additive=self.randoms, scale=self.scale)
         self.low = image[..., 0].cpu().numpy().astype(np.float32)
 
     def known(self, index, normalisation):
@@ -213,14 +218,20 @@ def load_prior(path, steps, device):
 # ----------------------------------------------------------------------------- tables and figures
 
 
+def gaussian_on_same_slices(results, method, label):
+    """The Gaussian's mean PSNR on the test slices ``method`` was scored on (the first ``n``)."""
+    same = results[method][label].get("gaussian_psnr_same_slices")
+    return (same or results["Gaussian"][label]["psnr"])["mean"]
+
+
 def gain_comparison(results, counts):
     """Rows ``(label, paper variant, improved, published)`` of the BC-DPM PSNR gain over
     Gaussian (the toolkit's two variants; the paper's published gain, None if absent)."""
     rows = []
     for level in counts:
         label = count_label(level)
-        gaussian = results["Gaussian"][label]["psnr"]["mean"]
-        ours, improved = (results[m][label]["psnr"]["mean"] - gaussian for m in (BCDPM_PAPER, BCDPM_IMPROVED))
+        ours, improved = (results[m][label]["psnr"]["mean"] - gaussian_on_same_slices(results, m, label)
+                          for m in (BCDPM_PAPER, BCDPM_IMPROVED))
         paper = None
         if level in PAPER_TABLE1["BC-DPM"]:
             paper = PAPER_TABLE1["BC-DPM"][level][0] - PAPER_TABLE1["Gaussian"][level][0]
@@ -237,8 +248,10 @@ def markdown_table(results, counts, tuned, n_test):
     for method in METHODS:
         cells = [f"{results[method][label]['psnr']['mean']:.4f} | {results[method][label]['ssim']['mean']:.4f}"
                  for label in labels]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "BC-DPM gain over Gaussian (PSNR, dB):", "",
+        counted = {results[method][label]["psnr"]["n"] for label in labels}
+        note = f" (first {max(counted)} test slices)" if max(counted) < n_test else ""
+        lines.append(f"| {method}{note} | " + " | ".join(cells) + " |")
+    lines += ["", "BC-DPM gain over Gaussian (PSNR, dB, on the slices each variant was scored on):", "",
               "| Count level | toolkit, paper's algorithm | toolkit, improved | published (paper) |",
               "|---|---:|---:|---:|"]
     for label, ours, improved, paper in gain_comparison(results, counts):
@@ -279,11 +292,39 @@ def save_example(path, reference, examples, counts, quality):
         plt.close(figure)
 
 
+# ----------------------------------------------------------------------------- slice stacks
+
+
+def make_stack(slices_dir, out, *, split="test", n_slices=8, hottest_counts=1e6, mlem_iters=100, seed=0,
+               device="cpu"):
+    """A NIfTI volume of slices scanned slice-wise, for ``scripts/test.py`` with a 2D prior:
+    ``n_slices`` slices of ``split`` stacked along Z, slice ``i`` scanned with
+    ``hottest_counts x a_i / max a`` expected events (``a``: the slice's activity; randoms 20 %
+    of each slice's trues) and reconstructed with ``mlem_iters`` MLEM iterations. Writes
+    ``out/low.nii.gz``, ``out/reference.nii.gz`` (``(X, Y, Z)`` SUV) and ``out/stack.json`` (the
+    slices and their counts); returns the JSON's record."""
+    voxel_mm = float(read_manifest(slices_dir)["voxel_mm"])
+    names, references = load_split(slices_dir, split, n_slices)
+    activity = references.sum(axis=(1, 2), dtype=np.float64)
+    counts = hottest_counts * activity / activity.max()
+    scan = Acquisition(references, counts, voxel_mm, mlem_iters,
+                       [derived_seed(seed, 6, i) for i in range(len(references))], torch.device(device))
+    affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    os.makedirs(out, exist_ok=True)
+    volumes.save_nifti(os.path.join(out, "low.nii.gz"), np.transpose(scan.low, (1, 2, 0)), affine)
+    volumes.save_nifti(os.path.join(out, "reference.nii.gz"), np.transpose(references, (1, 2, 0)), affine)
+    record = dict(slices=names, counts=counts.tolist(), hottest_counts=float(hottest_counts), scanner=SCANNER,
+                  randoms_fraction=RANDOMS_FRACTION, mlem_iters=mlem_iters, seed=seed, voxel_mm=voxel_mm,
+                  source=portable_paths(os.path.abspath(slices_dir)), split=split)
+    atomic_write_bytes(os.path.join(out, "stack.json"), json.dumps(record, indent=2) + "\n")
+    return record
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 
 def check_settings(counts, steps_l, *, n_test, n_val, runs, steps, mlem_iters, bm3d_factors,
-                   improved_l=IMPROVED_L_GRID, improved_lams=IMPROVED_LAM_GRID):
+                   improved_l=IMPROVED_L_GRID, improved_lams=IMPROVED_LAM_GRID, paper_n_test=None):
     """ValueError for settings :func:`evaluate` cannot run (before anything is loaded)."""
     if any(not 1 <= value <= steps for value in improved_l) or any(not 0 <= v <= 1 for v in improved_lams):
         raise ValueError(f"every --improved_l must be in [1, --steps={steps}] and every --improved_lams in [0, 1]")
@@ -291,8 +332,8 @@ def check_settings(counts, steps_l, *, n_test, n_val, runs, steps, mlem_iters, b
         raise ValueError(f"--l needs one value per count level: {len(steps_l)} for {len(counts)} levels")
     if any(c <= 0 for c in counts) or runs < 1 or steps < 1 or mlem_iters < 1:
         raise ValueError("counts, --runs, --steps and --mlem_iters must be positive")
-    if n_test < 1 or n_val < 1 or min(bm3d_factors) <= 0:
-        raise ValueError("--n_test, --n_val and every --bm3d_factors value must be positive")
+    if n_test < 1 or n_val < 1 or min(bm3d_factors) <= 0 or (paper_n_test is not None and paper_n_test < 1):
+        raise ValueError("--n_test, --n_val, --paper_n_test and every --bm3d_factors value must be positive")
     if any(not 1 <= value <= steps for value in steps_l):
         raise ValueError(f"every --l must be in [1, --steps={steps}], got {list(steps_l)}")
 
@@ -310,15 +351,18 @@ def load_checked_prior(prior, steps, device, voxel_mm, slices):
 def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 10, 15), n_test=20, n_val=4,
              runs=5, steps=100, lam=0.2, mlem_iters=100, inserter_iters=None, gf_sigma_vox=None,
              bm3d_factors=BM3D_SIGMA_FACTORS, improved_l=IMPROVED_L_GRID, improved_lams=IMPROVED_LAM_GRID,
-             seed=0, log=print):
+             paper_n_test=None, seed=0, log=print):
     """Run the protocol on the slice dataset ``slices`` with the 2D prior ``prior``; write
     ``table.md``, ``table.json`` and ``example.png`` to ``out`` and return the report (what
     ``table.json`` holds). The arguments are the ``evaluate`` command's flags (``steps_l`` is
-    ``--l``); ``log`` gets one progress line per count level, then the table."""
+    ``--l``; ``paper_n_test``: the paper's variant, ``steps x runs`` evaluations per slice, on
+    the first that many test slices only, default all); ``log`` gets one progress line per
+    count level, then the table."""
     counts = [float(c) for c in counts]
     steps_l, bm3d_factors = list(steps_l), list(bm3d_factors)
     check_settings(counts, steps_l, n_test=n_test, n_val=n_val, runs=runs, steps=steps, mlem_iters=mlem_iters,
-                   bm3d_factors=bm3d_factors, improved_l=improved_l, improved_lams=improved_lams)
+                   bm3d_factors=bm3d_factors, improved_l=improved_l, improved_lams=improved_lams,
+                   paper_n_test=paper_n_test)
     inserter_iters = mlem_iters if inserter_iters is None else inserter_iters
     device = torch.device(device)
     voxel_mm = float(read_manifest(slices)["voxel_mm"])
@@ -351,9 +395,10 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
                 "Gaussian": gaussian_2d(low, tuned[label]["gaussian_sigma_vox"]),
                 "BM3D": bm3d_2d(low, tuned[label]["bm3d_sigma_suv"]),
             }
-            variants = {BCDPM_PAPER: dict(steps_l=level_l, lam=lam),
-                        BCDPM_IMPROVED: dict(steps_l=improved["l"], lam=improved["lam"], start_from_low=True,
+            variants = {BCDPM_IMPROVED: dict(steps_l=improved["l"], lam=improved["lam"], start_from_low=True,
                                              lam_schedule="linear")}
+            if paper_n_test is None or index < paper_n_test:
+                variants[BCDPM_PAPER] = dict(steps_l=level_l, lam=lam)
             for method, variant in variants.items():
                 sample = bcdpm_denoise(model, diffusion, normalisation, test, index, gf_sigma_vox=level_sigma,
                                        runs=runs, inserter_iters=inserter_iters,
@@ -367,6 +412,8 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
         for method in METHODS:  # mean, sd (ddof 1) and n over the finite values, and every value
             results[method][label] = {metric: dict(describe(values), per_slice=list(values))
                                       for metric, values in zip(("psnr", "ssim"), zip(*scores[method]))}
+            results[method][label]["gaussian_psnr_same_slices"] = describe(
+                [value for value, _ in scores["Gaussian"][:len(scores[method])]])
         log(f"[{time.time() - started:.0f} s] {label}: " + ", ".join(
             f"{method} {results[method][label]['psnr']['mean']:.2f} dB" for method in METHODS))
 
@@ -378,6 +425,7 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
         gain_over_gaussian_db=[dict(counts=label, toolkit_paper_algorithm=ours, toolkit_improved=improved, paper=paper)
                                for label, ours, improved, paper in gain_comparison(results, counts)],
         settings=dict(counts=counts, l=steps_l, lam=lam, steps=steps, runs=runs, mlem_iters=mlem_iters,
+                      paper_n_test=paper_n_test,
                       improved_l=list(improved_l), improved_lams=list(improved_lams),
                       inserter_iters=inserter_iters, gf_sigma_vox=gf_sigma_vox, bm3d_factors=bm3d_factors,
                       n_test=len(test_ref), n_val=len(val_ref), seed=seed, scanner=SCANNER,

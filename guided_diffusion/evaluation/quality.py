@@ -50,7 +50,7 @@ HIGH_DRF = 10.0
 LESION_BIAS_LIMIT_PCT = 10.0
 DESCRIBED_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "hot_voxels",
                   "fusion_kappa")
-BC_DESCRIBED_KEYS = ("bc_steps", "bc_lambda", "bc_sigma_mm", "bc_start")
+BC_DESCRIBED_KEYS = ("bc_steps", "bc_lambda", "bc_sigma_mm", "bc_start", "bc_lam_schedule")
 OUTPUT_NAMES = ("per_volume.csv", "summary.md", "summary.json", "quality_vs_drf.png", "example.png")
 
 

@@ -80,7 +80,7 @@ def add_guidance_arguments(parser):
 
 def add_acquisition_arguments(parser):
     """The low-dose acquisition that BC-DPM and data consistency simulate: ``--bc_counts
-    --bc_drf --bc_full_counts --bc_scanner --bc_view_mashing --bc_psf_fwhm_mm
+    --bc_drf --bc_full_counts --bc_slice_counts --bc_scanner --bc_view_mashing --bc_psf_fwhm_mm
     --bc_randoms_fraction``; each defaults to the input's make_dataset.py subject manifest."""
     a = ACQUISITION_DEFAULTS
     group = parser.add_argument_group("simulated acquisition (default: the input's subject manifest)")
@@ -90,6 +90,10 @@ def add_acquisition_arguments(parser):
     group.add_argument("--bc_drf", type=float, default=None, help="dose reduction factor, with --bc_full_counts")
     group.add_argument("--bc_full_counts", type=float, default=None,
                        help="total counts of a full-dose acquisition of this volume")
+    group.add_argument("--bc_slice_counts", type=float, default=None,
+                       help="slice-wise (2D) acquisitions: events of the hottest axial slice, other slices in "
+                            "proportion to their activity, randoms per slice (the BC-DPM paper's protocol; "
+                            "with a 2D prior, e.g. --bc_scanner ecat921_2d)")
     group.add_argument("--bc_scanner", default=None, help=f"scanner preset of the projector (default {a['scanner']})")
     group.add_argument("--bc_view_mashing", type=int, default=None,
                        help="view mashing of the projector (default: the preset's)")
@@ -114,4 +118,5 @@ def given_acquisition(args):
     """The ``given`` dict of :func:`~.settings.resolve_acquisition` from the ``--bc_*`` flags."""
     return dict(scanner=args.bc_scanner, view_mashing=args.bc_view_mashing,
                 psf_fwhm_mm=args.bc_psf_fwhm_mm, randoms_fraction=args.bc_randoms_fraction,
-                total_counts=args.bc_counts, drf=args.bc_drf, full_counts=args.bc_full_counts)
+                total_counts=args.bc_counts, drf=args.bc_drf, full_counts=args.bc_full_counts,
+                slice_counts=getattr(args, "bc_slice_counts", None))

@@ -63,7 +63,8 @@ class BatchRun:
         acquisition, provenance = None, dict(counts_source=None, bcdpm=None)
         try:
             if settings.uses_bcdpm(self.mode) or resolved["dc_steps"]:
-                acquisition, sources = settings.resolve_acquisition(self.acquisition_given, item["path"])
+                acquisition, sources = settings.resolve_acquisition(self.acquisition_given, item["path"],
+                                                                     volume=item["low_dose"])
                 provenance["counts_source"] = sources["total_counts"]
             denoiser = settings.build_denoiser(
                 self.model, self.diffusion, self.metadata, resolved, precision=self.precision,
@@ -152,6 +153,7 @@ def bcdpm_log(resolved):
     """``"BC-DPM l 1 (tuning), lambda 0.3 (tuning), ..."`` for an input's log line."""
     v, s = resolved.values, resolved.sources
     text = (f"BC-DPM l {v['bc_steps']} ({s['bc_steps']}), lambda {v['bc_lambda']:g} ({s['bc_lambda']}), "
+            f"schedule {v['bc_lam_schedule']} ({s['bc_lam_schedule']}), "
             f"sigma {v['bc_sigma_mm']:g} mm ({s['bc_sigma_mm']}), hot voxels {v['hot_voxels']} "
             f"({s['hot_voxels']})")
     return text + (f", noise index {resolved.noise_index:.4f} SUV" if resolved.noise_index else "")
@@ -159,7 +161,7 @@ def bcdpm_log(resolved):
 
 def bcdpm_report(resolved):
     """BC-DPM's settings of one input and where each came from (the JSON's ``bcdpm``)."""
-    keys = settings.TUNED_KEYS
+    keys = tuple(settings.TUNED_KEYS) + ("bc_start", "bc_lam_schedule")
     return dict({k: resolved[k] for k in keys}, noise_index=resolved.noise_index,
                 **{k + "_source": resolved.sources[k] for k in keys})
 

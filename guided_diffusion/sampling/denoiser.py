@@ -108,7 +108,10 @@ def member_seed(seed, name, member):
 
 
 class _PrecisionModel:
-    """The network under autocast (bf16/fp16) and channels-last 3D; output back in float32."""
+    """The network under autocast (bf16/fp16) and channels-last 3D; output back in float32.
+
+    A 2D network (``model.dims == 2``) denoises a slab ``(B, C, Z, X, Y)`` slice by slice: its
+    axial slices become a batch ``(B * Z, C, X, Y)`` (the slice-wise path of a 2D prior)."""
 
     def __init__(self, model, precision):
         self.model = model
@@ -118,8 +121,16 @@ class _PrecisionModel:
             model.to(memory_format=torch.channels_last_3d)
 
     def __call__(self, x, t, **kwargs):
+        slice_wise = getattr(self.model, "dims", 2) == 2 and x.ndim == 5
+        if slice_wise:
+            batch, channels, depth = x.shape[:3]
+            x = x.transpose(1, 2).reshape(batch * depth, channels, *x.shape[3:])
+            t = t.repeat_interleave(depth)
         with torch.no_grad(), fp16_util.autocast(self.device, self.precision):
-            return self.model(x, t, **kwargs).float()
+            out = self.model(x, t, **kwargs).float()
+        if slice_wise:
+            out = out.reshape(batch, depth, -1, *out.shape[2:]).transpose(1, 2)
+        return out
 
 
 class VolumeDenoiser:

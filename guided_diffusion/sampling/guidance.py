@@ -253,10 +253,14 @@ class LowDoseAcquisition(AcquisitionModel):
     :param view_mashing: optional view mashing of the projector (default: the preset's).
     :param psf_fwhm_mm: optional image-space Gaussian resolution model of the projector (FWHM in
         mm, scalar or ``(x, y, z)``; default: none), as in the acquisition being simulated.
+    :param randoms_per_slice: mode ``2d``: each slice's randoms in proportion to its own trues
+        (slice-wise scans, the BC-DPM paper's protocol) instead of uniform over all planes.
     """
 
     def __init__(self, *, scanner, total_counts, randoms_fraction, normalisation, voxel_mm,
-                 mode="2d", view_mashing=None, psf_fwhm_mm=None):
+                 mode="2d", view_mashing=None, psf_fwhm_mm=None, randoms_per_slice=False):
+        if randoms_per_slice and mode != "2d":
+            raise ValueError("randoms_per_slice needs the 2d projector mode (one sinogram per slice)")
         if not total_counts > 0:
             raise ValueError(f"total_counts must be > 0, got {total_counts}")
         super().__init__(normalisation, voxel_mm)
@@ -266,6 +270,7 @@ class LowDoseAcquisition(AcquisitionModel):
         self.mode = mode
         self.view_mashing = None if view_mashing is None else int(view_mashing)
         self.psf_fwhm_mm = psf_fwhm_mm
+        self.randoms_per_slice = bool(randoms_per_slice)
         self._projectors = {}
 
     def projector(self, image_shape, device):
@@ -284,13 +289,19 @@ class LowDoseAcquisition(AcquisitionModel):
         projected activity and ``additive`` the uniform randoms sinogram (counts)."""
         activity = model_to_volume(self.model_to_activity(y0)).clamp_min(0)
         projector = self.projector(tuple(activity.shape[1:]), y0.device)
-        trues_per_unit = float(projector.forward(activity).sum())
+        projected = projector.forward(activity)
+        trues_per_unit = float(projected.sum())
         if trues_per_unit <= 0:
             raise ValueError("the low-dose volume is empty: nothing to condition on")
         trues = self.total_counts / (1.0 + self.randoms_fraction)
-        n_bins = float(torch.tensor(projector.sinogram_shape).prod())
-        additive = torch.full(tuple(projector.sinogram_shape), self.randoms_fraction * trues / n_bins,
-                              dtype=y0.dtype, device=y0.device)
+        shape = tuple(projector.sinogram_shape)
+        if self.randoms_per_slice:  # plane p: randoms_fraction x its trues, uniform over its bins
+            plane_share = projected.reshape(-1, *shape).sum(dim=(0, 1, 2)) / trues_per_unit
+            per_bin = self.randoms_fraction * trues * plane_share / float(shape[0] * shape[1])
+            additive = per_bin.to(y0.dtype).expand(shape).contiguous()
+        else:
+            additive = torch.full(shape, self.randoms_fraction * trues / float(math.prod(shape)),
+                                  dtype=y0.dtype, device=y0.device)
         return projector, trues / trues_per_unit, additive
 
 
@@ -325,11 +336,13 @@ class BCDPMFactory:
     :param lam_schedule: ``constant`` (the paper) or ``linear`` (to 0 at the last step).
     :param sigma_mm: Gaussian-filter condition sigma in mm (converted per axis with the
         acquisition's voxel size).
+    :param in_plane: filter within axial slices only (a 2D prior denoising slice by slice).
     """
 
     def __init__(self, acquisition, *, num_steps_l, lam, sigma_mm, recon_iters, recon_subsets,
-                 lam_schedule="constant"):
+                 lam_schedule="constant", in_plane=False):
         self.acquisition = acquisition
+        self.in_plane = bool(in_plane)
         self.num_steps_l = int(num_steps_l)
         self.lam = float(lam)
         self.lam_schedule = lam_schedule
@@ -339,11 +352,11 @@ class BCDPMFactory:
 
     def sigma_vox(self, ndim):
         """The filter sigma per spatial axis of a model tensor with ``ndim`` axes: ``(Z, X, Y)``
-        for 5, ``(X, Y)`` for 4."""
+        for 5 (Z: 0 when ``in_plane``), ``(X, Y)`` for 4."""
         vx, vy, vz = self.acquisition.voxel_mm
         if ndim == 4:
             return (self.sigma_mm / vx, self.sigma_mm / vy)
-        return (self.sigma_mm / vz, self.sigma_mm / vx, self.sigma_mm / vy)
+        return (0.0 if self.in_plane else self.sigma_mm / vz, self.sigma_mm / vx, self.sigma_mm / vy)
 
     def __call__(self, y0, diffusion, generator, prepared=None):
         """The hook for low-dose ``y0`` (model space and layout) and one member's

@@ -21,6 +21,8 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import fp16_util
 from ..pet import dataset_manifest
 from .data_consistency import DataConsistencyFactory
@@ -211,13 +213,26 @@ def sampling_settings(resolved, metadata, precision, progress=True):
         null_condition=is_null_conditioned_prior(metadata, resolved.mode))
 
 
-def resolve_acquisition(given, path=None):
+def slice_wise_total_counts(slice_counts, volume):
+    """Total events of a slice-wise (2D) acquisition of ``volume`` ``(X, Y, Z)`` whose hottest
+    axial slice has ``slice_counts`` events and every other slice events in proportion to its
+    activity (the BC-DPM paper's protocol)."""
+    per_slice = np.clip(np.asarray(volume, dtype=np.float64), 0, None).sum(axis=(0, 1))
+    if not per_slice.max() > 0:
+        raise ValueError("the volume is empty: no slice activity to scale --bc_slice_counts by")
+    return float(slice_counts) * float(per_slice.sum() / per_slice.max())
+
+
+def resolve_acquisition(given, path=None, volume=None):
     """The simulated low-dose acquisition: ``(kwargs of LowDoseAcquisition without the
     normalisation and voxel size, sources)``.
 
     :param given: ``{key: value or None}`` for the keys of :data:`ACQUISITION_DEFAULTS`, plus
         ``full_counts`` and ``drf``: without ``total_counts`` or a manifest's counts,
-        ``full_counts / drf`` sets the count level.
+        ``full_counts / drf`` sets the count level; plus ``slice_counts``: the events of the
+        hottest axial slice of a slice-wise acquisition (:func:`slice_wise_total_counts` of
+        ``volume``, the low-dose ``(X, Y, Z)`` SUV; randoms per slice in proportion to its
+        trues, mode ``2d``).
     :param path: the input file; a make_dataset.py subject manifest beside it supplies the
         scanner settings and the file's counts
         (:func:`~guided_diffusion.pet.dataset_manifest.bcdpm_acquisition`).
@@ -230,6 +245,10 @@ def resolve_acquisition(given, path=None):
     from_dose = {}
     if given.get("drf") and given.get("full_counts"):
         from_dose["total_counts"] = float(given["full_counts"]) / float(given["drf"])
+    if given.get("slice_counts"):
+        if given.get("total_counts") or volume is None:
+            raise ValueError(f"{path}: --bc_slice_counts needs the input volume and excludes --bc_counts")
+        given = dict(given, total_counts=slice_wise_total_counts(given["slice_counts"], volume), mode="2d")
     manifest = dataset_manifest.subject_manifest_path(path) if described else None
     kwargs, sources = {}, {}
     for key, default in ACQUISITION_DEFAULTS.items():
@@ -242,6 +261,8 @@ def resolve_acquisition(given, path=None):
         raise ValueError(f"{path}: the physics guidance needs the low-dose count level: give the "
                          f"counts, or the full-dose counts with the DRF, or a make_dataset.py "
                          f"subject manifest listing the file's counts")
+    if given.get("slice_counts"):
+        kwargs["randoms_per_slice"], sources["total_counts"] = True, "slice counts"
     return kwargs, sources
 
 
@@ -261,7 +282,8 @@ def guidance_factory(resolved, metadata, acquisition=None):
                                          voxel_mm=metadata["voxel_mm"], **acquisition)
     bc = BCDPMFactory(acquisition, num_steps_l=v["bc_steps"], lam=v["bc_lambda"],
                       lam_schedule=v["bc_lam_schedule"], sigma_mm=v["bc_sigma_mm"], recon_iters=v["bc_recon_iters"],
-                      recon_subsets=v["bc_recon_subsets"]) if use_bc else None
+                      recon_subsets=v["bc_recon_subsets"],
+                      in_plane=metadata["flags"].get("dims") == 2) if use_bc else None
     dc = DataConsistencyFactory(acquisition, num_steps=v["dc_steps"], iters=v["dc_iters"],
                                 subsets=v["dc_subsets"], use_ddim=v["use_ddim"]) if use_dc else None
     return chain_factories([bc, dc])
