@@ -202,8 +202,8 @@ def test_bcdpm_settings_come_from_the_priors_tuning_table(workdir, make_tiny_che
     assert report["bc_lambda_source"] == report["bc_steps_source"] == "tuning"
     assert report["noise_index"] == pytest.approx(index)
     assert result["members"][0]["network_evaluations_per_patch"] == 1
-    assert "BC-DPM l 1 (tuning), lambda 0.3 (tuning), sigma 6 mm (tuning), hot voxels clip (tuning)" \
-        in proc.stdout
+    assert ("BC-DPM l 1 (tuning), lambda 0.3 (tuning), schedule constant (default), sigma 6 mm (tuning), "
+            "hot voxels clip (tuning)") in proc.stdout
     assert result["members"][0]["hot_voxels"]["mode"] == "clip"
     # the same values given explicitly give the same volume
     out_given = workdir / "out_bc_given"

@@ -16,7 +16,7 @@ from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata
 from tests.mpi_helpers import REPO
 
 CHECKPOINTS = REPO / "checkpoint"
-SHIPPED = ("demo_paired.pt", "demo_prior.pt", "demo_unet.pt")
+SHIPPED = ("demo_paired.pt", "demo_prior.pt", "demo_unet.pt", "bcdpm_prior2d.pt")
 TRAINING_SETS = {"demo_paired.pt": ([(300, 80)], 240), "demo_prior.pt": ([(100, 16), (200, 6)], 170),
                  "demo_unet.pt": ([(300, 80)], 240)}
 """(seed, subjects) of each checkpoint's make_dataset.py training sets, and their pair count."""
@@ -43,6 +43,10 @@ def test_shipped_sidecars_record_no_absolute_paths(name):
     metadata = read_metadata(CHECKPOINTS / name)
     assert absolute_paths(metadata) == []
     data = metadata["training_data"]
+    if name == "bcdpm_prior2d.pt":  # the protocol's slice generator, seeds other than its test slices'
+        assert data["generator"] == "scripts/bcdpm_protocol.py make-slices" and "--seed 400" in data["commands"][0]
+        assert metadata["flags"]["dims"] == 2 and metadata["flags"]["sigma_small"] is True
+        return
     assert data["generator"] == "scripts/make_dataset.py"
     sets, files = TRAINING_SETS[name]
     assert data["files"] >= sum(d["files"] for d in data["datasets"]) == files
@@ -50,7 +54,7 @@ def test_shipped_sidecars_record_no_absolute_paths(name):
 
 
 @pytest.mark.parametrize("name, cond", [("demo_paired.pt", "paired"), ("demo_prior.pt", "none"),
-                                       ("demo_unet.pt", "paired")])
+                                       ("demo_unet.pt", "paired"), ("bcdpm_prior2d.pt", "none")])
 def test_checkpoint_loads_safely_and_builds_its_model(name, cond):
     state = torch.load(CHECKPOINTS / name, map_location="cpu", weights_only=True)
     assert all(torch.is_tensor(v) for v in state.values())
@@ -59,12 +63,12 @@ def test_checkpoint_loads_safely_and_builds_its_model(name, cond):
     assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in model.state_dict().values())
     assert (CHECKPOINTS / name).stat().st_size < 26 * 2**20
     # one denoising call on a small legal patch gives a finite output of the right shape
-    z, x, y = 4, 32, 32
-    inputs = torch.zeros(1, 1, z, x, y)
+    shape = (4, 32, 32) if meta["flags"]["dims"] == 3 else (32, 32)
+    inputs = torch.zeros(1, 1, *shape)
     kwargs = {"low_res": inputs} if cond == "paired" else {}
     with torch.no_grad():
         out = model(inputs, torch.tensor([10]), **kwargs)
-    assert out.shape[2:] == (z, x, y) and torch.isfinite(out).all()
+    assert out.shape[2:] == shape and torch.isfinite(out).all()
 
 
 @pytest.mark.e2e
