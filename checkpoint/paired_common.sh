@@ -14,7 +14,7 @@ common=(--cond paired --data_dir "$data/gd_train" --voxel_mm 3.3 --patch_size 16
         --batch_size 2 --num_channels 16 --channel_mult 1,2,4 --num_res_blocks 1
         --attention_resolutions "" --use_scale_shift_norm True --resblock_updown True
         --learn_sigma False --normalisation sqrt --diffusion_steps 1000 --noise_schedule linear
-        --lr 2e-4 --grad_clip 1.0 --ema_rate 0.999 --precision auto --threads 1
+        --lr 2e-4 --grad_clip 1.0 --ema_rate 0.999 --ema_warmup False --precision auto --threads 1
         --log_interval 50 --save_interval 200 --seed 0
         --val_dir "$data/gd_val" --val_interval 600 --val_patches 4)
 unet_flags=(--regression True --predict_xstart True --predict_residual True)

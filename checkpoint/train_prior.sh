@@ -26,7 +26,7 @@ common=(--data_dir "$data" --voxel_mm 3.3 --patch_size 10 160 100 --batch_size 1
         --num_channels 24 --channel_mult 1,2,4 --num_res_blocks 1 --attention_resolutions ""
         --use_scale_shift_norm True --resblock_updown True --learn_sigma False
         --predict_xstart True --diffusion_steps 1000 --noise_schedule linear
-        --lr 2e-4 --grad_clip 1.0 --ema_rate 0.999 --precision bf16
+        --lr 2e-4 --grad_clip 1.0 --ema_rate 0.999 --ema_warmup False --precision bf16
         --log_interval 50 --seed 0)
 # The prior is trained on the low-noise end only (t < 200 of 1000): BC-DPM with --bc_start uses it
 # in the last l of 100 respaced steps (t <= 10 * l), so that is where the training time goes.

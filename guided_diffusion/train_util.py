@@ -55,6 +55,9 @@ class TrainLoop:
     :param batch_size: per-rank batch size; ``microbatch`` (<= 0: whole batch) splits it for
         memory; the gradient equals the whole batch's (losses weighted by microbatch share).
     :param ema_rate: float or comma-separated string of rates.
+    :param ema_warmup: use ``min(rate, (1 + step) / (10 + step))`` (an EMA that forgets the
+        random initial weights in short runs: 0.999 alone still holds 17 % of them after 1,750
+        steps); False: the constant rate (upstream).
     :param resume_checkpoint: path of a ``modelNNNNNN.pt`` to start from; empty: the latest
         complete checkpoint in ``save_dir`` if any (automatic restart), else from scratch.
     :param precision: "fp32" | "bf16" | "fp16" | None (follow ``use_fp16``), see
@@ -79,6 +82,7 @@ class TrainLoop:
         microbatch,
         lr=1e-4,
         ema_rate="0.9999",
+        ema_warmup=False,
         log_interval=10,
         save_interval=10000,
         resume_checkpoint="",
@@ -133,6 +137,7 @@ class TrainLoop:
             self.mp_trainer.master_params, lr=lr, betas=tuple(betas), weight_decay=weight_decay
         )
         dist_util.sync_params(self.model.parameters())
+        self.ema_warmup = bool(ema_warmup)
         self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
         # Rank 0's view of the file system decides (other nodes may not share it).
         checkpoint = dist_util.broadcast_object(
@@ -267,9 +272,13 @@ class TrainLoop:
         norm = th.nn.utils.clip_grad_norm_(self.mp_trainer.master_params, self.grad_clip * scale)
         logger.logkv_mean("grad_norm_unclipped", float(norm) / scale)
 
+    def ema_rate_at(self, rate):
+        """The EMA rate of the update that ends step ``self.step`` (see ``ema_warmup``)."""
+        return min(rate, (1 + self.step) / (10 + self.step)) if self.ema_warmup else rate
+
     def _update_ema(self):
         for rate, params in zip(self.ema_rate, self.ema_params):
-            update_ema(params, self.mp_trainer.master_params, rate=rate)
+            update_ema(params, self.mp_trainer.master_params, rate=self.ema_rate_at(rate))
 
     def _anneal_lr(self):
         if not self.lr_anneal_steps:

@@ -28,6 +28,7 @@ Subcommands
 ``evaluate --out OUTDIR [--slices DIR] [--prior CKPT] [--counts 1e6 3e5 1e5] [--n_test 20]
 [--n_val 4] [--runs 5] [--steps 100] [--lam 0.2] [--l 5 10 15] [--mlem_iters 100]
 [--inserter_iters N] [--gf_sigma_vox S] [--paper_n_test N] [--improved_l 2 4 8] [--improved_lams 0 0.3 0.6]
+[--improved_sigma_factors 1 2 3]
 [--bm3d_factors F ...] [--seed 0] [--threads N]
 [--device cuda]``
     For every count level and slice (test slices, and validation slices for tuning): the
@@ -61,9 +62,10 @@ Subcommands
       --bc_lam_schedule linear``): the chain starts at step ``l - 1`` from the low-count image
       diffused to that step, and lambda falls linearly from its value at the first conditioned
       step to 0 at the last (the noise-insertion term ``lambda (y - N(x'))`` adds noise that no
-      later step removes). ``l`` and ``lambda`` are tuned per count level for the best mean
-      PSNR on the validation slices over ``--improved_l`` x ``--improved_lams``; ``l x runs``
-      UNet evaluations per slice.
+      later step removes). ``l``, ``lambda`` and the Gaussian condition's sigma are tuned per
+      count level for the best mean PSNR on the validation slices over ``--improved_l`` x
+      ``--improved_lams`` x ``--improved_sigma_factors`` (times the tuned Gaussian's sigma);
+      ``l x runs`` UNet evaluations per slice.
 
     Metrics on each 2D slice (whole image, UDPET convention applied in 2D):
     ``PSNR = 20 log10(max(ref) / RMSE)`` and SSIM of both images divided by their own maximum,
@@ -153,6 +155,9 @@ def create_argparser():
                      help="improved BC-DPM: l values tuned on the validation slices")
     run.add_argument("--improved_lams", type=float, nargs="+", default=list(bcdpm_protocol.IMPROVED_LAM_GRID),
                      help="improved BC-DPM: lambda values tuned on the validation slices")
+    run.add_argument("--improved_sigma_factors", type=float, nargs="+",
+                     default=list(bcdpm_protocol.IMPROVED_SIGMA_FACTORS),
+                     help="improved BC-DPM: Gaussian-condition sigmas tuned, in units of the tuned Gaussian's sigma")
     run.add_argument("--bm3d_factors", type=float, nargs="+", default=list(bcdpm_protocol.BM3D_SIGMA_FACTORS),
                      help="BM3D sigma grid, in units of the validation images' RMS error in the body")
     add_runtime_arguments(run, seed_help="seed of the noise and the samplers", precision=False, device=True)

@@ -69,6 +69,7 @@ def evaluation(slices_dir, tmp_path_factory):
     printed = run_script("evaluate", "--slices", slices_dir, "--prior", prior, "--out", out, "--counts", "1e6", "1e4",
                          "--l", 2, 2, "--steps", 5, "--runs", 1, "--mlem_iters", 10, "--n_test", 2, "--n_val", 1,
                          "--bm3d_factors", 1.0, "--improved_l", 1, 2, "--improved_lams", 0, 0.5,
+                         "--improved_sigma_factors", 1, 2,
                          "--device", "cpu", "--threads", 1)
     assert (out / "table.md").read_text() in printed + "\n"
     return json.loads((out / "table.json").read_text()), out
@@ -200,9 +201,11 @@ def test_evaluate_writes_the_table_with_finite_numbers(evaluation):
         assert tuned["bm3d_sigma_suv"] > 0
         # the improved variant's (l, lambda): the best of its validation grid
         grid = tuned["improved"]["grid"]
-        assert {(row["l"], row["lam"]) for row in grid} == {(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)}
+        sigma = tuned["gaussian_sigma_vox"]
+        assert {(row["l"], row["lam"], row["sigma_vox"]) for row in grid} == {
+            (l, lam, factor * sigma) for l in (1, 2) for lam in (0.0, 0.5) for factor in (1, 2)}
         best = max(grid, key=lambda row: row["psnr_db"])
-        assert (tuned["improved"]["l"], tuned["improved"]["lam"]) == (best["l"], best["lam"])
+        assert [tuned["improved"][k] for k in ("l", "lam", "sigma_vox")] == [best["l"], best["lam"], best["sigma_vox"]]
 
 
 def test_low_count_psnr_drops_with_the_counts(evaluation):

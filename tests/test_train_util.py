@@ -89,6 +89,28 @@ def test_tiny_model_loss_drops(log_dir):
     assert (log_dir / "loss_curve.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_follows_its_rate_schedule_by_hand(log_dir, warmup):
+    """EMA_k = r_k EMA_{k-1} + (1 - r_k) theta_k, r_k = min(0.99, (1 + k) / (10 + k)) with the
+    warm-up (k: the step the update ends), 0.99 without."""
+    model, diffusion = tiny_model_and_diffusion(learn_sigma=False)
+    seed_everything(0)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    def record(loop):
+        k = loop.step - 1
+        rate = min(0.99, (1 + k) / (10 + k)) if warmup else 0.99
+        for e, p in zip(expected, loop.mp_trainer.master_params):
+            e.mul_(rate).add_(p.detach(), alpha=1 - rate)
+
+    loop = TrainLoop(model=model, diffusion=diffusion, data=easy_batches(), batch_size=2, microbatch=-1,
+                     lr=3e-3, ema_rate="0.99", ema_warmup=warmup, log_interval=1, save_interval=1000,
+                     max_steps=5, callback=record)
+    loop.run_loop()
+    for e, p in zip(expected, loop.ema_params[0]):
+        assert th.allclose(e, p, atol=1e-6)
+
+
 def make_loop(model, diffusion, data, save_dir, max_steps, precision=None):
     from guided_diffusion.resample import create_named_schedule_sampler
 

@@ -49,6 +49,7 @@ BCDPM_IMPROVED = "BC-DPM, improved"
 METHODS = ("MLEM (low-count)", "Gaussian", "BM3D", BCDPM_PAPER, BCDPM_IMPROVED)
 IMPROVED_L_GRID = (2, 4, 8)
 IMPROVED_LAM_GRID = (0.0, 0.3, 0.6)
+IMPROVED_SIGMA_FACTORS = (1.0, 2.0, 3.0)
 METRICS_NOTE = ("2D, UDPET convention: PSNR 20 log10(max ref / RMSE); SSIM on images / own max, "
                 "data_range 1, 7x7 window; whole image")
 
@@ -181,24 +182,28 @@ def bcdpm_image(sample, gaussian, clip_suv):
 
 
 def tune_improved(prior, acquisition, references, gaussian_sigma_vox, *, l_grid, lam_grid, runs, inserter_iters,
-                  seed):
-    """The improved variant's best ``(l, lambda)`` for mean PSNR on validation slices
-    ``references`` (scanned as ``acquisition``), the Gaussian condition at the tuned Gaussian
-    sigma: ``dict(l, lam, psnr_db, grid)``. ``prior`` is ``(model, diffusion, normalisation)``."""
+                  seed, sigma_factors=IMPROVED_SIGMA_FACTORS):
+    """The improved variant's best ``(l, lambda, condition sigma)`` for mean PSNR on validation
+    slices ``references`` (scanned as ``acquisition``); the Gaussian-filter condition's sigma is
+    ``sigma_factors`` times the tuned Gaussian's ``gaussian_sigma_vox`` (a wider condition leaves
+    more of the band to the prior and less of the data's noise in the output): ``dict(l, lam,
+    sigma_vox, psnr_db, grid)``. ``prior`` is ``(model, diffusion, normalisation)``."""
     model, diffusion, normalisation = prior
     clip_suv = saturation_suv(normalisation)
     grid = []
     for steps_l in l_grid:
         for lam in lam_grid:
-            scores = []
-            for index, reference in enumerate(references):
-                sample = bcdpm_denoise(model, diffusion, normalisation, acquisition, index, steps_l=steps_l, lam=lam,
-                                       gf_sigma_vox=gaussian_sigma_vox, runs=runs, inserter_iters=inserter_iters,
-                                       seed=derived_seed(seed, 4, steps_l, index), start_from_low=True,
-                                       lam_schedule="linear")
-                gaussian = gaussian_2d(acquisition.low[index], gaussian_sigma_vox)
-                scores.append(slice_quality(reference, bcdpm_image(sample, gaussian, clip_suv))[0])
-            grid.append(dict(l=int(steps_l), lam=float(lam), psnr_db=float(np.mean(scores))))
+            for factor in sigma_factors:
+                sigma = float(factor) * gaussian_sigma_vox
+                scores = []
+                for index, reference in enumerate(references):
+                    sample = bcdpm_denoise(model, diffusion, normalisation, acquisition, index, steps_l=steps_l,
+                                           lam=lam, gf_sigma_vox=sigma, runs=runs, inserter_iters=inserter_iters,
+                                           seed=derived_seed(seed, 4, steps_l, index), start_from_low=True,
+                                           lam_schedule="linear")
+                    gaussian = gaussian_2d(acquisition.low[index], gaussian_sigma_vox)
+                    scores.append(slice_quality(reference, bcdpm_image(sample, gaussian, clip_suv))[0])
+                grid.append(dict(l=int(steps_l), lam=float(lam), sigma_vox=sigma, psnr_db=float(np.mean(scores))))
     best = max(grid, key=lambda row: row["psnr_db"])
     return dict(best, grid=grid)
 
@@ -260,7 +265,8 @@ def markdown_table(results, counts, tuned, n_test):
     lines += ["", "Tuned on the validation slices (best mean PSNR):", ""]
     lines += [f"- {label}: Gaussian sigma {tuned[label]['gaussian_sigma_vox']:g} voxels, "
               f"BM3D sigma {tuned[label]['bm3d_sigma_suv']:.4g} SUV, improved BC-DPM l "
-              f"{tuned[label]['improved']['l']} lambda {tuned[label]['improved']['lam']:g}" for label in labels]
+              f"{tuned[label]['improved']['l']} lambda {tuned[label]['improved']['lam']:g} condition sigma "
+              f"{tuned[label]['improved']['sigma_vox']:g} voxels" for label in labels]
     return "\n".join(lines) + "\n"
 
 
@@ -351,7 +357,7 @@ def load_checked_prior(prior, steps, device, voxel_mm, slices):
 def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 10, 15), n_test=20, n_val=4,
              runs=5, steps=100, lam=0.2, mlem_iters=100, inserter_iters=None, gf_sigma_vox=None,
              bm3d_factors=BM3D_SIGMA_FACTORS, improved_l=IMPROVED_L_GRID, improved_lams=IMPROVED_LAM_GRID,
-             paper_n_test=None, seed=0, log=print):
+             improved_sigma_factors=IMPROVED_SIGMA_FACTORS, paper_n_test=None, seed=0, log=print):
     """Run the protocol on the slice dataset ``slices`` with the 2D prior ``prior``; write
     ``table.md``, ``table.json`` and ``example.png`` to ``out`` and return the report (what
     ``table.json`` holds). The arguments are the ``evaluate`` command's flags (``steps_l`` is
@@ -383,7 +389,8 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
         level_sigma = tuned[label]["gaussian_sigma_vox"] if gf_sigma_vox is None else gf_sigma_vox
         tuned[label]["improved"] = improved = tune_improved(
             (model, diffusion, normalisation), val, val_ref, level_sigma, l_grid=improved_l, lam_grid=improved_lams,
-            runs=runs, inserter_iters=inserter_iters, seed=derived_seed(seed, 5, level_index))
+            runs=runs, inserter_iters=inserter_iters, seed=derived_seed(seed, 5, level_index),
+            sigma_factors=improved_sigma_factors)
         test = Acquisition(test_ref, level, voxel_mm, mlem_iters,
                            [derived_seed(seed, 2, level_index, i) for i in range(len(test_ref))], device)
         acquisitions[label] = dict(mean_measured_counts=float(test.measured_counts.mean()))
@@ -396,11 +403,11 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
                 "BM3D": bm3d_2d(low, tuned[label]["bm3d_sigma_suv"]),
             }
             variants = {BCDPM_IMPROVED: dict(steps_l=improved["l"], lam=improved["lam"], start_from_low=True,
-                                             lam_schedule="linear")}
+                                             lam_schedule="linear", gf_sigma_vox=improved["sigma_vox"])}
             if paper_n_test is None or index < paper_n_test:
-                variants[BCDPM_PAPER] = dict(steps_l=level_l, lam=lam)
+                variants[BCDPM_PAPER] = dict(steps_l=level_l, lam=lam, gf_sigma_vox=level_sigma)
             for method, variant in variants.items():
-                sample = bcdpm_denoise(model, diffusion, normalisation, test, index, gf_sigma_vox=level_sigma,
+                sample = bcdpm_denoise(model, diffusion, normalisation, test, index,
                                        runs=runs, inserter_iters=inserter_iters,
                                        seed=derived_seed(seed, 3, level_index, index), **variant)
                 images[method] = bcdpm_image(sample, images["Gaussian"], clip_suv)
@@ -427,6 +434,7 @@ def evaluate(slices, prior, out, *, device, counts=(1e6, 3e5, 1e5), steps_l=(5, 
         settings=dict(counts=counts, l=steps_l, lam=lam, steps=steps, runs=runs, mlem_iters=mlem_iters,
                       paper_n_test=paper_n_test,
                       improved_l=list(improved_l), improved_lams=list(improved_lams),
+                      improved_sigma_factors=list(improved_sigma_factors),
                       inserter_iters=inserter_iters, gf_sigma_vox=gf_sigma_vox, bm3d_factors=bm3d_factors,
                       n_test=len(test_ref), n_val=len(val_ref), seed=seed, scanner=SCANNER,
                       randoms_fraction=RANDOMS_FRACTION, voxel_mm=voxel_mm, prior=portable_paths(os.path.abspath(prior)),
