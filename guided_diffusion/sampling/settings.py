@@ -49,7 +49,7 @@ None: the checkpoint's training patch depth; ``precision`` auto: the checkpoint'
 ``bc_lam_schedule`` constant: the paper's."""
 
 SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "fusion_kappa",
-                "bc_steps", "bc_start", "bc_lam_schedule")
+                "bc_steps", "bc_start", "bc_lam_schedule", "bc_lambda", "bc_sigma_mm")
 """Keys a checkpoint sidecar's ``sampling`` may recommend."""
 
 TUNED_KEYS = dict(bc_lambda=float, bc_sigma_mm=float, bc_steps=int, hot_voxels=str)
