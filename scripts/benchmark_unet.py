@@ -6,7 +6,8 @@ Input is ``x_t`` and ``low_res`` of shape (B, 1, Z, X, Y) each (the network sees
 channels). Precisions: fp32 (default layout), fp32 and bf16 autocast in channels-last-3D.
 Prints a markdown table; ``--json OUT`` also writes the figures. With ``--model CKPT``: that
 checkpoint's forward on a ``--shape Z X Y`` patch instead, its counted GFLOP/s against a large
-matrix product's in the same precision and run (fp32 and bf16, channels-last 3D).
+matrix product's in the same precision and run (fp32, and bf16 where the device has it
+natively; channels-last 3D).
 
     python scripts/benchmark_unet.py --json results/benchmark_unet.json
     python scripts/benchmark_unet.py --model checkpoint/demo_paired.pt --shape 16 160 100 --threads 2
@@ -19,6 +20,7 @@ import platform
 
 import torch
 
+from guided_diffusion import fp16_util
 from guided_diffusion.checkpoints import load_model_and_diffusion
 from guided_diffusion.evaluation import speed
 from guided_diffusion.pet import volumes
@@ -57,12 +59,21 @@ def main(argv=None):
         volumes.atomic_write_bytes(args.json, json.dumps(dict(meta=meta, results=rows), indent=2))
 
 
+def efficiency_precisions(device):
+    """fp32, and bf16 where the device computes it natively (CUDA, or a CPU with bf16 units;
+    elsewhere bf16 is emulated, minutes per large product, and says nothing of the model)."""
+    if device.type == "cuda" or fp16_util.cpu_has_fast_bf16():
+        return ("fp32", "bf16")
+    print("bf16 skipped: this CPU has no native bf16 units")
+    return ("fp32",)
+
+
 def efficiency_rows(args, device):
     model = load_model_and_diffusion(args.model, device=device)[0]
     rows = [dict(model=args.model, shape_zxy=args.shape, precision=precision,
                  **speed.forward_efficiency(model, tuple(args.shape), device, precision, args.repeats,
                                             args.warmup, args.seed))
-            for precision in ("fp32", "bf16")]
+            for precision in efficiency_precisions(device)]
     print_table(("model", "patch (Z,X,Y)", "precision", "GFLOP", "median s", "GFLOP/s", "matmul GFLOP/s", "ratio"),
                 [(r["model"], tuple(r["shape_zxy"]), r["precision"], f"{r['gflop']:.1f}", f"{r['median_s']:.3f}",
                   f"{r['gflops']:.0f}", f"{r['matmul_gflops']:.0f}", f"{r['ratio']:.2f}") for r in rows])
