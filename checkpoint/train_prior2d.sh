@@ -9,9 +9,9 @@
 # The prior: 32 channels (1,2,2,4), 2 res blocks, no attention (4.9 M parameters), v-prediction,
 # half the training draws at t < 150 of 1000 (where BC-DPM conditions), full 128 x 128 slices
 # in batches of 4, fp32, the learning rate annealed linearly towards 0 at step 2,600 and stopped
-# at step PRIOR2D_STEPS (~1 h on 2 cores). The shipped weights are the raw ones of step 1,750: the
+# at step PRIOR2D_STEPS (70 min on 2 cores). The shipped weights are the raw ones of step 1,750: the
 # run's EMA (0.999, without the warm-up train.py now applies by default) still held 17 % of the
-# random initial weights and scored 5-11 dB lower in the prior check.
+# random initial weights and scored 3.2-5.7 dB lower in the prior check (t = 10-100).
 # Resumes from RUN_DIR/prior2d when rerun.
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_env.sh"
 data="${1:-data}"

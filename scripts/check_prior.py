@@ -34,7 +34,7 @@ def create_argparser():
     images.add_argument("--slices", help="make-slices dataset (2D prior)")
     images.add_argument("--volumes", nargs="+", help="volume files (3D prior; index 1 = full dose)")
     parser.add_argument("--split", default="val", help="--slices: the split to check on")
-    parser.add_argument("--n", type=int, default=16, help="--slices: slices; --volumes: crops per volume x 8")
+    parser.add_argument("--n", type=int, default=16, help="--slices: the number of slices checked")
     parser.add_argument("--crops_per_volume", type=int, default=2, help="--volumes: axial crops per volume")
     parser.add_argument("--steps", type=int, nargs="+", default=list(prior_check.DEFAULT_STEPS),
                         help="diffusion steps t (of the prior's 1000) to check")
