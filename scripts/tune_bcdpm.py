@@ -1,7 +1,8 @@
 """
 Tune BC-DPM's balance ``lambda``, Gaussian-filter sigma, number of conditioned steps ``l`` and
-hot-voxel mode per dose level for a prior on validation volumes of a make_dataset.py dataset
-(guided_diffusion.evaluation.tuning).
+hot-voxel mode per dose level for a prior on validation volumes of a make_dataset.py dataset,
+or on the out-of-distribution matrix's validation subjects (``--matrix_drfs``;
+guided_diffusion.evaluation.tuning).
 
     python scripts/tune_bcdpm.py --val data/val --prior checkpoint/demo_prior.pt \\
         --z_range 112 176 --max_subjects 1 --out results/bcdpm_tuning.json
@@ -20,7 +21,7 @@ noise index.
 import argparse
 import json
 
-from guided_diffusion.evaluation import cases, tuning
+from guided_diffusion.evaluation import cases, robustness, tuning
 from guided_diffusion.evaluation.methods import DiffusionMethod
 from guided_diffusion.pet import volumes
 from guided_diffusion.sampling import arguments
@@ -30,7 +31,14 @@ from guided_diffusion.script_util import add_runtime_arguments, runtime_device, 
 
 def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--val", required=True, help="make_dataset.py directory (its val split)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--val", help="make_dataset.py directory (its val split)")
+    source.add_argument("--matrix_drfs", type=float, nargs="+", default=None,
+                        help="instead of --val: the out-of-distribution matrix's validation subjects of its "
+                             "reference scan (scripts/robustness.py), simulated at these DRFs")
+    parser.add_argument("--matrix_subjects", type=int, default=1, help="--matrix_drfs: subjects per DRF")
+    parser.add_argument("--matrix_fov_scale", type=float, default=1.0,
+                        help="--matrix_drfs: transaxial field-of-view scale (robustness.py --quick: 0.6)")
     parser.add_argument("--prior", required=True, help="BC-DPM prior checkpoint .pt")
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--drf", type=float, nargs="+", default=None, help="DRFs to use (default all)")
@@ -66,8 +74,12 @@ def main(argv=None):
     steps = args.bc_steps or [method.run["bc_steps"]]
     grid = [dict(bc_steps=l, bc_sigma_mm=s, bc_lambda=lam, hot_voxels=hot)
             for l in steps for s in args.sigmas_mm for lam in args.lambdas for hot in args.hot_voxels]
-    scores, table = tuning.tune_bcdpm(method, args.val, grid, drfs=args.drf, max_subjects=args.max_subjects,
-                                      z_range=args.z_range, mask_suv=args.mask_suv, seed=args.seed)
+    if args.val:
+        scores, table = tuning.tune_bcdpm(method, args.val, grid, drfs=args.drf, max_subjects=args.max_subjects,
+                                          z_range=args.z_range, mask_suv=args.mask_suv, seed=args.seed)
+    else:
+        val = robustness.validation_cases(args.matrix_drfs, args.matrix_subjects, args.matrix_fov_scale, log=print)
+        scores, table = tuning.tune_bcdpm_on_cases(method, val, grid, seed=args.seed)
     for row in table:
         print(f"DRF {row['drf']:>5g}: noise index {row['noise_index']:.4f} SUV -> l {row['bc_steps']}, "
               f"lambda {row['bc_lambda']:g}, sigma {row['bc_sigma_mm']:g} mm, hot voxels {row['hot_voxels']} "

@@ -63,3 +63,33 @@ def test_the_script_writes_json_table_and_heat_map(tmp_path, make_tiny_checkpoin
     report = json.loads(out.read_text())
     assert report["complete"] and report["cells"][0]["cell"]["factor"] == "reference"
     assert (tmp_path / "matrix.md").exists() and (tmp_path / "matrix.png").exists()
+
+
+def test_validation_cases_are_the_reference_scans_validation_subjects_per_drf():
+    cases = list(robustness.validation_cases([4.0, 50.0], n_val=1, fov_scale=0.25))
+    assert [c["drf"] for c in cases] == [4.0, 50.0]
+    # the subjects that tune the baselines (never a test subject), the same one at both doses
+    assert {c["name"] for c in cases} == {f"s{robustness.subject_seed('val', 0)}"}
+    np.testing.assert_array_equal(cases[0]["full"], cases[1]["full"])
+    # the higher DRF is the noisier input
+    errors = [np.sqrt(np.mean((c["low"] - c["full"])[c["mask"]] ** 2)) for c in cases]
+    assert errors[1] > 2 * errors[0]
+    assert cases[1]["acquisition"]["total_counts"] < cases[0]["acquisition"]["total_counts"] / 10
+
+
+def test_bcdpm_tuning_on_the_matrix_validation_subjects(tmp_path, make_tiny_checkpoint):
+    from guided_diffusion.evaluation import tuning
+    from guided_diffusion.evaluation.methods import DiffusionMethod
+
+    prior = make_tiny_checkpoint(tmp_path / "prior.pt", "none", respacing="ddim3", voxel_mm=3.3,
+                                 sampling=dict(bc_start=True))
+    method = DiffusionMethod(str(prior), "bcdpm", dict(patch_overlap=2, bc_steps=2, hot_voxels=None,
+                                                      fusion_kappa=0.0), device="cpu", precision="fp32")
+    grid = [dict(bc_steps=l, bc_sigma_mm=4.0, bc_lambda=lam, hot_voxels="input") for l in (1, 2) for lam in (0.0, 0.3)]
+    cases = robustness.validation_cases([4.0, 50.0], n_val=1, fov_scale=0.25)
+    scores, table = tuning.tune_bcdpm_on_cases(method, cases, grid)
+    assert len(scores) == 2 * len(grid) and len({s["volume"] for s in scores}) == 2
+    assert [row["drf"] for row in table] == [4.0, 50.0] and table[0]["noise_index"] < table[1]["noise_index"]
+    for row in table:  # each row is the grid point with the best PSNR at its DRF
+        mine = [s for s in scores if s["drf"] == row["drf"]]
+        assert row["psnr"] == max(s["psnr"] for s in mine)

@@ -125,6 +125,18 @@ def simulate_case(cell, seed, fov_scale=1.0):
         acquisition=known_acquisition(cell.scan, float(scan["prompts"][1])))
 
 
+def validation_cases(drfs, n_val=1, fov_scale=1.0, log=None):
+    """The reference cell's validation subjects (the ones that tune the baselines) at each of
+    ``drfs``: ``n_val`` subjects per DRF, simulated one at a time (a generator), for tuning a
+    model's settings on the matrix's kind of data without touching its test subjects."""
+    for drf in drfs:
+        cell = Cell(drf=float(drf), factor="dose")
+        for k in range(n_val):
+            if log:
+                log(f"validation subject {k} of {cell.label()}")
+            yield simulate_case(cell, subject_seed("val", k), fov_scale)
+
+
 def known_acquisition(scan, low_dose_counts):
     """BC-DPM's acquisition model of a simulated scan (``resolve_acquisition``'s kwargs): its
     scanner preset, mode, view mashing and true resolution, the recorded low-dose prompts, and

@@ -65,26 +65,34 @@ def best_per_drf(scores):
 
 
 def tune_bcdpm(method, val, grid, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0):
-    """Score every grid point on every validation volume.
+    """Score every grid point on every validation volume of the make_dataset.py directory ``val``.
 
     :param method: the prior as a :class:`~.methods.DiffusionMethod` in a BC-DPM mode.
     :param grid: ``[{"bc_steps", "bc_sigma_mm", "bc_lambda", "hot_voxels"}]``.
     :return: ``(scores, table)``: one score per volume and grid point, and :func:`best_per_drf`.
     """
+    return tune_bcdpm_on_cases(method, _validation_cases(val, drfs, max_subjects, z_range, mask_suv), grid,
+                               seed=seed)
+
+
+def tune_bcdpm_on_cases(method, cases, grid, *, seed=0):
+    """:func:`tune_bcdpm` on an iterable of case dicts (``low``, ``full``, ``mask``, ``drf``,
+    ``name``, ``path`` or None; ``acquisition`` for simulated cases), e.g. the validation
+    subjects of the out-of-distribution matrix (:func:`.robustness.validation_cases`)."""
     clip_suv = saturation_suv(method.metadata["normalisation"])
     scores = []
-    for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
+    for case in cases:
         index = fusion.noise_index(case["low"])
         # without voxels near the model's clip every hot-voxel mode gives the same image
         has_hot = hot_weight(case["low"], clip_suv).max() > 0
+        volume = case["path"] or f"{case['name']}_drf{case['drf']:g}"
         psnr_of = {}
         for point in grid:
             key = tuple(v for k, v in point.items() if has_hot or k != "hot_voxels")
             if key not in psnr_of:
                 image = method.denoise(case, case_seeds(seed, case, "bcdpm", 1), **point)[0]
                 psnr_of[key] = metrics.psnr(case["full"], image, mask=case["mask"])
-            scores.append(dict(volume=case["path"], drf=case["drf"], noise_index=index, **point,
-                               psnr=psnr_of[key]))
+            scores.append(dict(volume=volume, drf=case["drf"], noise_index=index, **point, psnr=psnr_of[key]))
     return scores, best_per_drf(scores)
 
 
