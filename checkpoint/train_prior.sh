@@ -1,54 +1,58 @@
 #!/usr/bin/env bash
-# Reproduce the shipped BC-DPM prior (checkpoint/demo_prior.pt): simulate its training data,
-# train it, tune BC-DPM's settings on the validation subjects and package it.
+# Reproduce the shipped 3D BC-DPM prior (checkpoint/demo_prior.pt): simulate its training data,
+# train it, check it, tune BC-DPM's settings on the out-of-distribution matrix's validation
+# subjects and package it.
 #   bash checkpoint/train_prior.sh [DATA_DIR] [RUN_DIR]
-# demo_prior.pt is model002500.pt of the prior run (500 steps at a constant learning rate, then
-# resumed with the learning rate annealed linearly to 0 at step 2,500), with BC-DPM's l, lambda,
-# Gaussian sigma and hot-voxel mode tuned per noise level on the validation subjects.
-# (The paired model once trained beside it on the same data was replaced by
-# checkpoint/train_paired.sh's; its recipe is in the git history of this file.)
+# (The previous prior, x0-prediction on the simulator's default scans with a 16-SUV clip, is in
+# the git history of this file.) Resumes from RUN_DIR/prior3d when rerun.
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_env.sh"
-data="${1:-data/demo_train}"
-runs="${2:-runs/demo}"
+data="${1:-data}"
+runs="${2:-runs}"
+steps="${PRIOR3D_STEPS:-1500}"
 
-# Training subjects (train split only; seeds differ from the demo / validation / test subjects).
-mpiexec -n 2 python scripts/make_dataset.py --out "$data/train_fdg" --subjects 16 --seed 100 \
-  --tracers FDG --split 1 0 0
-mpiexec -n 2 python scripts/make_dataset.py --out "$data/train_mix" --subjects 6 --seed 200 \
-  --tracers PSMA DOTATATE FAPI --split 1 0 0
-# Validation subjects (BC-DPM tuning here; the quality report's Gaussian sigma in checkpoint/README.md).
-mpiexec -n 2 python scripts/make_dataset.py --out "$data/val" --subjects 2 --seed 800 \
-  --tracers FDG PSMA --split 0 1 0
+# High-count volumes only (the low dose of each subject is not used): 64 randomised subjects
+# (whole body, head, dead leaves; four tracers; random reconstructions, post-filters and native
+# voxels resampled to 3.3 mm; MLEM 100 without PSF and 1.65 mm held out), ~17 min on 2 ranks;
+# 3 validation subjects for the prior check.
+randomised=(--randomise --anatomies whole_body brain dead_leaves --detail --tracers FDG PSMA DOTATATE FAPI
+            --hold_out mlem100_nopsf 1.65 --drfs_per_subject 1)
+mpiexec -n 2 python scripts/make_dataset.py --out "$data/prior3d_train" --subjects 64 --seed 500 \
+  "${randomised[@]}" --split 1 0 0
+python scripts/make_dataset.py --out "$data/prior3d_val" --subjects 3 --seed 501 "${randomised[@]}" --split 0 1 0
 
-# Small 3D UNet, published block layout (scale-shift norm, res-block up/down-sampling, X/Y-only
-# resampling, no attention), x0-prediction, full-plane axial slabs.
-common=(--data_dir "$data" --voxel_mm 3.3 --patch_size 10 160 100 --batch_size 1
-        --num_channels 24 --channel_mult 1,2,4 --num_res_blocks 1 --attention_resolutions ""
-        --use_scale_shift_norm True --resblock_updown True --learn_sigma False
-        --predict_xstart True --diffusion_steps 1000 --noise_schedule linear
-        --lr 2e-4 --grad_clip 1.0 --ema_rate 0.999 --ema_warmup False --precision bf16
-        --log_interval 50 --seed 0)
-# The prior is trained on the low-noise end only (t < 200 of 1000): BC-DPM with --bc_start uses it
-# in the last l of 100 respaced steps (t <= 10 * l), so that is where the training time goes.
-prior=(--cond none --dims 3 --in_channels 1 --unet_layout published3d --threads 1
-       --save_interval 250 --log_dir "$runs/prior" --schedule_sampler uniform:200)
-python scripts/train.py "${prior[@]}" "${common[@]}" --max_steps 500
-# Continued from model000500.pt with the learning rate decaying linearly to 0 at step 2500.
-python scripts/train.py "${prior[@]}" "${common[@]}" --lr_anneal_steps 2500
-# The prior is sampled on slabs of its training depth (10 slices): on deeper slabs its group
-# norms see other statistics and its x0 estimate degrades. BC-DPM starts at step l from the
-# diffused input (l = 3 where the tuning table below does not say otherwise).
-prior_sampling='{"timestep_respacing": "100", "bc_start": true, "bc_steps": 3, "trained_max_t": 200,
-  "patch_z": 10, "patch_overlap": 4}'
-python scripts/package_checkpoint.py "$runs/prior/model002500.pt" --name demo_prior --sampling "$prior_sampling"
-# BC-DPM's l, lambda, Gaussian-filter sigma and hot-voxel mode per noise level, tuned on the
-# validation subjects (first subject, FDG and PSMA, a slab of 48 slices through liver, kidneys
-# and lesions), recorded in the prior's sidecar (~12 min). A first grid (l 1 or 3, lambda 0 / 0.1
-# / 0.3, sigma 1.5-10 mm, rescale pass) chose l = 1 at every DRF: checkpoint/README.md.
-python scripts/tune_bcdpm.py --val "$data/val" --prior checkpoint/demo_prior.pt --max_subjects 1 \
-  --z_range 120 168 --bc_steps 1 --lambdas 0 0.1 --sigmas_mm 1.5 2.25 3 4.5 6 10 \
-  --hot_voxels rescale input --precision bf16 --threads 2 --seed 0 --out "$runs/bcdpm_tuning.json"
+# 16 channels (1,2,4), one res block per level, no attention (2.0 M parameters), v-prediction,
+# sqrt model space (no clip), half the draws at t < 150 of 1000 (where BC-DPM conditions),
+# 16 x 48 x 48 patches in batches of 2, fp32, EMA 0.999 with warm-up: 2.9 s per step on 2 AVX2
+# cores, stopped at step PRIOR3D_STEPS of a linear anneal to step 2,000.
+python scripts/train.py --cond none --dims 3 --in_channels 1 --data_dir "$data/prior3d_train" \
+  --log_dir "$runs/prior3d" --patch_size 16 48 48 --voxel_mm 3.3 --num_channels 16 --channel_mult 1,2,4 \
+  --num_res_blocks 1 --attention_resolutions "" --use_scale_shift_norm True --resblock_updown True \
+  --learn_sigma False --predict_v True --diffusion_steps 1000 --noise_schedule linear --normalisation sqrt \
+  --knee_suv 1 --scale_suv 16 --schedule_sampler low:150:0.5 --lr 2e-4 --lr_anneal_steps 2000 \
+  --max_steps "$steps" --grad_clip 1 --ema_rate 0.999 --precision fp32 --threads 2 --batch_size 2 \
+  --log_interval 50 --save_interval 250 --seed 0
+weights="$runs/prior3d/ema_0.999_$(printf %06d "$steps").pt"
+
+training_data='{"generator": "scripts/make_dataset.py", "description": "full-dose volumes of 64 randomised subjects (seed 500): whole body, head and dead-leaves anatomy, FDG/PSMA/DOTATATE/FAPI, random OSEM/MLEM reconstructions with and without PSF, post-filters, 2D / SSRB, native voxels 2-4 mm resampled to 3.3 mm; MLEM 100 without PSF and 1.65 mm held out", "commands": ["mpiexec -n 2 python scripts/make_dataset.py --out data/prior3d_train --subjects 64 --seed 500 --randomise --anatomies whole_body brain dead_leaves --detail --tracers FDG PSMA DOTATATE FAPI --hold_out mlem100_nopsf 1.65 --drfs_per_subject 1 --split 1 0 0"], "reproduce": "bash checkpoint/train_prior.sh"}'
+# sigma_small: the posterior variance in the reverse steps (see checkpoint/train_prior2d.sh).
+# BC-DPM's improved variant: start at step l from the diffused input, lambda falling linearly
+# to 0 at the last step, slabs of the training depth.
+sampling='{"timestep_respacing": "100", "bc_start": true, "bc_lam_schedule": "linear", "bc_steps": 8,
+  "patch_z": 16, "patch_overlap": 2}'
+package=(python scripts/package_checkpoint.py "$weights" --name demo_prior --flags '{"sigma_small": true}'
+         --sampling "$sampling" --training_data "$training_data")
+"${package[@]}"
+
+# Is it fit for BC-DPM? x0 estimates against a per-t tuned Gaussian of x_t on validation crops.
+python scripts/check_prior.py --prior checkpoint/demo_prior.pt --volumes "$data"/prior3d_val/*/*.npz \
+  --crops_per_volume 4 --out docs/prior_check_3d --threads 2 --precision fp32
+
+# l, lambda and the Gaussian condition's sigma per DRF on the matrix's validation subjects
+# (reference scan at 0.6 x its transaxial field of view; the matrix's test subjects are never
+# used here), recorded in the sidecar.
+python scripts/tune_bcdpm.py --matrix_drfs 4 10 20 50 100 --matrix_fov_scale 0.6 --prior checkpoint/demo_prior.pt \
+  --bc_steps 8 --lambdas 0 0.1 0.3 --sigmas_mm 3 6 10 --hot_voxels input --precision fp32 --threads 2 \
+  --seed 0 --out "$runs/bcdpm_tuning3d.json"
 tuning=$(python -c "import json, sys; print(json.dumps({'bc_tuning': json.load(open(sys.argv[1]))['bc_tuning']}))" \
-  "$runs/bcdpm_tuning.json")
-python scripts/package_checkpoint.py "$runs/prior/model002500.pt" --name demo_prior \
-  --sampling "$prior_sampling" --sampling "$tuning"
+  "$runs/bcdpm_tuning3d.json")
+"${package[@]}" --sampling "$tuning"

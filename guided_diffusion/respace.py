@@ -25,9 +25,18 @@ def space_timesteps(num_timesteps, section_counts):
     :param num_timesteps: the number of steps of the original process.
     :param section_counts: a list of ints, or a string: comma-separated ints ("250,200"), or
         "ddimN", the fixed integer striding of the DDIM paper (range(0, T, stride) with exactly
-        N elements, smallest such stride).
+        N elements, smallest such stride). A string may end in "@F" ("100@10"): the reverse
+        chain ends at original step F (kept steps below F dropped, F kept), so the sampler's
+        output is the model's x_0 estimate at step F instead of at step 0.
     :return: a set of kept step indices of the original process.
     """
+    if isinstance(section_counts, str) and "@" in section_counts:
+        spec, final = section_counts.rsplit("@", 1)
+        final = _parse_count(final, section_counts)
+        if not 0 <= final < num_timesteps:
+            raise ValueError(f"bad timestep respacing {section_counts!r}: the final step {final} "
+                             f"is outside 0..{num_timesteps - 1}")
+        return {t for t in space_timesteps(num_timesteps, spec) if t > final} | {final}
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired_count = _parse_count(section_counts[len("ddim") :], section_counts)
@@ -64,7 +73,7 @@ def _parse_count(text, spec):
     except ValueError:
         raise ValueError(
             f"bad timestep respacing {spec!r}: {text!r} is not an integer "
-            "(use e.g. '100', '250,200' or 'ddim25')"
+            "(use e.g. '100', '250,200', 'ddim25' or '100@10')"
         ) from None
 
 

@@ -82,7 +82,27 @@ def test_space_timesteps_sections():
     assert space_timesteps(10, "2,1,3") == {0, 3, 4, 7, 8, 9}
 
 
-@pytest.mark.parametrize("bad", ["", "ddimx", "10,a", "1001", "0"])
+def test_space_timesteps_final_step():
+    assert space_timesteps(1000, "ddim4@10") == {10, 250, 500, 750}
+    assert space_timesteps(1000, "ddim4@250") == {250, 500, 750}
+    assert space_timesteps(1000, "10@0") == space_timesteps(1000, "10")
+    assert space_timesteps(1000, "100@10") == {t for t in space_timesteps(1000, "100") if t >= 10}
+
+
+def test_final_step_returns_the_x0_estimate_there():
+    """Ending at original step F: the last reverse step is deterministic and its sample is the
+    model's x_0 estimate from x_F (eps = 0: x_0 = x_F / sqrt(abar_F))."""
+    diffusion = spaced("ddim4@10")
+    assert diffusion.timestep_map[0] == 10
+    base_abar = get_named_beta_schedule("linear", 1000)
+    abar_10 = np.prod(1 - base_abar[:11])
+    x = th.randn(1, 1, 2, 3, 3, dtype=th.float64)
+    out = diffusion.p_sample(lambda x, t: th.zeros_like(x), x, th.tensor([0]), clip_denoised=False)
+    th.testing.assert_close(out["sample"], x / np.sqrt(abar_10))
+    th.testing.assert_close(out["sample"], out["pred_xstart"])
+
+
+@pytest.mark.parametrize("bad", ["", "ddimx", "10,a", "1001", "0", "10@1000", "10@x"])
 def test_space_timesteps_rejects_bad_specs(bad):
     with pytest.raises(ValueError):
         space_timesteps(1000, bad)
