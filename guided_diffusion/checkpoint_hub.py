@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoints import PUBLISHED_CONVENTIONS, read_metadata, sha256_file, sidecar_path
+from .normalisation import resolve_normalisation
 from .pet.volumes import atomic_write, atomic_write_bytes
 from .script_util import (
     _format_flags,
@@ -396,7 +397,7 @@ def write_sha256sums(directory):
 SAMPLING_ONLY_FLAGS = ("sigma_small",)
 
 
-def package(source, name, dest, sampling=None, validation=None, training_data=None, flags=None):
+def package(source, name, dest, sampling=None, validation=None, training_data=None, flags=None, clip_suv=None):
     """Copy ``source`` (a state_dict .pt with a training sidecar) to ``dest/NAME.pt`` + JSON.
 
     :param sampling: recommended sampling flags, merged over the training sidecar's.
@@ -404,6 +405,8 @@ def package(source, name, dest, sampling=None, validation=None, training_data=No
     :param training_data: the model card's dataset description (e.g. ``description``,
         ``generator``, ``commands``, ``reproduce``), merged over the training sidecar's.
     :param flags: new values of :data:`SAMPLING_ONLY_FLAGS` (e.g. ``sigma_small``).
+    :param clip_suv: SUV where the sampler saturates x0 estimates, recorded as the sqrt
+        normalisation's ``clip`` (sampling only; see :func:`~.normalisation.x0_clip_range`).
     :return: ``(path of the new .pt, its sidecar dict)``.
     """
     metadata = read_metadata(source)
@@ -412,6 +415,9 @@ def package(source, name, dest, sampling=None, validation=None, training_data=No
     unknown = sorted(set(flags or {}) - set(SAMPLING_ONLY_FLAGS))
     if unknown:
         raise ValueError(f"--flags {unknown}: only the sampling-only flags {list(SAMPLING_ONLY_FLAGS)} may change")
+    normalisation = metadata.get("normalisation") or {}
+    if clip_suv is not None and normalisation.get("transform") != "sqrt":
+        raise ValueError(f"{source}: a clip SUV needs a sqrt normalisation, not {normalisation}")
     state = torch.load(source, map_location="cpu", weights_only=True)
     state = {k: v.float().contiguous() for k, v in state.items()}
     target = os.path.join(dest, name + ".pt")
@@ -426,6 +432,8 @@ def package(source, name, dest, sampling=None, validation=None, training_data=No
         sampling=dict(metadata.get("sampling", {}), **(sampling or {})),
         flags=dict(metadata["flags"], **(flags or {})),
     )
+    if clip_suv is not None:
+        card["normalisation"] = resolve_normalisation(dict(normalisation, clip=float(clip_suv)))
     if validation is not None:
         card["validation"] = validation
     if training_data:

@@ -23,7 +23,7 @@ import os
 import torch as th
 
 from . import dist_util
-from .normalisation import PUBLISHED_NORMALISATION
+from .normalisation import PUBLISHED_NORMALISATION, x0_clip_range
 from .pet.volumes import read_json
 from .script_util import (
     create_model_and_diffusion,
@@ -93,7 +93,8 @@ def load_model_and_diffusion(model_path, overrides=None, device=None, verify_has
     :param device: where the model goes (default ``dist_util.dev()``).
     :param verify_hash: compare the file's SHA-256 with the sidecar's ``sha256`` when present.
     :return: ``(model, diffusion, metadata)``; ``metadata`` is the sidecar with the flags
-        actually used (``flags``), and ``sha256`` of the weights file.
+        actually used (``flags``), and ``sha256`` of the weights file. The diffusion clips x0
+        estimates to the normalisation's :func:`~.normalisation.x0_clip_range`.
     """
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"{model_path}: checkpoint not found")
@@ -128,6 +129,7 @@ def load_model_and_diffusion(model_path, overrides=None, device=None, verify_has
         defaults = sr_model_and_diffusion_defaults() if cond == "paired" else model_and_diffusion_defaults()
         flags.update({k: defaults[k] for k in missing})
     model, diffusion = _model_builder(cond)(**flags)
+    diffusion.x0_clip_range = x0_clip_range(metadata.get("normalisation"))
     load_checkpoint_strict(model, state_dict, model_path)
     model.to(device if device is not None else dist_util.dev())
     model.eval()

@@ -127,6 +127,9 @@ class GaussianDiffusion:
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
+        # model values x0 estimates are clipped to (clip_denoised); a checkpoint's normalisation
+        # may widen it (normalisation.x0_clip_range, set by checkpoints.load_model_and_diffusion)
+        self.x0_clip_range = (-1.0, 1.0)
 
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:
@@ -231,7 +234,8 @@ class GaussianDiffusion:
             channels (prediction, variance values) for learned variances.
         :param x: the [N x C x ...] tensor at time t.
         :param t: a 1-D tensor of step indices, shape (N,).
-        :param clip_denoised: if True, clip the x_0 prediction into [-1, 1].
+        :param clip_denoised: if True, clip the x_0 prediction into ``x0_clip_range``
+            ([-1, 1] unless the checkpoint's normalisation widens it).
         :param denoised_fn: if not None, applied to the x_0 prediction before clipping.
         :param model_kwargs: extra keyword arguments for the model (conditioning).
         :return: dict with 'mean', 'variance', 'log_variance', 'pred_xstart' (x's shape).
@@ -267,7 +271,7 @@ class GaussianDiffusion:
         def process_xstart(x_start):
             if denoised_fn is not None:
                 x_start = denoised_fn(x_start)
-            return x_start.clamp(-1, 1) if clip_denoised else x_start
+            return x_start.clamp(*self.x0_clip_range) if clip_denoised else x_start
 
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             pred_xstart = process_xstart(
@@ -390,7 +394,7 @@ class GaussianDiffusion:
         :param model: the model to sample from.
         :param x: the current tensor x_t.
         :param t: 1-D tensor of step indices (0 = last step, no noise added).
-        :param clip_denoised: if True, clip the x_0 prediction to [-1, 1].
+        :param clip_denoised: if True, clip the x_0 prediction to ``x0_clip_range``.
         :param denoised_fn: if not None, applied to the x_0 prediction before sampling.
         :param cond_fn: if not None, a gradient function, see condition_mean().
         :param model_kwargs: extra keyword arguments for the model.
@@ -435,7 +439,7 @@ class GaussianDiffusion:
         :param model: the model module.
         :param shape: the shape of the samples, (N, C, H, W) or (N, C, Z, X, Y).
         :param noise: if given, the starting tensor x_T (or x_{start_t}), of shape `shape`.
-        :param clip_denoised: if True, clip x_0 predictions to [-1, 1].
+        :param clip_denoised: if True, clip x_0 predictions to ``x0_clip_range``.
         :param denoised_fn: if not None, applied to the x_0 prediction before sampling.
         :param cond_fn: if not None, a gradient function, see condition_mean().
         :param model_kwargs: extra keyword arguments for the model (conditioning).

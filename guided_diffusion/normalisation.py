@@ -16,9 +16,10 @@ Two recorded, monotone transforms of SUV ``s`` (g/mL) onto ``range = [lo, hi]``:
       model = lo + (hi - lo) * (sqrt(1 + max(s, 0) / k) - 1) / (sqrt(1 + d / k) - 1)
 
   Linear below ``k`` SUV, square-root above (PET noise grows with activity), ``d`` SUV maps to
-  ``hi``; higher values map above ``hi`` (the sampler's ``clip_denoised`` then saturates at ``d``,
-  :func:`saturation_suv`). The toolkit's own checkpoints since the paired-model issue use
-  :data:`SQRT_NORMALISATION` (0-100 SUV).
+  ``hi``; higher values map above ``hi``. The sampler's ``clip_denoised`` saturates x0 estimates
+  at ``d`` SUV, or at an optional ``clip`` SUV recorded with the transform (sampling only: the
+  mapping itself never clips; :func:`x0_clip_range`, :func:`saturation_suv`). The toolkit's
+  own checkpoints since the paired-model issue use :data:`SQRT_NORMALISATION` (0-100 SUV).
 
 The *null condition* of a paired model trained with conditioning dropout (``scripts/train.py
 --cond_dropout``) is an empty low-dose volume, 0 SUV everywhere (model value ``lo``): fed in
@@ -45,7 +46,7 @@ def resolve_normalisation(normalisation=None):
         raise ValueError(f"unknown normalisation transform {transform!r}; expected one of {TRANSFORMS}")
     norm = dict(DEFAULT_NORMALISATION if transform == "linear" else SQRT_NORMALISATION, **given)
     lo, hi = (float(v) for v in norm["range"])
-    positive = ("clip", "scale") if transform == "linear" else ("knee", "scale")
+    positive = ("clip", "scale") if transform == "linear" else ("knee", "scale") + ("clip",) * ("clip" in norm)
     if not (all(float(norm[k]) > 0 for k in positive) and hi > lo):
         raise ValueError(f"invalid normalisation {norm}: need {' > 0, '.join(positive)} > 0, "
                          "range[1] > range[0]")
@@ -53,10 +54,19 @@ def resolve_normalisation(normalisation=None):
 
 
 def saturation_suv(normalisation=None):
-    """The highest SUV the model space represents within its range (``clip`` for linear,
-    ``scale`` for sqrt): voxels near it are what the hot-voxel post-processing handles."""
+    """The SUV where the sampler saturates x0 estimates (``clip`` for linear; for sqrt ``clip``
+    if recorded, else ``scale``): voxels near it are what the hot-voxel post-processing handles."""
     norm = resolve_normalisation(normalisation)
-    return norm["clip"] if norm["transform"] == "linear" else norm["scale"]
+    return norm.get("clip", norm["scale"])
+
+
+def x0_clip_range(normalisation=None):
+    """``(low, high)`` model values the sampler clips x0 estimates to (``clip_denoised``):
+    upstream's ``[-1, 1]``, or for a sqrt space with a recorded ``clip``, ``[lo, model(clip)]``."""
+    norm = resolve_normalisation(normalisation)
+    if norm["transform"] == "sqrt" and "clip" in norm:
+        return norm["range"][0], float(suv_to_model(np.float64(norm["clip"]), norm))
+    return -1.0, 1.0
 
 
 def _lib(x):

@@ -31,6 +31,9 @@ def main(argv=None):
     parser.add_argument("--flags", default="{}",
                         help='JSON of sampling-only flags to change, e.g. \'{"sigma_small": true}\' (sample with '
                              "the posterior variance; the weights are unaffected)")
+    parser.add_argument("--clip_suv", type=float, default=None,
+                        help="sqrt normalisations: SUV where the sampler saturates x0 estimates "
+                             "(default: the top of the model range, the normalisation's scale)")
     parser.add_argument("--validation", default=None, help="JSON file with validation numbers")
     parser.add_argument("--training_data", action="append", default=[],
                         help="JSON dict merged over the sidecar's training_data (the model card's "
@@ -44,7 +47,7 @@ def main(argv=None):
     sampling, training_data = ({k: v for text in texts for k, v in json.loads(text).items()}
                                for texts in (args.sampling, args.training_data))
     target, card = package(args.source, args.name, args.dest, sampling, validation, training_data,
-                           json.loads(args.flags))
+                           json.loads(args.flags), args.clip_suv)
     print(f"wrote {target} (sha256 {card['sha256']}) and {sidecar_path(target)}")
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from guided_diffusion.normalisation import (
-    SQRT_NORMALISATION, model_to_suv, resolve_normalisation, saturation_suv, suv_to_model)
+    SQRT_NORMALISATION, model_to_suv, resolve_normalisation, saturation_suv, suv_to_model, x0_clip_range)
 
 
 def test_linear_default_keeps_the_published_mapping():
@@ -31,6 +31,18 @@ def test_sqrt_torch_matches_numpy_and_clamps_negatives():
     np.testing.assert_allclose(got, suv_to_model(suv, norm))
     assert got[0] == got[1] == -1.0
     assert model_to_suv(torch.tensor([-1.5]), norm).item() == 0.0
+
+
+def test_x0_clip_range_is_upstreams_unless_a_sqrt_space_records_a_clip():
+    assert x0_clip_range(None) == x0_clip_range(SQRT_NORMALISATION) == (-1.0, 1.0)
+    norm = dict(transform="sqrt", knee=1.0, scale=16.0, clip=64.0)
+    low, high = x0_clip_range(norm)
+    # 64 SUV: -1 + 2 (sqrt(65) - 1) / (sqrt(17) - 1) = 3.5226...
+    assert low == -1.0 and high == pytest.approx(-1.0 + 2.0 * (65 ** 0.5 - 1.0) / (17 ** 0.5 - 1.0), rel=1e-12)
+    assert saturation_suv(norm) == 64.0
+    assert suv_to_model(np.array([100.0]), norm)[0] > high  # the mapping itself never clips
+    with pytest.raises(ValueError, match="clip"):
+        resolve_normalisation(dict(norm, clip=0.0))
 
 
 def test_invalid_normalisations_are_refused():

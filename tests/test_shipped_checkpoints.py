@@ -130,6 +130,23 @@ def test_package_changes_only_sampling_flags_and_the_sampler_follows(tmp_path, m
         package(str(source), "tiny", str(tmp_path / "shipped"), flags=dict(num_channels=8))
 
 
+def test_package_clip_suv_widens_the_samplers_x0_clip(tmp_path, make_tiny_checkpoint):
+    source = make_tiny_checkpoint(tmp_path / "model000010.pt", "none", flags=dict(learn_sigma=False))
+    with pytest.raises(ValueError, match="needs a sqrt normalisation"):
+        package(str(source), "tiny", str(tmp_path / "shipped"), clip_suv=64)
+    sidecar = source.with_suffix(".json")
+    sidecar.write_text(json.dumps(dict(json.loads(sidecar.read_text()),
+                                       normalisation=dict(transform="sqrt", knee=1, scale=16))))
+    assert load_model_and_diffusion(str(source))[1].x0_clip_range == (-1.0, 1.0)
+    target, card = package(str(source), "tiny", str(tmp_path / "shipped"), clip_suv=64)
+    assert card["normalisation"]["clip"] == 64.0
+    _, diffusion, metadata = load_model_and_diffusion(target)
+    assert diffusion.x0_clip_range == pytest.approx((-1.0, 3.5226), abs=1e-4)
+    x = torch.full((1, 1, 8, 16, 16), 5.0)
+    clipped = diffusion.p_mean_variance(lambda x, t: torch.zeros_like(x), x, torch.zeros(1, dtype=torch.long))
+    assert clipped["pred_xstart"].max().item() == pytest.approx(diffusion.x0_clip_range[1])
+
+
 def test_package_records_no_absolute_paths(tmp_path, make_tiny_checkpoint):
     source = make_tiny_checkpoint(tmp_path / "model000010.pt", "paired")
     sidecar = source.with_suffix(".json")

@@ -5,7 +5,8 @@ job is to denoise ``x_t``. :func:`check_prior` diffuses held-out high-count imag
 each step ``t`` of the 1000-step chain (``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, in
 model space) and scores, in SUV, against ``x0``:
 
-* ``prior``: the model's x0 estimate ``pred_xstart(x_t, t)`` (clipped to the model range);
+* ``prior``: the model's x0 estimate ``pred_xstart(x_t, t)`` (clipped as the sampler clips it,
+  ``diffusion.x0_clip_range``);
 * ``gaussian``: ``x_t / sqrt(abar_t)`` (an unbiased noisy ``x0``) Gaussian-filtered with the
   sigma that scores best at that ``t`` on the same images (an oracle-tuned filter, so the bar is
   conservative).
@@ -100,7 +101,7 @@ def tuned_gaussian(noisy_model, reference_suv, normalisation, spatial_dims, sigm
 
 def x0_estimates(model, diffusion, x0, t, noise, precision="fp32", batch_size=8):
     """The model's ``pred_xstart`` at step ``t`` (of ``diffusion``'s steps) from ``x0`` diffused
-    with ``noise`` (both ``(N, 1, ...)`` model-space tensors), clipped to [-1, 1]."""
+    with ``noise`` (both ``(N, 1, ...)`` model-space tensors), clipped to ``diffusion.x0_clip_range``."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, x0.shape[0], batch_size):
