@@ -28,6 +28,7 @@ to it, any other as its base name (:func:`repository_path`, :func:`portable_path
 
 import contextlib
 import http.client
+import io
 import json
 import ntpath
 import os
@@ -421,7 +422,11 @@ def package(source, name, dest, sampling=None, validation=None, training_data=No
     state = torch.load(source, map_location="cpu", weights_only=True)
     state = {k: v.float().contiguous() for k, v in state.items()}
     target = os.path.join(dest, name + ".pt")
-    atomic_write(target, lambda temporary: torch.save(state, temporary), ".pt")
+    # saved through a buffer: the archive's inner name is then fixed, not the temporary file's,
+    # so the same weights always give the same bytes and sha256
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(target, buffer.getvalue())
     card = portable_paths(dict(metadata))  # e.g. the data_dir of an older training sidecar
     card.update(
         name=name,

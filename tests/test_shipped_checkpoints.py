@@ -118,6 +118,13 @@ def test_package_checkpoint_merges_sampling_and_lists_the_hash(tmp_path, make_ti
     assert all(torch.equal(state[k], v) for k, v in torch.load(source, weights_only=True).items())
 
 
+def test_package_is_byte_reproducible(tmp_path, make_tiny_checkpoint):
+    source = make_tiny_checkpoint(tmp_path / "model000010.pt", "none")
+    first, _ = package(str(source), "tiny", str(tmp_path / "a"))
+    second, _ = package(str(source), "tiny", str(tmp_path / "b"))
+    assert open(first, "rb").read() == open(second, "rb").read()
+
+
 def test_package_changes_only_sampling_flags_and_the_sampler_follows(tmp_path, make_tiny_checkpoint):
     from guided_diffusion.gaussian_diffusion import ModelVarType
 
