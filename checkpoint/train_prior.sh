@@ -38,12 +38,13 @@ weights="$runs/prior3d_ft/ema_0.999_003000.pt"
 
 training_data='{"generator": "scripts/make_dataset.py", "description": "full-dose volumes of 64 randomised subjects (seed 500): whole body, head and dead-leaves anatomy, FDG/PSMA/DOTATATE/FAPI, random OSEM/MLEM reconstructions with and without PSF, post-filters, 2D / SSRB, native voxels 2-4 mm resampled to 3.3 mm; MLEM 100 without PSF and 1.65 mm held out", "commands": ["mpiexec -n 2 python scripts/make_dataset.py --out data/prior3d_train --subjects 64 --seed 500 --randomise --anatomies whole_body brain dead_leaves --detail --tracers FDG PSMA DOTATATE FAPI --hold_out mlem100_nopsf 1.65 --drfs_per_subject 1 --split 1 0 0"], "reproduce": "bash checkpoint/train_prior.sh"}'
 # sigma_small: the posterior variance in the reverse steps (see checkpoint/train_prior2d.sh).
-# BC-DPM's improved variant: start at step l from the diffused input, lambda falling linearly
-# to 0 at the last step, slabs of the training depth.
+# x0 estimates clipped at 64 SUV, not at the top of the range (16 SUV): the prior check's
+# DOTATATE spleen and kidneys reach 22-29 SUV. BC-DPM's improved variant: start at step l from
+# the diffused input, lambda falling linearly to 0 at the last step, slabs of the training depth.
 sampling='{"timestep_respacing": "100", "bc_start": true, "bc_lam_schedule": "linear", "bc_steps": 8,
   "patch_z": 16, "patch_overlap": 2}'
 package=(python scripts/package_checkpoint.py "$weights" --name demo_prior --flags '{"sigma_small": true}'
-         --sampling "$sampling" --training_data "$training_data")
+         --clip_suv 64 --sampling "$sampling" --training_data "$training_data")
 "${package[@]}"
 
 # Is it fit for BC-DPM? x0 estimates against a per-t tuned Gaussian of x_t on validation crops.
