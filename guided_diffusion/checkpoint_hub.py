@@ -398,7 +398,8 @@ def write_sha256sums(directory):
 SAMPLING_ONLY_FLAGS = ("sigma_small",)
 
 
-def package(source, name, dest, sampling=None, validation=None, training_data=None, flags=None, clip_suv=None):
+def package(source, name, dest, sampling=None, validation=None, training_data=None, flags=None,
+            clip_suv=None):
     """Copy ``source`` (a state_dict .pt with a training sidecar) to ``dest/NAME.pt`` + JSON.
 
     :param sampling: recommended sampling flags, merged over the training sidecar's.

@@ -46,7 +46,10 @@ def resolve_normalisation(normalisation=None):
         raise ValueError(f"unknown normalisation transform {transform!r}; expected one of {TRANSFORMS}")
     norm = dict(DEFAULT_NORMALISATION if transform == "linear" else SQRT_NORMALISATION, **given)
     lo, hi = (float(v) for v in norm["range"])
-    positive = ("clip", "scale") if transform == "linear" else ("knee", "scale") + ("clip",) * ("clip" in norm)
+    if transform == "linear":
+        positive = ("clip", "scale")
+    else:  # sqrt: an optional clip (the sampler's saturation only)
+        positive = ("knee", "scale", "clip") if "clip" in norm else ("knee", "scale")
     if not (all(float(norm[k]) > 0 for k in positive) and hi > lo):
         raise ValueError(f"invalid normalisation {norm}: need {' > 0, '.join(positive)} > 0, "
                          "range[1] > range[0]")

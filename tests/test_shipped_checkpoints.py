@@ -147,7 +147,7 @@ def test_package_clip_suv_widens_the_samplers_x0_clip(tmp_path, make_tiny_checkp
     assert load_model_and_diffusion(str(source))[1].x0_clip_range == (-1.0, 1.0)
     target, card = package(str(source), "tiny", str(tmp_path / "shipped"), clip_suv=64)
     assert card["normalisation"]["clip"] == 64.0
-    _, diffusion, metadata = load_model_and_diffusion(target)
+    diffusion = load_model_and_diffusion(target)[1]
     assert diffusion.x0_clip_range == pytest.approx((-1.0, 3.5226), abs=1e-4)
     x = torch.full((1, 1, 8, 16, 16), 5.0)
     clipped = diffusion.p_mean_variance(lambda x, t: torch.zeros_like(x), x, torch.zeros(1, dtype=torch.long))

@@ -101,7 +101,8 @@ def tuned_gaussian(noisy_model, reference_suv, normalisation, spatial_dims, sigm
 
 def x0_estimates(model, diffusion, x0, t, noise, precision="fp32", batch_size=8):
     """The model's ``pred_xstart`` at step ``t`` (of ``diffusion``'s steps) from ``x0`` diffused
-    with ``noise`` (both ``(N, 1, ...)`` model-space tensors), clipped to ``diffusion.x0_clip_range``."""
+    with ``noise`` (both ``(N, 1, ...)`` model-space tensors), clipped to
+    ``diffusion.x0_clip_range``."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, x0.shape[0], batch_size):
