@@ -2,8 +2,7 @@
 # data and the training flags of the 16-channel paired models and the U-Net baseline.
 # 80 training and 6 validation subjects: every anatomy class and tracer, randomised scans,
 # MLEM-100 without PSF and 1.65 mm voxels held out (about 20 + 3 min on 2 ranks).
-randomised=(--randomise --anatomies whole_body brain dead_leaves --detail
-            --tracers FDG PSMA DOTATATE FAPI --hold_out mlem100_nopsf 1.65)
+source checkpoint/paired_randomised.sh
 [ -e "$data/gd_train/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_train" \
   --subjects 80 --seed 300 "${randomised[@]}" --split 1 0 0
 [ -e "$data/gd_val/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_val" \

@@ -112,6 +112,11 @@ class GaussianDiffusion:
     :param model_var_type: a ModelVarType determining how variance is output.
     :param loss_type: a LossType determining the loss function to use.
     :param rescale_timesteps: if True, pass float timesteps scaled to 0..1000 to the model.
+    :param x0_skip_sigma: with ``START_X``, > 0 blends the model's x_0 with the noisy image:
+        ``x0 = c x_t / sqrt(abar_t) + (1 - c) model``, ``c = s^2 / (s^2 + (1 - abar_t) / abar_t)``
+        for the spread ``s`` (model units) of x_0 around the model's large-t estimate. At small
+        t the estimate follows x_t (the model must use it: ensemble members differ where the
+        data leave x_0 uncertain); at large t it is the model's own. 0: off.
     """
 
     def __init__(
@@ -122,7 +127,11 @@ class GaussianDiffusion:
         model_var_type,
         loss_type,
         rescale_timesteps=False,
+        x0_skip_sigma=0.0,
     ):
+        if x0_skip_sigma < 0 or (x0_skip_sigma > 0 and model_mean_type != ModelMeanType.START_X):
+            raise ValueError("x0_skip_sigma must be >= 0 and needs an x_0-predicting model (predict_xstart)")
+        self.x0_skip_sigma = float(x0_skip_sigma)
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
@@ -281,7 +290,7 @@ class GaussianDiffusion:
         elif self.model_mean_type in (ModelMeanType.START_X, ModelMeanType.EPSILON,
                                       ModelMeanType.VELOCITY):
             if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
+                pred_xstart = process_xstart(self._skip_xstart(x, t, model_output))
             elif self.model_mean_type == ModelMeanType.VELOCITY:
                 pred_xstart = process_xstart(self._predict_xstart_from_v(x_t=x, t=t, v=model_output))
             else:
@@ -310,6 +319,16 @@ class GaussianDiffusion:
                 f"(prediction and variance channels), got {tuple(model_output.shape)}"
             )
         return th.split(model_output, C, dim=1)
+
+    def _skip_xstart(self, x_t, t, model_x0):
+        """The x_0 estimate of a ``START_X`` model, blended with x_t by ``x0_skip_sigma``."""
+        if not self.x0_skip_sigma:
+            return model_x0
+        noise_var = 1.0 / self.alphas_cumprod - 1.0  # of x_t / sqrt(abar_t) around x_0
+        weight = self.x0_skip_sigma ** 2 / (self.x0_skip_sigma ** 2 + noise_var)
+        scaled = _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+        weight = _extract_into_tensor(weight, t, x_t.shape)
+        return weight * scaled + (1.0 - weight) * model_x0
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return (
@@ -836,6 +855,7 @@ class GaussianDiffusion:
                 target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
             elif self.model_mean_type == ModelMeanType.START_X:
                 target = x_start
+                model_output = self._skip_xstart(x_t, t, model_output)
             elif self.model_mean_type == ModelMeanType.VELOCITY:
                 target = self._velocity(x_start, t, noise)
             else:

@@ -25,7 +25,10 @@ def space_timesteps(num_timesteps, section_counts):
     :param num_timesteps: the number of steps of the original process.
     :param section_counts: a list of ints, or a string: comma-separated ints ("250,200"), or
         "ddimN", the fixed integer striding of the DDIM paper (range(0, T, stride) with exactly
-        N elements, smallest such stride). A string may end in "@F" ("100@10"): the reverse
+        N elements, smallest such stride), or "logN": step 0 and N - 1 steps spaced evenly in
+        log t from 1 to T - 1 (rounded, strictly increasing: dense where the noise is small,
+        which is where a sampler that follows x_t draws its detail). A string may end in "@F"
+        ("100@10"): the reverse
         chain ends at original step F (kept steps below F dropped, F kept), so the sampler's
         output is the model's x_0 estimate at step F instead of at step 0.
     :return: a set of kept step indices of the original process.
@@ -38,6 +41,8 @@ def space_timesteps(num_timesteps, section_counts):
                              f"is outside 0..{num_timesteps - 1}")
         return {t for t in space_timesteps(num_timesteps, spec) if t > final} | {final}
     if isinstance(section_counts, str):
+        if section_counts.startswith("log"):
+            return _log_spaced(num_timesteps, _parse_count(section_counts[len("log"):], section_counts))
         if section_counts.startswith("ddim"):
             desired_count = _parse_count(section_counts[len("ddim") :], section_counts)
             for stride in range(1, num_timesteps + 1):
@@ -65,6 +70,18 @@ def space_timesteps(num_timesteps, section_counts):
             cur_idx += frac_stride
         start_idx += size
     return set(all_steps)
+
+
+def _log_spaced(num_timesteps, count):
+    if not 2 <= count <= num_timesteps:
+        raise ValueError(f"cannot space {count} steps logarithmically over {num_timesteps} (need 2..T)")
+    steps = [0]
+    for value in np.geomspace(num_timesteps - 1, 1, count - 1)[::-1]:  # starts at T - 1
+        steps.append(max(int(round(value)), steps[-1] + 1))
+    # rounding up crowded small steps may push the last ones past T - 1: pull them back in order
+    for i in range(len(steps) - 1, 0, -1):
+        steps[i] = min(steps[i], num_timesteps - 1 - (len(steps) - 1 - i))
+    return set(steps)
 
 
 def _parse_count(text, spec):

@@ -52,6 +52,7 @@ def diffusion_defaults():
         regression=False,
         rescale_timesteps=False,
         rescale_learned_sigmas=False,
+        x0_skip_sigma=0.0,
     )
 
 
@@ -203,6 +204,7 @@ def create_model_and_diffusion(
     predict_v=False,
     regression=False,
     sigma_small=False,
+    x0_skip_sigma=0.0,
 ):
     """Build (UNetModel, SpacedDiffusion) from the model_and_diffusion_defaults() flags."""
     model = create_model(
@@ -238,6 +240,7 @@ def create_model_and_diffusion(
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
+        x0_skip_sigma=x0_skip_sigma,
     )
     return model, diffusion
 
@@ -325,6 +328,7 @@ def sr_create_model_and_diffusion(
     predict_v=False,
     regression=False,
     sigma_small=False,
+    x0_skip_sigma=0.0,
 ):
     """Build (SuperResModel, SpacedDiffusion) from sr_model_and_diffusion_defaults() flags."""
     model = sr_create_model(
@@ -362,6 +366,7 @@ def sr_create_model_and_diffusion(
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
+        x0_skip_sigma=x0_skip_sigma,
     )
     return model, diffusion
 
@@ -451,12 +456,14 @@ def create_gaussian_diffusion(
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     timestep_respacing="",
+    x0_skip_sigma=0.0,
 ):
     """A SpacedDiffusion over `steps` (respaced by `timestep_respacing`), as upstream.
 
     ``predict_v``: the model predicts v (``ModelMeanType.VELOCITY``); ``regression``: the
     supervised one-step baseline (:class:`~guided_diffusion.respace.RegressionDiffusion`: one
-    step, x_0 prediction, ``steps`` and the respacing ignored).
+    step, x_0 prediction, ``steps`` and the respacing ignored); ``x0_skip_sigma``: see
+    :class:`~guided_diffusion.gaussian_diffusion.GaussianDiffusion`.
     """
     if predict_v and (predict_xstart or regression):
         raise ValueError("predict_v excludes predict_xstart and regression")
@@ -492,6 +499,7 @@ def create_gaussian_diffusion(
         model_var_type=model_var_type,
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        x0_skip_sigma=x0_skip_sigma,
     )
 
 

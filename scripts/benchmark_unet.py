@@ -7,10 +7,12 @@ channels). Precisions: fp32 (default layout), fp32 and bf16 autocast in channels
 Prints a markdown table; ``--json OUT`` also writes the figures. With ``--model CKPT``: that
 checkpoint's forward on a ``--shape Z X Y`` patch instead, its counted GFLOP/s against a large
 matrix product's in the same precision and run (fp32, and bf16 where the device has it
-natively; channels-last 3D).
+natively; channels-last 3D). With ``--profile`` as well: where that forward's time goes, per op
+category (convolutions, group norms, SiLU, casts and copies, ...; torch's profiler).
 
     python scripts/benchmark_unet.py --json results/benchmark_unet.json
     python scripts/benchmark_unet.py --model checkpoint/demo_paired.pt --shape 16 160 100 --threads 2
+    python scripts/benchmark_unet.py --model checkpoint/demo_paired.pt --profile --threads 2
 """
 
 import argparse
@@ -35,6 +37,8 @@ def create_argparser():
     parser.add_argument("--model", help="checkpoint .pt: measure its forward efficiency instead")
     parser.add_argument("--shape", type=int, nargs=3, default=[16, 160, 100], metavar=("Z", "X", "Y"),
                         help="patch of --model in voxels (default: a demo-volume slab of demo_paired.pt)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --model: also its forward's time per op category (torch profiler)")
     add_runtime_arguments(parser, seed_help="seed of the weights and inputs", precision=False, device=True)
     return parser
 
@@ -46,8 +50,12 @@ def main(argv=None):
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     set_threads(args.threads)
     device = runtime_device(args)
+    if args.profile and not args.model:
+        parser.error("--profile needs --model")
     if args.model:
         rows = efficiency_rows(args, device)
+        if args.profile:
+            rows += profile_rows(args, device)
     else:
         rows = architecture_rows(args, device)
     meta = dict(device=str(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
@@ -77,6 +85,18 @@ def efficiency_rows(args, device):
     print_table(("model", "patch (Z,X,Y)", "precision", "GFLOP", "median s", "GFLOP/s", "matmul GFLOP/s", "ratio"),
                 [(r["model"], tuple(r["shape_zxy"]), r["precision"], f"{r['gflop']:.1f}", f"{r['median_s']:.3f}",
                   f"{r['gflops']:.0f}", f"{r['matmul_gflops']:.0f}", f"{r['ratio']:.2f}") for r in rows])
+    return rows
+
+
+def profile_rows(args, device):
+    model = load_model_and_diffusion(args.model, device=device)[0]
+    rows = []
+    for precision in efficiency_precisions(device):
+        profile = speed.forward_profile(model, tuple(args.shape), device, precision, args.repeats, args.warmup)
+        rows.append(dict(model=args.model, shape_zxy=args.shape, precision=precision, profile=profile))
+        print(f"\n{precision}: {profile['total_ms']:.0f} ms of op self time per forward (profiled)")
+        print_table(("op category", "ms per forward", "share"),
+                    [(name, f"{c['ms']:.0f}", f"{100 * c['share']:.1f} %") for name, c in profile["categories"].items()])
     return rows
 
 

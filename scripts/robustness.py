@@ -66,7 +66,7 @@ def main(argv=None):
     cells = robustness.default_cells(args.quick)
     if args.cells:
         cells = [cells[i] for i in args.cells]
-    given = dict(arguments.given_settings(args), timestep_respacing=args.steps)
+    given = dict(arguments.given_settings(args), timestep_respacing=args.steps, members=args.members)
     methods = robustness.load_methods(args.model, device=runtime_device(args), precision=args.precision,
                                       given=given)
     options = dict(n_val=args.val_subjects, n_test=args.test_subjects or (1 if args.quick else 2), seed=args.seed,

@@ -154,7 +154,8 @@ def main(argv=None):
     logger.configure(dir=args.save_dir, format_strs=["stdout"] if rank == 0 else [])
     device = dist_util.dev()
     precision = settings.resolve_precision(args.precision, args.use_fp16, device)
-    given, defaults = arguments.given_settings(args), arguments.noise_class_defaults(args)
+    given = dict(arguments.given_settings(args), members=args.num_ensemble)
+    defaults = arguments.noise_class_defaults(args)
     try:  # run-level settings first: the respacing builds the diffusion
         mode = settings.resolve_mode(args.cond_mode, metadata, args.model_path) if metadata else "paired"
         run = settings.resolve_settings(given, metadata or {}, mode, defaults=defaults)

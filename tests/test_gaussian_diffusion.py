@@ -572,3 +572,45 @@ def test_regression_diffusion_is_one_step_from_an_empty_x_t():
     x0 = th.rand(2, 1, 4, 4)
     losses = diffusion.training_losses(model, x0, th.zeros(2, dtype=th.long), model_kwargs=dict(low_res=low))
     th.testing.assert_close(losses["loss"], ((x0 - 0.5 * low) ** 2).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("respacing", ["", "ddim10"])
+def test_x0_skip_blends_the_model_with_x_t_by_hand_computed_weights(respacing):
+    """x0 = c x_t / sqrt(abar) + (1 - c) model, c = s^2 / (s^2 + 1 / abar - 1), on the original
+    step's abar whatever the respacing; the loss compares that blend with x_0."""
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    s = 0.05
+    diffusion = create_gaussian_diffusion(steps=100, predict_xstart=True, x0_skip_sigma=s,
+                                          timestep_respacing=respacing)
+    plain = create_gaussian_diffusion(steps=100, predict_xstart=True)
+    x_t, model_x0 = th.randn(3, 1, 4, 4), th.rand(3, 1, 4, 4)
+    index = th.tensor([0, 3, diffusion.num_timesteps - 1])
+    original = [diffusion.timestep_map[i] if respacing else i for i in index.tolist()]
+    betas = get_named_beta_schedule("linear", 100)
+    expected = []
+    for row, t in enumerate(original):
+        abar = abar_hand(betas, t)
+        c = s * s / (s * s + 1.0 / abar - 1.0)
+        expected.append(c * x_t[row] / math.sqrt(abar) + (1.0 - c) * model_x0[row])
+    expected = th.stack(expected)
+    out = diffusion.p_mean_variance(lambda x, ts: model_x0, x_t, index, clip_denoised=False)
+    th.testing.assert_close(out["pred_xstart"], expected, rtol=1e-5, atol=1e-6)
+    # at the first original step the x_t term dominates, at the last the model's
+    assert float((out["pred_xstart"][2] - model_x0[2]).abs().max()) < 1e-3
+    th.testing.assert_close(plain.p_mean_variance(lambda x, ts: model_x0, x_t, index,
+                                                  clip_denoised=False)["pred_xstart"], model_x0)
+    x0, eps = th.rand(3, 1, 4, 4), th.randn(3, 1, 4, 4)
+    noisy = diffusion.q_sample(x0, index, noise=eps)
+    blended = diffusion.p_mean_variance(lambda x, ts: model_x0, noisy, index, clip_denoised=False)["pred_xstart"]
+    losses = diffusion.training_losses(lambda x, ts: model_x0, x0, index, noise=eps)
+    th.testing.assert_close(losses["loss"], ((blended - x0) ** 2).mean(dim=(1, 2, 3)))
+
+
+def test_x0_skip_needs_an_x0_model():
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    with pytest.raises(ValueError, match="x0_skip_sigma"):
+        create_gaussian_diffusion(steps=100, x0_skip_sigma=0.05)
+    with pytest.raises(ValueError, match="x0_skip_sigma"):
+        create_gaussian_diffusion(steps=100, predict_xstart=True, x0_skip_sigma=-1)

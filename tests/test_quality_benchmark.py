@@ -538,14 +538,40 @@ def test_count_flops_of_a_convolution_matches_the_hand_count():
     assert speed.count_flops(lambda: conv(x)) == 2 * (2 * 27) * 4 * (4 * 5 * 6)
 
 
+def test_op_categories_and_a_profile_that_adds_up():
+    assert [speed.op_category(n) for n in ("aten::mkldnn_convolution", "aten::native_group_norm",
+                                            "aten::silu", "aten::copy_", "aten::upsample_nearest3d",
+                                            "aten::cat", "aten::add", "aten::addmm", "aten::foo")] == [
+        "convolution", "group norm", "SiLU", "casts and copies", "down/up-sampling", "concatenation",
+        "elementwise", "linear (time embedding)", "other"]
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 4, 3, padding=1)
+            self.norm = torch.nn.GroupNorm(2, 4)
+
+        def forward(self, x, t, low_res):
+            return torch.nn.functional.silu(self.norm(self.conv(torch.cat([x, low_res], 1))))
+
+    profile = speed.forward_profile(Tiny(), (4, 8, 8), torch.device("cpu"), "fp32", repeats=1, warmup=0)
+    categories = profile["categories"]
+    assert {"convolution", "group norm", "SiLU", "concatenation"} <= set(categories)
+    assert sum(c["ms"] for c in categories.values()) == pytest.approx(profile["total_ms"])
+    assert sum(c["share"] for c in categories.values()) == pytest.approx(1.0)
+
+
 def test_benchmark_unet_measures_a_checkpoints_forward_efficiency(checkpoints, tmp_path):
     paired, _ = checkpoints
     out = tmp_path / "efficiency.json"
     proc = _run("benchmark_unet.py", "--model", paired, "--shape", 8, 16, 16, "--repeats", 1, "--warmup", 0,
-                "--threads", 1, "--device", "cpu", "--json", out)
+                "--threads", 1, "--device", "cpu", "--json", out, "--profile")
     from guided_diffusion.fp16_util import cpu_has_fast_bf16
 
     rows = json.loads(out.read_text())["results"]
+    profiles = [r for r in rows if "profile" in r]
+    rows = [r for r in rows if "profile" not in r]
+    assert len(profiles) == len(rows) and all("convolution" in p["profile"]["categories"] for p in profiles)
     native_bf16 = cpu_has_fast_bf16()  # emulated bf16 is not measured
     assert [r["precision"] for r in rows] == (["fp32", "bf16"] if native_bf16 else ["fp32"])
     assert all(r["gflop"] == rows[0]["gflop"] > 0 for r in rows)  # the same network, counted once per forward

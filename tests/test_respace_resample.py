@@ -282,3 +282,14 @@ def test_update_with_local_losses_gathers_unequal_batches_across_ranks(tmp_path)
         join=True,
     )
     np.testing.assert_allclose(np.load(result_file), np.arange(1, 11) / 55.0)
+
+
+def test_log_spacing_hand_values_and_edges():
+    # 9 points geometric from 1 to 999 (ratio 999 ** (1/8)) rounded, plus step 0
+    assert sorted(space_timesteps(1000, "log10")) == [0, 1, 2, 6, 13, 32, 75, 178, 421, 999]
+    assert sorted(space_timesteps(1000, "log2")) == [0, 999]
+    assert sorted(space_timesteps(10, "log10")) == list(range(10))  # crowded: every step
+    assert sorted(space_timesteps(1000, "log10@20")) == [20, 32, 75, 178, 421, 999]
+    for bad in ("log1", "log11"):
+        with pytest.raises(ValueError, match="logarithmically"):
+            space_timesteps(10, bad)

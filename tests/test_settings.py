@@ -53,6 +53,21 @@ def test_flag_beats_sidecar_beats_default():
     assert settings.resolve_settings(dict(fusion_kappa=0.0), meta, "paired")["fusion_kappa"] == 0.0
 
 
+def test_an_ensemble_takes_the_sidecars_ensemble_respacing():
+    meta = metadata("paired", timestep_respacing="log2@999", ensemble_respacing="ddim10")
+    one = settings.resolve_settings({}, meta, "paired")
+    assert one["timestep_respacing"] == "log2@999" and one["use_ddim"] is False
+    for members in (2, 4):
+        many = settings.resolve_settings(dict(members=members), meta, "paired")
+        assert many["timestep_respacing"] == "ddim10" and many.sources["timestep_respacing"] == "checkpoint"
+        assert many["use_ddim"] is True
+    given = settings.resolve_settings(dict(members=4, timestep_respacing="log10"), meta, "paired")
+    assert given["timestep_respacing"] == "log10" and given.sources["timestep_respacing"] == "given"
+    # without an ensemble recommendation an ensemble samples like one member
+    plain = metadata("paired", timestep_respacing="ddim5")
+    assert settings.resolve_settings(dict(members=4), plain, "paired")["timestep_respacing"] == "ddim5"
+
+
 def test_tuning_rows_apply_per_input_in_bcdpm_modes_only(low):
     meta = metadata(bc_tuning=TABLE, bc_steps=7)
     resolved = settings.resolve_settings({}, meta, "bcdpm", low_dose=low)

@@ -222,7 +222,8 @@ def cell_record(cell):
 
 def load_methods(model_paths, *, device, precision="auto", given=None):
     """``{label: DiffusionMethod}`` for the checkpoints (each in its default mode), label = file
-    stem; ``given`` settings (e.g. ``timestep_respacing``, patching) win over their sidecars'."""
+    stem; ``given`` settings (e.g. ``timestep_respacing``, patching, ``members``) win over their
+    sidecars'."""
     methods = {}
     for path in model_paths:
         methods[os.path.splitext(os.path.basename(path))[0]] = DiffusionMethod(

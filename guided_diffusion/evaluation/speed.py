@@ -128,6 +128,56 @@ def forward_efficiency(model, shape_zxy, device, precision, repeats=3, warmup=1,
                 ratio=gflops / reference)
 
 
+OP_CATEGORIES = (
+    ("convolution", ("conv",)),
+    ("group norm", ("group_norm",)),
+    ("SiLU", ("silu",)),
+    ("down/up-sampling", ("upsample", "pool", "interpolate")),
+    ("concatenation", ("cat",)),
+    ("casts and copies", ("copy", "_to", "contiguous", "clone", "empty")),
+    ("linear (time embedding)", ("linear", "addmm", "mm")),
+    ("elementwise", ("add", "mul", "sub", "div", "fill", "exp", "sin", "cos")),
+)
+"""``(category, substrings of the aten op name)``: the first match files an op; the rest is
+"other"."""
+
+
+def op_category(name):
+    """The :data:`OP_CATEGORIES` category of a profiler op name (``"aten::silu"``), or "other"."""
+    op = name.split("::")[-1].lower()
+    return next((category for category, keys in OP_CATEGORIES if any(k in op for k in keys)), "other")
+
+
+def forward_profile(model, shape_zxy, device, precision, repeats=3, warmup=1):
+    """Where a forward's time goes: ``model(x, t, low_res)`` on ``(1, 1, *shape_zxy)`` in
+    channels-last 3D under torch's profiler, ops' self time summed per :func:`op_category`:
+    ``{"total_ms": per forward, "categories": {name: {"ms", "share"}}, "top_ops": [(op, ms)]}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = model.eval().to(device=device, memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 1, *shape_zxy, device=device).contiguous(memory_format=torch.channels_last_3d)
+    t = torch.tensor([500], device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), fp16_util.autocast(device, precision):
+        for _ in range(warmup):
+            model(x, t, low_res=x)
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
+                model(x, t, low_res=x)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    per_op = {}
+    for event in prof.key_averages():
+        per_op[event.key] = per_op.get(event.key, 0.0) + getattr(event, attribute) / 1e3 / repeats
+    total = sum(per_op.values())
+    categories = {}
+    for op, ms in per_op.items():
+        categories[op_category(op)] = categories.get(op_category(op), 0.0) + ms
+    top = sorted(per_op.items(), key=lambda item: -item[1])[:10]
+    return dict(total_ms=total,
+                categories={k: dict(ms=v, share=v / total) for k, v in sorted(categories.items(), key=lambda i: -i[1])},
+                top_ops=[(op, ms) for op, ms in top])
+
+
 # ----------------------------------------------------------------------------- projector
 
 

@@ -52,8 +52,9 @@ class BatchRun:
 
     def signature(self):
         """What a resumed member must share with this run."""
+        given = dict(self.given, members=min(self.given.get("members") or 1, 2))  # 2 = any ensemble
         return outputs.run_signature(dict(
-            self.given, defaults=self.defaults, acquisition=self.acquisition_given,
+            given, defaults=self.defaults, acquisition=self.acquisition_given,
             model_path=self.model_path, seed=self.seed, mode=self.mode, precision=self.precision))
 
     def build(self, item):

@@ -9,7 +9,10 @@ from the first of these that has a value (``None`` means "no value"):
    log noise index to the input's (:func:`tuned_row`), for the keys of :data:`TUNED_KEYS`, in
    the modes that use BC-DPM's block, when an input is given;
 3. the checkpoint sidecar's ``sampling`` recommendations (:data:`SIDECAR_KEYS`); the diffusion
-   flags (``timestep_respacing``) fall back to the sidecar's ``flags``;
+   flags (``timestep_respacing``) fall back to the sidecar's ``flags``; for an ensemble
+   (``given["members"]`` >= 2) the sidecar's ``ensemble_respacing`` comes first: a posterior
+   sampler may recommend a one-step posterior-mean estimate for one member and a sampling
+   chain for an ensemble, whose spread is the uncertainty;
 4. :data:`DEFAULTS`.
 
 The acquisition that BC-DPM and data consistency simulate resolves the same way per key
@@ -115,7 +118,8 @@ def tuned_row(tuning, index):
 def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     """Resolve every key of :data:`DEFAULTS` (see the module docstring).
 
-    :param given: ``{key: value or None}``; keys outside :data:`DEFAULTS` are ignored.
+    :param given: ``{key: value or None}``; keys outside :data:`DEFAULTS` are ignored, but for
+        ``members`` (the ensemble size, default 1).
     :param metadata: the checkpoint's sidecar (``sampling``, ``flags``).
     :param mode: the resolved mode (:func:`resolve_mode`).
     :param low_dose: the input SUV volume ``(X, Y, Z)`` for the tuning-table lookup; ``None``
@@ -128,6 +132,8 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     sidecar = {key: sampling.get(key) for key in SIDECAR_KEYS}
     if sidecar["timestep_respacing"] is None:
         sidecar["timestep_respacing"] = metadata.get("flags", {}).get("timestep_respacing")
+    if (given.get("members") or 1) >= 2 and sampling.get("ensemble_respacing"):
+        sidecar["timestep_respacing"] = sampling["ensemble_respacing"]
     tuning = sampling.get("bc_tuning") if uses_bcdpm(mode) else None
     index, row = None, {}
     if tuning and low_dose is not None and any(given.get(key) is None for key in TUNED_KEYS):
