@@ -2,12 +2,14 @@
 # Recipe of the shipped paired diffusion model (checkpoint/demo_paired.pt), third stage: the
 # posterior sampler. It starts from the second stage's residual x0 model (checkpoint/
 # train_paired.sh, run here when absent; $INIT overrides, e.g. the previous release of
-# checkpoint/demo_paired.pt, which holds those weights) and trains on with the x0 estimate
-# blended with x_t (--x0_skip_sigma 0.05: half x_t at t ~ 12 of 1000, the model's own above t ~ 60):
-# the second stage's model ignored x_t, so its ensemble members were identical; this one has to
-# follow x_t where the noise is small, so members differ where the low dose leaves the image
-# uncertain. Half the training draws at t < 150 (where the blend matters), lr 1e-4 annealed to 0,
-# bf16 autocast with fp32 master weights, one core.
+# checkpoint/demo_paired.pt, which holds those weights) and trains on with its x0 estimate
+# blended with x_t by noise level (--x0_skip_sigma 0.025: x0 = c x_t / sqrt(abar) + (1 - c) model,
+# c = s^2 / (s^2 + 1 / abar - 1); half x_t at t ~ 5 of 1000, under 5 % above t ~ 30). The second
+# stage's model ignored x_t, so its ensemble members were identical; s is the typical error of
+# its estimate (model units), so the blend alone starts as a linear posterior sampler around it
+# (on validation volumes s = 0.02 under-disperses an ensemble, 0.035 over-disperses it: BENCHMARKS.md),
+# and training teaches the model where the error is larger or smaller. Half the training draws
+# at t < 150, lr 1e-4 annealed to 0, bf16 autocast with fp32 master weights, one core.
 #   bash checkpoint/train_paired_skip.sh [DATA_DIR] [RUN_DIR]
 # Resumes from its log directory when rerun.
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_env.sh"
@@ -16,7 +18,7 @@ runs="${2:-runs}"
 init="${INIT:-$runs/paired_x0/model003600.pt}"
 [ -e "$init" ] || bash checkpoint/train_paired.sh "$data" "$runs"
 source checkpoint/paired_randomised.sh
-steps="${SKIP_STEPS:-6000}"
+steps="${SKIP_STEPS:-9000}"
 # the first 40 training subjects of the seed-300 set (subject i depends only on (seed, i)) and 4
 # validation subjects: 10 + 1 min on 2 ranks
 [ -e "$data/gd_train40/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_train40" \
@@ -27,7 +29,7 @@ skip=(--cond paired --data_dir "$data/gd_train40" --val_dir "$data/gd_val4" --vo
       --batch_size 2 --num_channels 16 --channel_mult 1,2,4 --num_res_blocks 1 --attention_resolutions ""
       --use_scale_shift_norm True --resblock_updown True --learn_sigma False --normalisation sqrt
       --diffusion_steps 1000 --noise_schedule linear --predict_xstart True --predict_residual True
-      --x0_skip_sigma 0.05 --schedule_sampler low:150:0.5 --lr 1e-4 --lr_anneal_steps "$steps"
+      --x0_skip_sigma 0.025 --schedule_sampler low:150:0.5 --lr 1e-4 --lr_anneal_steps "$steps"
       --grad_clip 1.0 --ema_rate 0.999 --precision bf16 --threads 1 --log_interval 50
       --save_interval 250 --val_interval 1000 --val_patches 4 --seed 2)
 python scripts/train.py "${skip[@]}" --init_from "$init" --log_dir "$runs/paired_skip" > "$runs/paired_skip.log" 2>&1

@@ -268,8 +268,10 @@ class GaussianDiffusion:
             model_variance = th.exp(model_log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # The initial variance is the posterior one, for a better decoder likelihood.
-                variance_table = np.append(self.posterior_variance[1:2], self.betas[1:])
+                # The initial variance is the posterior one, for a better decoder likelihood
+                # (a one-step chain has no posterior variance at t = 1: beta_0).
+                variance_table = (np.append(self.posterior_variance[1], self.betas[1:])
+                                  if self.num_timesteps > 1 else self.betas)
                 log_variance_table = np.log(variance_table)
             else:
                 variance_table = self.posterior_variance

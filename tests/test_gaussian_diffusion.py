@@ -614,3 +614,23 @@ def test_x0_skip_needs_an_x0_model():
         create_gaussian_diffusion(steps=100, x0_skip_sigma=0.05)
     with pytest.raises(ValueError, match="x0_skip_sigma"):
         create_gaussian_diffusion(steps=100, predict_xstart=True, x0_skip_sigma=-1)
+
+
+@pytest.mark.parametrize("sigma_small", [False, True])
+def test_a_one_step_chain_returns_the_x0_estimate_at_its_step(sigma_small):
+    """"log2@999": one step at t = 999 (either fixed variance) gives the model's x_0 there."""
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=1000, predict_xstart=True, sigma_small=sigma_small,
+                                          timestep_respacing="log2@999")
+    assert diffusion.timestep_map == [999]
+    seen = []
+
+    def model(x, ts):
+        seen.append(int(ts[0]))
+        return th.full_like(x, 0.25)
+
+    for loop in (diffusion.p_sample_loop, diffusion.ddim_sample_loop):
+        sample = loop(model, (1, 1, 3, 3), noise=th.randn(1, 1, 3, 3))
+        th.testing.assert_close(sample, th.full((1, 1, 3, 3), 0.25))
+    assert seen == [999, 999]
