@@ -59,8 +59,10 @@ def test_an_ensemble_takes_the_sidecars_ensemble_respacing():
     assert one["timestep_respacing"] == "log2@999" and one["use_ddim"] is False
     for members in (2, 4):
         many = settings.resolve_settings(dict(members=members), meta, "paired")
-        assert many["timestep_respacing"] == "ddim10" and many.sources["timestep_respacing"] == "checkpoint"
+        assert many["timestep_respacing"] == "ddim10" and many.sources["timestep_respacing"] == settings.ENSEMBLE_SOURCE
         assert many["use_ddim"] is True
+        assert any("members' mean is noisier" in w for w in settings.range_warnings(many, meta, "m.pt"))
+    assert not any("members' mean" in w for w in settings.range_warnings(one, meta, "m.pt"))
     given = settings.resolve_settings(dict(members=4, timestep_respacing="log10"), meta, "paired")
     assert given["timestep_respacing"] == "log10" and given.sources["timestep_respacing"] == "given"
     # without an ensemble recommendation an ensemble samples like one member

@@ -55,6 +55,9 @@ SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "f
                 "bc_steps", "bc_start", "bc_lam_schedule", "bc_lambda", "bc_sigma_mm")
 """Keys a checkpoint sidecar's ``sampling`` may recommend."""
 
+ENSEMBLE_SOURCE = "checkpoint (ensemble)"
+"""The source of a respacing taken from the sidecar's ``ensemble_respacing``."""
+
 TUNED_KEYS = dict(bc_lambda=float, bc_sigma_mm=float, bc_steps=int, hot_voxels=str)
 """Keys of a BC-DPM tuning-table row, with their types (``scripts/tune_bcdpm.py`` writes them)."""
 
@@ -132,7 +135,8 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     sidecar = {key: sampling.get(key) for key in SIDECAR_KEYS}
     if sidecar["timestep_respacing"] is None:
         sidecar["timestep_respacing"] = metadata.get("flags", {}).get("timestep_respacing")
-    if (given.get("members") or 1) >= 2 and sampling.get("ensemble_respacing"):
+    ensemble = (given.get("members") or 1) >= 2 and bool(sampling.get("ensemble_respacing"))
+    if ensemble:
         sidecar["timestep_respacing"] = sampling["ensemble_respacing"]
     tuning = sampling.get("bc_tuning") if uses_bcdpm(mode) else None
     index, row = None, {}
@@ -149,6 +153,8 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
                 break
         else:
             values[key], sources[key] = None, "default"
+    if ensemble and sources["timestep_respacing"] == "checkpoint":
+        sources["timestep_respacing"] = ENSEMBLE_SOURCE
     if values["use_ddim"] is None:
         values["use_ddim"] = str(values["timestep_respacing"]).startswith("ddim")
         sources["use_ddim"] = sources["timestep_respacing"]
@@ -181,12 +187,18 @@ def check_settings(resolved, num_timesteps):
 
 
 def range_warnings(resolved, metadata, model_path):
-    """One-line warnings for settings outside what the checkpoint was trained or validated on:
+    """One-line warnings for settings outside what the checkpoint was trained or validated on
+    (and for an ensemble of posterior samples, whose mean is not the best image):
     a prior trained only for t < ``trained_max_t`` sampled from pure noise (no ``--bc_start``),
     and axial slabs deeper than both its training patches and its recommended ``patch_z`` (the
     group norms see other statistics; BENCHMARKS.md measures what that costs)."""
     recommended = metadata.get("sampling", {})
     warnings = []
+    if resolved.sources["timestep_respacing"] == ENSEMBLE_SOURCE:
+        warnings.append(f"the ensemble samples the posterior ({resolved['timestep_respacing']}, {model_path}'s "
+                        f"ensemble_respacing): the std map is the uncertainty, but the members' mean is noisier "
+                        f"than one member's estimate ({recommended.get('timestep_respacing')}): take the image "
+                        f"from a one-member run")
     if recommended.get("trained_max_t") and not resolved["bc_start"]:
         warnings.append(f"{model_path} was trained only for t < {recommended['trained_max_t']}: sampling "
                         f"from pure noise leaves its training range (use --bc_start)")
