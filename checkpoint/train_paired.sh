@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Recipe of the shipped paired diffusion model (checkpoint/demo_paired.pt) and U-Net baseline
-# (checkpoint/demo_unet.pt), second stage. Both start from the step-550 U-Net of
+# Recipe of the U-Net baseline (checkpoint/demo_unet.pt) and the second stage of the paired
+# diffusion model (packaged as $RUN_DIR/demo_paired_stage2.pt, the shipped demo_paired.pt until
+# 2026-12-07; checkpoint/train_paired_skip.sh trains the shipped model from it). Both start from the step-550 U-Net of
 # checkpoint/train_paired_v.sh (run here when absent; $INIT overrides, e.g. an earlier release
 # of demo_unet.pt, which holds those weights):
 #   - the diffusion model: x0 prediction as a residual on the low-dose input, t uniform over
@@ -32,7 +33,7 @@ respacing="$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["ro
   "$runs/sampler_paired.json")"
 # slabs of the training depth (16) overlapping by 4: on the validation subjects 0.02-0.03 dB below
 # an overlap of 8 at 0.7x the time (checkpoint/README.md)
-python scripts/package_checkpoint.py "$paired" --name demo_paired --training_data "$training_data" \
+python scripts/package_checkpoint.py "$paired" --name demo_paired_stage2 --dest "$runs" --training_data "$training_data" \
   --sampling "{\"timestep_respacing\": \"$respacing\", \"patch_overlap\": 4}" \
   --training_data '{"reproduce": "bash checkpoint/train_paired.sh"}'
 python scripts/package_checkpoint.py "$runs/unet_long/model$(printf %06d "$unet_steps").pt" --name demo_unet \

@@ -15,7 +15,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_env.sh"
 data="${1:-data}"
 runs="${2:-runs}"
-init="${INIT:-$runs/paired_x0/model003600.pt}"
+init="${INIT:-$runs/demo_paired_stage2.pt}"
 [ -e "$init" ] || bash checkpoint/train_paired.sh "$data" "$runs"
 source checkpoint/paired_randomised.sh
 steps="${SKIP_STEPS:-9000}"
@@ -33,3 +33,9 @@ skip=(--cond paired --data_dir "$data/gd_train40" --val_dir "$data/gd_val4" --vo
       --grad_clip 1.0 --ema_rate 0.999 --precision bf16 --threads 1 --log_interval 50
       --save_interval 250 --val_interval 1000 --val_patches 4 --seed 2)
 python scripts/train.py "${skip[@]}" --init_from "$init" --log_dir "$runs/paired_skip" > "$runs/paired_skip.log" 2>&1
+# one member: the posterior-mean estimate in one evaluation at t = 999; ensembles: posterior
+# samples, ancestral with the posterior variance on 10 log-spaced steps (checkpoint/README.md)
+training_data='{"generator": "scripts/make_dataset.py", "description": "stage 3 (posterior sampler, x0 blended with x_t): the first 40 of the 80 randomised subjects of stages 1-2 (seed 300): whole body, head and dead-leaves anatomy, FDG/PSMA/DOTATATE/FAPI, random OSEM/MLEM reconstructions with and without PSF, post-filters, 2D / SSRB, native voxels 2-4 mm resampled to 3.3 mm, 3 DRFs per subject in 2-200: 120 low/full pairs; MLEM 100 without PSF and 1.65 mm held out. Stages 1-2 (the start): 80 subjects, 240 pairs (checkpoint/train_paired.sh)", "commands": ["mpiexec -n 2 python scripts/make_dataset.py --out data/gd_train40 --subjects 40 --seed 300 --randomise --anatomies whole_body brain dead_leaves --detail --tracers FDG PSMA DOTATATE FAPI --hold_out mlem100_nopsf 1.65 --split 1 0 0"], "reproduce": "bash checkpoint/train_paired_skip.sh"}'
+python scripts/package_checkpoint.py "$runs/paired_skip/ema_0.999_$(printf %06d "$steps").pt" --name demo_paired \
+  --flags '{"sigma_small": true}' --training_data "$training_data" \
+  --sampling '{"timestep_respacing": "log2@999", "ensemble_respacing": "log10", "patch_overlap": 4}'
