@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint_hub import portable_paths
 from ..pet import volumes
 from ..pet.filters import FWHM_PER_SIGMA, fwhm_to_sigma
 from ..sampling.settings import TUNED_KEYS, uses_bcdpm
@@ -300,7 +299,7 @@ def run_report(val, test, out, diffusion, *, drfs=None, max_subjects=0, z_range=
             rows.append(dict(subject=case["subject"], tracer=case["tracer"], drf=case["drf"],
                              method=method, **case_metrics(case, image), seconds=seconds,
                              network_evaluations=evaluations,
-                             **{key: bc.get(key) for key in BC_COLUMNS}, file=portable_paths(case["path"])))
+                             **{key: bc.get(key) for key in BC_COLUMNS}, file=case["path"]))
             images[method] = image
             progress.update()
         if example is None and case["drf"] == example_drf:
