@@ -159,6 +159,9 @@ class GaussianDiffusion:
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # weight of x_t / sqrt(abar_t) in a START_X model's x_0 (x0_skip_sigma; 0 when off)
+        skip_var = self.x0_skip_sigma ** 2
+        self.x0_skip_weight = skip_var / (skip_var + (1.0 / self.alphas_cumprod - 1.0))
 
         # q(x_{t-1} | x_t, x_0)
         self.posterior_variance = (
@@ -326,10 +329,8 @@ class GaussianDiffusion:
         """The x_0 estimate of a ``START_X`` model, blended with x_t by ``x0_skip_sigma``."""
         if not self.x0_skip_sigma:
             return model_x0
-        noise_var = 1.0 / self.alphas_cumprod - 1.0  # of x_t / sqrt(abar_t) around x_0
-        weight = self.x0_skip_sigma ** 2 / (self.x0_skip_sigma ** 2 + noise_var)
         scaled = _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-        weight = _extract_into_tensor(weight, t, x_t.shape)
+        weight = _extract_into_tensor(self.x0_skip_weight, t, x_t.shape)
         return weight * scaled + (1.0 - weight) * model_x0
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
