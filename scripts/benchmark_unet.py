@@ -53,9 +53,10 @@ def main(argv=None):
     if args.profile and not args.model:
         parser.error("--profile needs --model")
     if args.model:
-        rows = efficiency_rows(args, device)
+        model = load_model_and_diffusion(args.model, device=device)[0]
+        rows = efficiency_rows(args, model, device)
         if args.profile:
-            rows += profile_rows(args, device)
+            rows += profile_rows(args, model, device)
     else:
         rows = architecture_rows(args, device)
     meta = dict(device=str(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
@@ -76,8 +77,7 @@ def efficiency_precisions(device):
     return ("fp32",)
 
 
-def efficiency_rows(args, device):
-    model = load_model_and_diffusion(args.model, device=device)[0]
+def efficiency_rows(args, model, device):
     rows = [dict(model=args.model, shape_zxy=args.shape, precision=precision,
                  **speed.forward_efficiency(model, tuple(args.shape), device, precision, args.repeats,
                                             args.warmup, args.seed))
@@ -88,8 +88,7 @@ def efficiency_rows(args, device):
     return rows
 
 
-def profile_rows(args, device):
-    model = load_model_and_diffusion(args.model, device=device)[0]
+def profile_rows(args, model, device):
     rows = []
     for precision in efficiency_precisions(device):
         profile = speed.forward_profile(model, tuple(args.shape), device, precision, args.repeats, args.warmup)
