@@ -9,16 +9,46 @@ import math
 
 import torch as th
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 NORM_GROUPS = 32
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype (as upstream)."""
+    """
+    GroupNorm computed in float32 and returned in the input dtype (as upstream).
+
+    A bf16 input on the CPU goes straight to the mixed-precision kernel (float32 statistics
+    and affine, bf16 in and out): the same values as upstream's cast-normalise-cast, without
+    the two full-size copies. Other inputs are cast as upstream does.
+    """
 
     def forward(self, x):
+        if self._takes_as_is(x):
+            return self._group_norm(x, self.weight, self.bias)
         return super().forward(x.float()).type(x.dtype)
+
+    def modulated(self, x, scale, shift):
+        """
+        ``norm(x) * (1 + scale) + shift`` for per-channel ``scale``, ``shift`` [N x C x 1 ...].
+
+        With one sample the modulation is folded into the affine parameters: one pass over
+        ``x`` instead of three, values rounded once instead of after each step.
+        """
+        if x.shape[0] == 1 and self._takes_as_is(x):
+            gain = 1 + scale.flatten().float()
+            return self._group_norm(x, self.weight * gain, self.bias * gain + shift.flatten().float())
+        return self(x) * (1 + scale) + shift
+
+    @staticmethod
+    def _takes_as_is(x):
+        """Whether ``F.group_norm`` normalises ``x`` in float32 without a cast."""
+        return x.dtype == th.float32 or (x.dtype == th.bfloat16 and x.device.type == "cpu")
+
+    def _group_norm(self, x, weight, bias):
+        with th.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
 def conv_nd(dims, *args, **kwargs):
@@ -37,15 +67,36 @@ def linear(*args, **kwargs):
     return nn.Linear(*args, **kwargs)
 
 
-def avg_pool_nd(dims, *args, **kwargs):
-    """Create a 1D, 2D, or 3D average pooling module."""
-    if dims == 1:
-        return nn.AvgPool1d(*args, **kwargs)
-    if dims == 2:
-        return nn.AvgPool2d(*args, **kwargs)
-    if dims == 3:
-        return nn.AvgPool3d(*args, **kwargs)
-    raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)")
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class AvgPoolNd(nn.Module):
+    """
+    Non-overlapping average pooling (stride = kernel) as a depthwise convolution with fixed
+    weights 1 / prod(kernel): the values of ``nn.AvgPool{1,2,3}d``, computed in the input's
+    dtype and memory layout (the CPU has no bf16 ``avg_pool3d``, so autocast would copy the
+    tensor through float32 and back).
+    """
+
+    def __init__(self, dims, kernel_size):
+        super().__init__()
+        if dims not in _CONV_FUNCTIONS:
+            raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)")
+        kernel = (kernel_size,) * dims if isinstance(kernel_size, int) else tuple(kernel_size)
+        if len(kernel) != dims:
+            raise ValueError(f"kernel {kernel_size} does not have {dims} dimensions")
+        self.dims = dims
+        self.kernel_size = kernel
+
+    def forward(self, x):
+        channels = x.shape[1]
+        weight = x.new_full((channels, 1, *self.kernel_size), 1.0 / math.prod(self.kernel_size))
+        return _CONV_FUNCTIONS[self.dims](x, weight, stride=self.kernel_size, groups=channels)
+
+
+def avg_pool_nd(dims, kernel_size):
+    """Create a 1D, 2D, or 3D non-overlapping average pooling module (stride = kernel)."""
+    return AvgPoolNd(dims, kernel_size)
 
 
 def update_ema(target_params, source_params, rate=0.99):

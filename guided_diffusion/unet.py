@@ -108,7 +108,7 @@ class Downsample(nn.Module):
         else:
             if self.channels != self.out_channels:
                 raise ValueError("average-pool downsampling cannot change channels")
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+            self.op = avg_pool_nd(dims, stride)
 
     def forward(self, x):
         return self.op(x)
@@ -211,13 +211,15 @@ class ResBlock(TimestepBlock):
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
+        # h is a fresh convolution output here and below: adding in place saves a tensor
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = th.chunk(emb_out, 2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
+            h = out_rest(out_norm.modulated(h, scale, shift))
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = self.out_layers(h.add_(emb_out))
+        skip = self.skip_connection(x)
+        return h.add_(skip) if skip.dtype == h.dtype else skip + h
 
 
 def _split_heads(qkv, n_heads, legacy_order):

@@ -8,7 +8,7 @@ import pytest
 import torch as th
 
 from guided_diffusion import fp16_util
-from guided_diffusion.nn import normalization, timestep_embedding
+from guided_diffusion.nn import AvgPoolNd, normalization, timestep_embedding
 from guided_diffusion.unet import (
     AttentionBlock,
     Downsample,
@@ -98,6 +98,54 @@ def test_downsample_and_upsample_values():
     up = Upsample(1, use_conv=False, dims=3)(pooled)
     assert up.shape == (1, 1, 2, 4, 4)
     assert th.equal(up, pooled.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4))
+
+
+@pytest.mark.parametrize("dims,kernel", [(1, 2), (2, 2), (3, (1, 2, 2)), (3, 2)])
+def test_avg_pool_matches_torch_pooling(dims, kernel):
+    gen = th.Generator().manual_seed(dims)
+    x = th.randn(2, 3, *([6] * dims), generator=gen)
+    reference = getattr(th.nn, f"AvgPool{dims}d")(kernel)(x)
+    assert th.allclose(AvgPoolNd(dims, kernel)(x), reference, atol=1e-6)
+    # bf16 channels-last: the float32 average rounded once, layout kept
+    if dims == 3:
+        x16 = x.to(th.bfloat16).contiguous(memory_format=th.channels_last_3d)
+        pooled = AvgPoolNd(dims, kernel)(x16)
+        assert pooled.dtype == th.bfloat16
+        assert pooled.is_contiguous(memory_format=th.channels_last_3d)
+        expected = getattr(th.nn, f"AvgPool{dims}d")(kernel)(x16.float()).to(th.bfloat16)
+        assert th.equal(pooled, expected)
+    with pytest.raises(ValueError, match="dimensions"):
+        AvgPoolNd(3, (2, 2))
+
+
+def test_group_norm_bf16_cpu_equals_upstream_cast():
+    norm = normalization(32)
+    with th.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = th.randn(2, 32, 3, 5, 4).to(th.bfloat16).contiguous(memory_format=th.channels_last_3d)
+    upstream = th.nn.functional.group_norm(x.float(), 32, norm.weight, norm.bias).to(th.bfloat16)
+    with fp16_util.autocast("cpu", "bf16"):
+        out = norm(x)
+    assert out.dtype == th.bfloat16
+    assert th.equal(out, upstream)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_group_norm_modulated_matches_formula(batch):
+    norm = normalization(16)
+    gen = th.Generator().manual_seed(batch)
+    with th.no_grad():
+        norm.weight.copy_(1 + 0.1 * th.randn(16, generator=gen))
+        norm.bias.copy_(0.1 * th.randn(16, generator=gen))
+    x = th.randn(batch, 16, 3, 5, 4, generator=gen)
+    scale, shift = (0.3 * th.randn(batch, 16, 1, 1, 1, generator=gen) for _ in range(2))
+    expected = norm(x) * (1 + scale) + shift
+    assert th.allclose(norm.modulated(x, scale, shift), expected, atol=1e-5)
+    x16 = x.to(th.bfloat16)
+    fast = norm.modulated(x16, scale.to(th.bfloat16), shift.to(th.bfloat16))
+    assert fast.dtype == th.bfloat16
+    assert th.allclose(fast.float(), expected, atol=0.05)
 
 
 def test_superres_concatenates_low_res_on_channels():
