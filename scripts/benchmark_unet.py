@@ -13,10 +13,13 @@ category (convolutions, group norms, SiLU, casts and copies, ...; torch's profil
     python scripts/benchmark_unet.py --json results/benchmark_unet.json
     python scripts/benchmark_unet.py --model checkpoint/demo_paired.pt --shape 16 160 100 --threads 2
     python scripts/benchmark_unet.py --model checkpoint/demo_paired.pt --profile --threads 2
+    python scripts/benchmark_unet.py --slab 96 96 96 --threads 2
 """
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 
@@ -39,6 +42,11 @@ def create_argparser():
                         help="patch of --model in voxels (default: a demo-volume slab of demo_paired.pt)")
     parser.add_argument("--profile", action="store_true",
                         help="with --model: also its forward's time per op category (torch profiler)")
+    parser.add_argument("--slab", type=int, nargs=3, metavar=("Z", "X", "Y"),
+                        help="instead: peak memory of the published architecture's forward on this patch "
+                             "(96 96 96: a 96-slice slab of its 96 x 96 transaxial patches at 1.65 mm)")
+    parser.add_argument("--slab_config", choices=sorted(speed.CONFIGS), default=speed.PUBLISHED_UNET,
+                        help="architecture of --slab (default: the published one)")
     add_runtime_arguments(parser, seed_help="seed of the weights and inputs", precision=False, device=True)
     return parser
 
@@ -52,7 +60,9 @@ def main(argv=None):
     device = runtime_device(args)
     if args.profile and not args.model:
         parser.error("--profile needs --model")
-    if args.model:
+    if args.slab:
+        rows = slab_memory_rows(args, device)
+    elif args.model:
         model = load_model_and_diffusion(args.model, device=device)[0]
         rows = efficiency_rows(args, model, device)
         if args.profile:
@@ -108,6 +118,23 @@ def architecture_rows(args, device):
     print_table(("config", "input (B,C,Z,X,Y)", "params", "precision", "memory format", "median s", "min s"),
                 [(r["config"], tuple(r["input_shape"]), f"{r['params']:,}", r["precision"], r["memory_format"],
                   f"{r['median_s']:.3f}", f"{r['min_s']:.3f}") for r in rows])
+    return rows
+
+
+def slab_memory_rows(args, device):
+    """One :func:`speed.forward_peak_memory` row per precision, each from a fresh process."""
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for precision in efficiency_precisions(device):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=set_threads,
+                                                    initargs=(args.threads,)) as pool:
+            rows.append(pool.submit(speed.forward_peak_memory, args.slab_config, tuple(args.slab),
+                                    device, precision, args.seed).result())
+    print_table(("config", "patch (Z,X,Y)", "precision", "s", "weights MB", "RSS before MB", "peak RSS MB",
+                 "peak CUDA MB"),
+                [(r["config"], tuple(r["shape_zxy"]), r["precision"], f"{r['seconds']:.1f}",
+                  f"{r['weights_mb']:.0f}", f"{r['rss_before_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                  "-" if r["peak_cuda_mb"] is None else f"{r['peak_cuda_mb']:.0f}") for r in rows])
     return rows
 
 

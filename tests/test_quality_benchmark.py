@@ -23,6 +23,7 @@ from guided_diffusion.pet.geometry import get_preset
 from guided_diffusion.sampling import settings
 from guided_diffusion.sampling.guidance import LowDoseAcquisition
 from guided_diffusion.sampling.patches import PatchGrid
+from guided_diffusion.script_util import sr_create_model_and_diffusion
 from tests.mpi_helpers import REPO, mpiexec_path
 
 SCRIPTS = REPO / "scripts"
@@ -559,6 +560,21 @@ def test_op_categories_and_a_profile_that_adds_up():
     assert {"convolution", "group norm", "SiLU", "concatenation"} <= set(categories)
     assert sum(c["ms"] for c in categories.values()) == pytest.approx(profile["total_ms"])
     assert sum(c["share"] for c in categories.values()) == pytest.approx(1.0)
+
+
+def test_benchmark_unet_slab_memory_runs_each_precision_in_a_fresh_process(tmp_path):
+    out = tmp_path / "slab.json"
+    config = "small (32 ch, mult 1,2,2,4)"
+    proc = _run("benchmark_unet.py", "--slab", 4, 8, 8, "--slab_config", config, "--threads", 1,
+                "--device", "cpu", "--json", out)
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all(r["config"] == config and r["shape_zxy"] == [4, 8, 8] for r in rows)
+    params = sum(p.numel() for p in sr_create_model_and_diffusion(**speed.CONFIGS[config][0])[0].parameters())
+    for r in rows:
+        assert r["weights_mb"] == pytest.approx(params * 4 / 2**20)
+        assert r["peak_rss_mb"] >= r["rss_before_mb"] > r["weights_mb"]
+        assert r["seconds"] > 0 and r["peak_cuda_mb"] is None
+    assert "| small (32 ch, mult 1,2,2,4) | (4, 8, 8) | fp32 |" in proc.stdout
 
 
 def test_benchmark_unet_measures_a_checkpoints_forward_efficiency(checkpoints, tmp_path):

@@ -80,6 +80,32 @@ def unet_rows(config, size, device, repeats, warmup=1, seed=0):
     return rows
 
 
+def forward_peak_memory(config, shape_zxy, device, precision, seed=0):
+    """Memory of one no-grad forward of the architecture ``config`` (a :data:`CONFIGS` key) on
+    ``(1, 1, *shape_zxy)`` in channels-last 3D: ``{"config", "shape_zxy", "precision",
+    "seconds", "weights_mb", "peak_rss_mb", "rss_before_mb", "peak_cuda_mb"}`` (CPU: the
+    process's peak resident set, so call it in a fresh process; CUDA: peak allocated)."""
+    flags, _ = CONFIGS[config]
+    torch.manual_seed(seed)
+    model = sr_create_model_and_diffusion(**flags)[0].eval().to(device=device, memory_format=torch.channels_last_3d)
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    x = torch.randn(1, 1, *shape_zxy, generator=torch.Generator().manual_seed(seed))
+    x = x.to(device).contiguous(memory_format=torch.channels_last_3d)
+    t = torch.tensor([500], device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = peak_rss_mb()
+    start = time.perf_counter()
+    with torch.inference_mode(), fp16_util.autocast(device, precision):
+        model(x, t, low_res=x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return dict(config=config, shape_zxy=list(shape_zxy), precision=precision,
+                seconds=time.perf_counter() - start, weights_mb=weights_mb,
+                peak_rss_mb=peak_rss_mb(), rss_before_mb=rss_before,
+                peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+
+
 def unet_comparison(rows):
     """The published setting (the first row) against the fastest: ``{"rows", "published_s",
     "fastest", "speedup"}``."""
