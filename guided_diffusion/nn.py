@@ -19,9 +19,9 @@ class GroupNorm32(nn.GroupNorm):
     """
     GroupNorm computed in float32 and returned in the input dtype (as upstream).
 
-    A bf16 input on the CPU goes straight to the mixed-precision kernel (float32 statistics
-    and affine, bf16 in and out): the same values as upstream's cast-normalise-cast, without
-    the two full-size copies. Other inputs are cast as upstream does.
+    A bf16 input on the CPU without autograd (sampling) goes straight to the mixed-precision
+    kernel (float32 statistics and affine, bf16 in and out): the same values as upstream's
+    cast-normalise-cast, without the two full-size copies. Other inputs are cast as upstream does.
     """
 
     def forward(self, x):
@@ -43,8 +43,11 @@ class GroupNorm32(nn.GroupNorm):
 
     @staticmethod
     def _takes_as_is(x):
-        """Whether ``F.group_norm`` normalises ``x`` in float32 without a cast."""
-        return x.dtype == th.float32 or (x.dtype == th.bfloat16 and x.device.type == "cpu")
+        """Whether ``F.group_norm`` normalises ``x`` in float32 without a cast: float32, or bf16
+        on the CPU without autograd (torch's mixed-precision group-norm backward on the CPU is
+        several times slower than upstream's cast-normalise-cast, so training keeps the casts)."""
+        return x.dtype == th.float32 or (x.dtype == th.bfloat16 and x.device.type == "cpu"
+                                         and not th.is_grad_enabled())
 
     def _group_norm(self, x, weight, bias):
         with th.autocast(x.device.type, enabled=False):
