@@ -5,6 +5,7 @@ UNet (:func:`time_forward`, :func:`unet_rows`): ``model(x_t, t, low_res)`` witho
 default layout (the published code's setting), fp32 and bf16 autocast in channels-last 3D.
 Efficiency (:func:`forward_efficiency`): a checkpoint's forward on its sampling patch, its
 counted FLOPs per second against a large matrix product's in the same precision and run.
+Memory (:func:`forward_peak_memory`): one forward of an architecture on a given patch.
 
 Projector (:func:`projector_case`, :data:`PROJECTOR_CASES`): build, forward and back projection
 and one OSEM iteration of a preset; ``ecat921_2d`` is compared with skimage's radon / iradon on
@@ -64,13 +65,19 @@ def time_forward(model, device, precision, channels_last, size, repeats, warmup,
     return statistics.median(seconds), min(seconds)
 
 
+def config_model(config, seed=0):
+    """The UNet of the architecture ``config`` (a :data:`CONFIGS` key), weights drawn with ``seed``,
+    in eval mode."""
+    flags, _ = CONFIGS[config]
+    torch.manual_seed(seed)
+    return sr_create_model_and_diffusion(**flags)[0].eval()
+
+
 def unet_rows(config, size, device, repeats, warmup=1, seed=0):
     """One row per :data:`MODES` entry for the architecture ``config`` (a :data:`CONFIGS` key)
     at ``size``^3: ``config``, ``size``, ``params``, ``precision``, ``memory_format``,
     ``median_s``, ``min_s``."""
-    flags, _ = CONFIGS[config]
-    torch.manual_seed(seed)
-    model = sr_create_model_and_diffusion(**flags)[0].eval()
+    model = config_model(config, seed)
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for precision, channels_last in MODES:
@@ -85,9 +92,7 @@ def forward_peak_memory(config, shape_zxy, device, precision, seed=0):
     ``(1, 1, *shape_zxy)`` in channels-last 3D: ``{"config", "shape_zxy", "precision",
     "seconds", "weights_mb", "peak_rss_mb", "rss_before_mb", "peak_cuda_mb"}`` (CPU: the
     process's peak resident set, so call it in a fresh process; CUDA: peak allocated)."""
-    flags, _ = CONFIGS[config]
-    torch.manual_seed(seed)
-    model = sr_create_model_and_diffusion(**flags)[0].eval().to(device=device, memory_format=torch.channels_last_3d)
+    model = config_model(config, seed).to(device=device, memory_format=torch.channels_last_3d)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     x = torch.randn(1, 1, *shape_zxy, generator=torch.Generator().manual_seed(seed))
     x = x.to(device).contiguous(memory_format=torch.channels_last_3d)
