@@ -11,12 +11,18 @@ Without ``mpiexec`` (one MPI rank), or when ``mpi4py`` cannot be imported, the p
 single-rank group on an in-memory store, so ``dist.get_rank()``, ``all_gather``, ``barrier``
 and DDP behave the same everywhere.
 
+Teardown: entry points call :func:`cleanup` when their work is done (every rank waits, then
+the group is destroyed); :func:`setup_dist` also registers an exit hook that destroys a group
+left behind (after an error). A gloo group alive at interpreter shutdown can abort the
+process (SIGABRT, "terminate called without an active exception").
+
 Device: the GPU of a rank is its node-local rank (MPI shared-memory communicator) modulo the
 number of GPUs the node makes visible; CPU otherwise. On CPU the torch thread count is split
 between the ranks of a node unless the user chose it (``threads`` argument or
 ``OMP_NUM_THREADS``).
 """
 
+import atexit
 import io
 import os
 import socket
@@ -93,10 +99,24 @@ def setup_dist(threads=None):
         )
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not _state.get("exit_hook"):
+        _state["exit_hook"] = atexit.register(_destroy_group)
     _set_threads(threads)
     from . import logger  # late import: logger asks this module for the rank
 
     logger.log(describe())
+
+
+def cleanup():
+    """Wait for every rank, then destroy the process group (end of a run; no-op without one)."""
+    if dist.is_initialized():
+        dist.barrier()
+    _destroy_group()
+
+
+def _destroy_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def describe():

@@ -180,6 +180,7 @@ def main(argv=None):
             break
         batch.denoise(item)
     logger.log("sampling complete")
+    dist_util.cleanup()
 
 
 def draw_panels(path, item, mean, std, mode):

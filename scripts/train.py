@@ -264,6 +264,7 @@ def main(argv=None):
         callback=callback,
     ).run_loop()
     logger.log("training done")
+    dist_util.cleanup()
 
 
 if __name__ == "__main__":

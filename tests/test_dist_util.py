@@ -31,6 +31,15 @@ def test_single_process_group_works(single_process_group):
     assert dist_util.dev().type == expected
 
 
+def test_cleanup_destroys_the_group_and_setup_works_again():
+    dist_util.setup_dist(threads=th.get_num_threads())
+    dist_util.cleanup()
+    assert not dist.is_initialized()
+    dist_util.cleanup()  # no group: no-op
+    dist_util.setup_dist(threads=th.get_num_threads())
+    assert dist_util.world_size() == 1
+
+
 def test_load_state_dict_single_process(single_process_group, tmp_path):
     state = {"w": th.arange(6.0).reshape(2, 3), "b": th.tensor([1, 2], dtype=th.int64)}
     path = tmp_path / "w.pt"
@@ -98,7 +107,9 @@ try:
 except Exception as exc:
     missing = type(exc).__name__
 dist_util.barrier()
+dist_util.cleanup()
 print("RESULT " + json.dumps(dict(
+    group_after_cleanup=torch.distributed.is_initialized(),
     rank=r, world=n, local_rank=dist_util.local_rank(), local_size=dist_util.local_world_size(),
     device=str(dist_util.dev()), threads=torch.get_num_threads(),
     affinity=len(os.sched_getaffinity(0)), gathered=[g.item() for g in gathered],
@@ -120,3 +131,4 @@ def test_mpiexec_two_ranks(tmp_path):
         assert res["device"] == ("cuda:%d" % (r % th.cuda.device_count()) if th.cuda.is_available() else "cpu")
         assert res["w"] == expected_w and res["step"] == 7
         assert res["missing"] != "no error"
+        assert res["group_after_cleanup"] is False  # destroyed: no gloo threads left at exit
