@@ -16,6 +16,7 @@ Additions over upstream (all keyword-only in use, after the upstream positional 
 - bad arguments raise ValueError instead of failing an assert.
 """
 
+import copy
 import enum
 import math
 
@@ -103,6 +104,13 @@ class LossType(enum.Enum):
         return self == LossType.KL or self == LossType.RESCALED_KL
 
 
+def x0_skip_weight(sigma, alphas_cumprod):
+    """Per step, the weight ``s^2 / (s^2 + 1 / abar_t - 1)`` of x_t / sqrt(abar_t) in a
+    ``START_X`` model's blended x_0 (``sigma`` = s in model units; 0 everywhere when s = 0)."""
+    skip_var = sigma ** 2
+    return skip_var / (skip_var + (1.0 / alphas_cumprod - 1.0))
+
+
 class GaussianDiffusion:
     """
     Utilities for training and sampling diffusion models.
@@ -129,9 +137,6 @@ class GaussianDiffusion:
         rescale_timesteps=False,
         x0_skip_sigma=0.0,
     ):
-        if x0_skip_sigma < 0 or (x0_skip_sigma > 0 and model_mean_type != ModelMeanType.START_X):
-            raise ValueError("x0_skip_sigma must be >= 0 and needs an x_0-predicting model (predict_xstart)")
-        self.x0_skip_sigma = float(x0_skip_sigma)
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
@@ -159,9 +164,7 @@ class GaussianDiffusion:
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
-        # weight of x_t / sqrt(abar_t) in a START_X model's x_0 (x0_skip_sigma; 0 when off)
-        skip_var = self.x0_skip_sigma ** 2
-        self.x0_skip_weight = skip_var / (skip_var + (1.0 / self.alphas_cumprod - 1.0))
+        self._set_x0_skip(x0_skip_sigma)
 
         # q(x_{t-1} | x_t, x_0)
         self.posterior_variance = (
@@ -324,6 +327,19 @@ class GaussianDiffusion:
                 f"(prediction and variance channels), got {tuple(model_output.shape)}"
             )
         return th.split(model_output, C, dim=1)
+
+    def with_x0_skip_sigma(self, sigma):
+        """A copy of this process whose ``START_X`` model's x_0 is blended with x_t by
+        ``sigma`` (model units) instead (the model's weights are unaffected; sampling only)."""
+        other = copy.copy(self)
+        other._set_x0_skip(sigma)
+        return other
+
+    def _set_x0_skip(self, sigma):
+        if sigma < 0 or (sigma > 0 and self.model_mean_type != ModelMeanType.START_X):
+            raise ValueError("x0_skip_sigma must be >= 0 and needs an x_0-predicting model (predict_xstart)")
+        self.x0_skip_sigma = float(sigma)
+        self.x0_skip_weight = x0_skip_weight(self.x0_skip_sigma, self.alphas_cumprod)
 
     def _skip_xstart(self, x_t, t, model_x0):
         """The x_0 estimate of a ``START_X`` model, blended with x_t by ``x0_skip_sigma``."""

@@ -26,7 +26,7 @@ from guided_diffusion.evaluation.methods import DiffusionMethod
 from guided_diffusion.pet import volumes
 from guided_diffusion.sampling import arguments
 from guided_diffusion.sampling.hot_voxels import DEFAULT_HOT_MODE, HOT_MODES
-from guided_diffusion.script_util import add_runtime_arguments, runtime_device, set_threads, str2bool
+from guided_diffusion.script_util import runtime_device, set_threads, str2bool
 
 
 def create_argparser():
@@ -41,10 +41,6 @@ def create_argparser():
                         help="--matrix_drfs: transaxial field-of-view scale (robustness.py --quick: 0.6)")
     parser.add_argument("--prior", required=True, help="BC-DPM prior checkpoint .pt")
     parser.add_argument("--out", required=True, help="results JSON")
-    parser.add_argument("--drf", type=float, nargs="+", default=None, help="DRFs to use (default all)")
-    parser.add_argument("--max_subjects", type=int, default=0, help="first N subjects (0: all)")
-    parser.add_argument("--z_range", type=int, nargs=2, default=None, metavar=("START", "STOP"))
-    parser.add_argument("--mask_suv", type=float, default=0.05, help="body mask: full dose > this SUV")
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--sigmas_mm", type=float, nargs="+", default=[3.0, 6.0, 9.0, 12.0])
     parser.add_argument("--bc_steps", type=int, nargs="+", default=None,
@@ -56,8 +52,7 @@ def create_argparser():
                         help="start at step l from the diffused input (default: the prior's recommendation)")
     parser.add_argument("--bc_recon_iters", type=int, default=None, help="OSEM iterations of P^+ (default 2)")
     parser.add_argument("--bc_recon_subsets", type=int, default=None, help="OSEM subsets of P^+ (default 8)")
-    add_runtime_arguments(parser, seed_help="sampling seed", device=True)
-    arguments.add_patching_arguments(parser)
+    cases.add_validation_run_arguments(parser)
     return parser
 
 
@@ -84,7 +79,7 @@ def main(argv=None):
         print(f"DRF {row['drf']:>5g}: noise index {row['noise_index']:.4f} SUV -> l {row['bc_steps']}, "
               f"lambda {row['bc_lambda']:g}, sigma {row['bc_sigma_mm']:g} mm, hot voxels {row['hot_voxels']} "
               f"(mean PSNR {row['psnr']:.2f} dB, {row['volumes']} volumes)")
-    bc_tuning = [{k: row[k] for k in ("drf", "noise_index", *tuning.GRID_KEYS)} for row in table]
+    bc_tuning = [{k: row[k] for k in ("drf", "noise_index", "noise_estimator", *tuning.GRID_KEYS)} for row in table]
     print(f"record it: python scripts/package_checkpoint.py ... --sampling '{json.dumps(dict(bc_tuning=bc_tuning))}'")
     record = dict({k: v for k, v in vars(args).items() if k != "out"}, bc_steps=steps,
                   bc_start=method.run["bc_start"], precision=method.precision)

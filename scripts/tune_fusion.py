@@ -23,7 +23,7 @@ from guided_diffusion.evaluation.methods import DiffusionMethod
 from guided_diffusion.pet import volumes
 from guided_diffusion.sampling import arguments, fusion
 from guided_diffusion.sampling.hot_voxels import HOT_MODES
-from guided_diffusion.script_util import add_runtime_arguments, runtime_device, set_threads
+from guided_diffusion.script_util import runtime_device, set_threads
 
 
 def create_argparser():
@@ -31,17 +31,12 @@ def create_argparser():
     parser.add_argument("--val", required=True, help="make_dataset.py directory (its val split)")
     parser.add_argument("--paired", required=True, help="paired checkpoint .pt")
     parser.add_argument("--out", required=True, help="results JSON")
-    parser.add_argument("--drf", type=float, nargs="+", default=None, help="DRFs to use (default all)")
-    parser.add_argument("--max_subjects", type=int, default=0, help="first N subjects (0: all)")
-    parser.add_argument("--z_range", type=int, nargs=2, default=None, metavar=("START", "STOP"))
-    parser.add_argument("--mask_suv", type=float, default=0.05, help="body mask: full dose > this SUV")
     parser.add_argument("--kappas", type=float, nargs="+", default=[1.5, 2, 3, 4, 6])
     parser.add_argument("--windows", type=int, nargs="+", default=[5, fusion.FUSION_WINDOW])
     parser.add_argument("--steps", default=None, help="timestep respacing of the sampler (default: the sidecar's)")
     parser.add_argument("--hot_voxels", choices=HOT_MODES, default=None,
                         help="voxels above the model's SUV range (see scripts/test.py; default rescale)")
-    add_runtime_arguments(parser, seed_help="sampling seed", device=True)
-    arguments.add_patching_arguments(parser)
+    cases.add_validation_run_arguments(parser)
     return parser
 
 

@@ -23,7 +23,7 @@ from guided_diffusion.evaluation import cases, tuning
 from guided_diffusion.evaluation.methods import DiffusionMethod
 from guided_diffusion.pet import volumes
 from guided_diffusion.sampling import arguments
-from guided_diffusion.script_util import add_runtime_arguments, exit_on_user_error, runtime_device, set_threads
+from guided_diffusion.script_util import exit_on_user_error, runtime_device, set_threads
 
 
 def create_argparser():
@@ -34,14 +34,9 @@ def create_argparser():
     parser.add_argument("--respacings", nargs="+", default=["ddim5", "ddim10", "10"],
                         help="timestep respacings to compare")
     parser.add_argument("--members", type=int, default=4, help="ensemble members per volume (>= 2)")
-    parser.add_argument("--drf", type=float, nargs="+", default=None, help="DRFs to use (default all)")
-    parser.add_argument("--max_subjects", type=int, default=0, help="first N subjects (0: all)")
-    parser.add_argument("--z_range", type=int, nargs=2, default=None, metavar=("START", "STOP"))
     parser.add_argument("--tolerance_db", type=float, default=0.05,
                         help="the cheapest respacing within this many dB of the best one-member PSNR is chosen")
-    parser.add_argument("--mask_suv", type=float, default=0.05, help="body mask: full dose > this SUV")
-    add_runtime_arguments(parser, seed_help="sampling seed", device=True)
-    arguments.add_patching_arguments(parser)
+    cases.add_validation_run_arguments(parser)
     return parser
 
 

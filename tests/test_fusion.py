@@ -32,6 +32,39 @@ def test_noise_index_needs_tissue_in_the_band():
     assert fusion.noise_index(np.full((20, 20, 20), 30.0)) is None
 
 
+def test_difference_noise_index_reads_the_variance_per_suv_of_white_noise():
+    rng = np.random.default_rng(1)
+    for mean, nu in ((2.0, 0.01), (5.0, 0.04)):
+        volume = mean + rng.normal(0.0, np.sqrt(nu * mean), (48, 48, 48))
+        assert fusion.difference_noise_index(volume) == pytest.approx(nu, rel=0.04)
+    poisson = rng.poisson(40.0, (40, 40, 40)) / 10.0  # mean 4 SUV, variance 0.4 = 0.1 x mean
+    assert fusion.difference_noise_index(poisson) == pytest.approx(0.1, rel=0.04)
+    assert fusion.difference_noise_index(np.zeros((20, 20, 20))) is None
+
+
+def test_difference_noise_index_ignores_linear_structure_that_the_highpass_sees():
+    rng = np.random.default_rng(2)
+    noise = rng.normal(0.0, np.sqrt(0.01 * 4.0), (40, 40, 40))
+    flat = 4.0 + noise
+    # blobs 1.5 voxels wide (2 SUV std): folds the high-pass window cannot tell from noise
+    blobs = gaussian_filter((rng.random((40, 40, 40)) < 0.02) * 1.0, 1.5)
+    folds = flat + blobs / blobs.std()
+    assert fusion.difference_noise_index(folds) == pytest.approx(fusion.difference_noise_index(flat), rel=0.25)
+    assert fusion.noise_index(folds) > 1.8 * fusion.noise_index(flat)
+    ramp = np.linspace(2.0, 6.0, 40)[:, None, None]  # linear: no second difference
+    ramp = ramp + rng.normal(0.0, 1.0, (40, 40, 40)) * np.sqrt(0.01 * ramp)
+    assert fusion.difference_noise_index(ramp) == pytest.approx(0.01, rel=0.05)
+
+
+def test_estimate_noise_index_by_name():
+    rng = np.random.default_rng(3)
+    volume = 4.0 + rng.normal(0.0, 0.2, (32, 32, 32))
+    assert fusion.estimate_noise_index(volume) == fusion.noise_index(volume)
+    assert fusion.estimate_noise_index(volume, "second_difference") == fusion.difference_noise_index(volume)
+    with pytest.raises(ValueError, match="unknown noise_estimator 'wavelet'"):
+        fusion.estimate_noise_index(volume, "wavelet")
+
+
 def test_fusion_weight_closed_form():
     denoised = np.zeros((9, 9, 9))
     low = np.full((9, 9, 9), 2.0)  # residual 2 everywhere: r2 = 4

@@ -616,6 +616,27 @@ def test_x0_skip_needs_an_x0_model():
         create_gaussian_diffusion(steps=100, predict_xstart=True, x0_skip_sigma=-1)
 
 
+@pytest.mark.parametrize("respacing", ["", "10"])
+def test_with_x0_skip_sigma_samples_as_if_built_with_it(respacing):
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    trained = create_gaussian_diffusion(steps=100, predict_xstart=True, x0_skip_sigma=0.025,
+                                        timestep_respacing=respacing)
+    built = create_gaussian_diffusion(steps=100, predict_xstart=True, x0_skip_sigma=0.05,
+                                      timestep_respacing=respacing)
+    wider = trained.with_x0_skip_sigma(0.05)
+    np.testing.assert_array_equal(wider.x0_skip_weight, built.x0_skip_weight)
+    assert trained.x0_skip_sigma == 0.025 and wider.x0_skip_sigma == 0.05  # the original is unchanged
+    x_t, model_x0, index = th.randn(2, 1, 4, 4), th.rand(2, 1, 4, 4), th.tensor([1, 5])
+    model = lambda x, ts: model_x0  # noqa: E731
+    th.testing.assert_close(wider.p_mean_variance(model, x_t, index)["pred_xstart"],
+                            built.p_mean_variance(model, x_t, index)["pred_xstart"])
+    off = trained.with_x0_skip_sigma(0.0)
+    th.testing.assert_close(off.p_mean_variance(model, x_t, index, clip_denoised=False)["pred_xstart"], model_x0)
+    with pytest.raises(ValueError, match="x0_skip_sigma"):
+        create_gaussian_diffusion(steps=100).with_x0_skip_sigma(0.05)
+
+
 @pytest.mark.parametrize("sigma_small", [False, True])
 def test_a_one_step_chain_returns_the_x0_estimate_at_its_step(sigma_small):
     """"log2@999": one step at t = 999 (either fixed variance) gives the model's x_0 there."""

@@ -477,6 +477,7 @@ def test_tune_bcdpm_picks_the_best_pair_per_drf_and_runs_end_to_end(dataset, che
     assert [(r["drf"], r["bc_steps"], r["bc_sigma_mm"], r["bc_lambda"]) for r in table] == [
         (4.0, 1, 3.0, 0.1), (50.0, 3, 9.0, 0.05)]
     assert table[0]["noise_index"] == pytest.approx(0.02) and table[0]["psnr"] == pytest.approx(30.5)
+    assert table[0]["noise_estimator"] == "second_difference"
     assert table[1]["volumes"] == 2
 
     out = tmp_path / "bcdpm.json"
@@ -530,6 +531,52 @@ def test_tune_sampler_scores_members_of_each_respacing(dataset, checkpoints):
         assert math.isfinite(s["psnr_one"]) and math.isfinite(s["psnr_mean"]) and s["std_over_rmse"] > 0
     with pytest.raises(ValueError, match="members >= 2"):
         tuning.tune_sampler(methods, dataset, 1)
+
+
+def test_fit_ensemble_spread_recovers_a_power_law():
+    # volume i is calibrated at s_i = 0.02 (index_i / 0.01)^0.5; std / RMSE grows as s / s_i
+    scores = []
+    for k, index in enumerate((0.0025, 0.01, 0.04, 0.16)):
+        crossing = 0.02 * (index / 0.01) ** 0.5
+        scores += [dict(volume=f"v{k}", noise_index=index, x0_skip_sigma=s, std_over_rmse=(s / crossing) ** 0.8)
+                   for s in (0.005, 0.02, 0.08)]
+    spread = tuning.fit_ensemble_spread(scores)
+    assert spread["noise_index"] == pytest.approx(0.02)  # geometric mean of the indices
+    assert spread["x0_skip_sigma"] == pytest.approx(0.02 * 2 ** 0.5) and spread["power"] == pytest.approx(0.5)
+    assert spread["range"] == [0.005, 0.08] and spread["volumes"] == 4
+    assert spread["noise_estimator"] == "second_difference"
+    assert settings.spread_sigma(spread, 0.04) == pytest.approx(0.04)
+    # outside the grid: clipped; a ratio that does not grow with s: no crossing
+    assert tuning.spread_crossing([0.01, 0.02], [3.0, 6.0]) == 0.01
+    assert math.isnan(tuning.spread_crossing([0.01, 0.02], [2.0, 1.0]))
+    with pytest.raises(ValueError, match="two or more volumes"):
+        tuning.fit_ensemble_spread(scores[:3])
+
+
+def test_tune_spread_end_to_end_and_the_width_reaches_the_sampler(dataset, tmp_path, make_tiny_checkpoint, capsys):
+    from scripts import tune_spread
+
+    paired = make_tiny_checkpoint(tmp_path / "skip.pt", "paired", respacing="ddim3", voxel_mm=VOXEL_MM,
+                                  flags=dict(predict_xstart=True, x0_skip_sigma=0.025, learn_sigma=False))
+    out = tmp_path / "spread.json"
+    tune_spread.main(["--val", str(dataset), "--paired", str(paired), "--out", str(out), "--sigmas", "0.01",
+                      "0.1", "--members", "2", "--z_range", *map(str, Z_RANGE), "--patch_overlap", "2",
+                      "--threads", "1", "--precision", "fp32"])
+    result = json.loads(out.read_text())
+    n_val = len(dataset_manifest.split_files(dataset, "val"))
+    assert len(result["scores"]) == 2 * n_val and "record it" in capsys.readouterr().out
+    assert all(s["std_over_rmse"] > 0 and math.isfinite(s["psnr_mean"]) for s in result["scores"])
+    by_sigma = {s["x0_skip_sigma"]: s["std_over_rmse"] for s in result["scores"] if s["drf"] == DRFS[0]}
+    assert by_sigma[0.1] > by_sigma[0.01]  # a wider blend, a wider ensemble
+    # the sampler of an ensemble uses the width the fit gives for its input
+    spread = dict(noise_estimator="second_difference", noise_index=1.0, x0_skip_sigma=0.07, power=0.0,
+                  range=[0.01, 0.1])
+    method = DiffusionMethod(str(paired), "paired", dict(members=2), device=torch.device("cpu"), precision="fp32")
+    method.metadata["sampling"]["ensemble_spread"] = spread
+    case = cases.load_case(cases.select_files(dataset, "val", [DRFS[0]], 0)[0], Z_RANGE)
+    denoiser, resolved = method.denoiser(case["low"], case["path"])
+    assert resolved["x0_skip_sigma"] == pytest.approx(0.07) and denoiser.diffusion.x0_skip_sigma == pytest.approx(0.07)
+    assert method.diffusion.x0_skip_sigma == 0.025
 
 
 def test_count_flops_of_a_convolution_matches_the_hand_count():

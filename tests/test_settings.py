@@ -8,7 +8,7 @@ import pytest
 
 from guided_diffusion import fp16_util
 from guided_diffusion.sampling import arguments, settings
-from guided_diffusion.sampling.fusion import noise_index
+from guided_diffusion.sampling.fusion import difference_noise_index, noise_index
 from guided_diffusion.pet import volumes
 
 TABLE = [dict(noise_index=0.01, bc_lambda=0.2, bc_sigma_mm=3.0),
@@ -92,9 +92,39 @@ def test_tuning_rows_apply_per_input_in_bcdpm_modes_only(low):
     resolved = settings.resolve_settings({}, metadata(bc_tuning=with_l), "bcdpm", low_dose=low)
     assert resolved["bc_steps"] == 1 and type(resolved["bc_steps"]) is int
     assert resolved["hot_voxels"] == "input" and resolved.sources["bc_steps"] == "tuning"
+    # a table measured by the second-difference estimator is looked up by it
+    new = [dict(row, noise_estimator="second_difference") for row in TABLE]
+    resolved = settings.resolve_settings({}, metadata(bc_tuning=new), "bcdpm", low_dose=low)
+    assert resolved.noise_index == pytest.approx(difference_noise_index(low))
+    assert resolved.noise_index == pytest.approx(1 / 30, rel=0.05)  # white noise: the variance per SUV
     # everything tuned given: no noise-index lookup
     all_given = dict(bc_lambda=0.1, bc_sigma_mm=5.0, bc_steps=2, hot_voxels="clip")
     assert settings.resolve_settings(all_given, meta, "bcdpm", low_dose=low).noise_index is None
+
+
+SPREAD = dict(noise_estimator="second_difference", noise_index=0.01, x0_skip_sigma=0.02, power=0.5,
+              range=[0.01, 0.08])
+
+
+def test_spread_sigma_follows_the_fit_within_its_range():
+    assert settings.spread_sigma(SPREAD, 0.04) == pytest.approx(0.04)  # 0.02 x (0.04 / 0.01)^0.5
+    assert settings.spread_sigma(SPREAD, 0.0025) == pytest.approx(0.01)
+    assert settings.spread_sigma(SPREAD, 10.0) == pytest.approx(0.08)  # clipped to the fitted range
+    assert settings.spread_sigma(SPREAD, None) is None
+
+
+def test_ensembles_of_a_paired_sampler_take_the_blend_width_from_the_spread_fit(low):
+    meta = metadata("paired", ensemble_spread=SPREAD)
+    many = settings.resolve_settings(dict(members=4), meta, "paired", low_dose=low)
+    assert many.noise_index == pytest.approx(difference_noise_index(low))
+    assert many["x0_skip_sigma"] == pytest.approx(settings.spread_sigma(SPREAD, many.noise_index))
+    assert many.sources["x0_skip_sigma"] == "tuning"
+    one = settings.resolve_settings({}, meta, "paired", low_dose=low)
+    assert one["x0_skip_sigma"] is None and one.sources["x0_skip_sigma"] == "default"
+    given = settings.resolve_settings(dict(members=4, x0_skip_sigma=0.03), meta, "paired", low_dose=low)
+    assert given["x0_skip_sigma"] == 0.03 and given.sources["x0_skip_sigma"] == "given"
+    with pytest.raises(ValueError, match="--x0_skip_sigma must be >= 0"):
+        settings.check_settings(settings.resolve_settings(dict(x0_skip_sigma=-0.1), meta, "paired"), 10)
 
 
 def test_the_noise_class_sets_the_default_l():

@@ -14,6 +14,21 @@ import numpy as np
 from ..pet import dataset_manifest, volumes
 
 
+def add_validation_run_arguments(parser):
+    """The flags of a tuning script that denoises validation volumes: which volumes (``--drf
+    --max_subjects --z_range``), the body mask (``--mask_suv``), the runtime (threads, seed,
+    precision, device) and the patching flags."""
+    from ..sampling.arguments import add_patching_arguments
+    from ..script_util import add_runtime_arguments
+
+    parser.add_argument("--drf", type=float, nargs="+", default=None, help="DRFs to use (default all)")
+    parser.add_argument("--max_subjects", type=int, default=0, help="first N subjects (0: all)")
+    parser.add_argument("--z_range", type=int, nargs=2, default=None, metavar=("START", "STOP"))
+    parser.add_argument("--mask_suv", type=float, default=0.05, help="body mask: full dose > this SUV")
+    add_runtime_arguments(parser, seed_help="sampling seed", device=True)
+    add_patching_arguments(parser)
+
+
 def check_z_range(z_range):
     """Raise ValueError unless ``z_range`` is ``None`` or ``(START, STOP)`` with 0 <= START < STOP."""
     if z_range is not None and not 0 <= z_range[0] < z_range[1]:

@@ -6,11 +6,11 @@ with each grid point (the prior's recommended sampler and slabs) and scored by P
 convention, inside the body mask); per DRF the point with the best mean PSNR becomes one row of
 the table (:func:`best_per_drf`)::
 
-    [{"drf", "noise_index", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels", "psnr",
+    [{"drf", "noise_index", "noise_estimator", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels", "psnr",
       "volumes"}, ...]
 
-with ``noise_index`` the mean :func:`~guided_diffusion.sampling.fusion.noise_index` (SUV) of
-that DRF's inputs. Recorded in the prior's sidecar (``sampling.bc_tuning``), the settings
+with ``noise_index`` the mean noise index (SUV) of that DRF's inputs by the estimator
+:data:`~guided_diffusion.sampling.fusion.TABLE_ESTIMATOR` (``noise_estimator``). Recorded in the prior's sidecar (``sampling.bc_tuning``), the settings
 resolver picks the row nearest to each input's own noise index, so no DRF needs to be known at
 denoising time.
 
@@ -18,11 +18,17 @@ denoising time.
 PSNR of one member and of a K-member mean, and the ensemble's calibration (mean std / RMSE of
 the mean, rank correlation of std with |error|), per validation volume (:func:`sampler_rows`).
 
+:func:`tune_spread`: the blend width ``x0_skip_sigma`` that calibrates a paired posterior
+sampler's ensembles (std / RMSE of the mean = 1), fitted as a power of the input's noise index
+(:func:`fit_ensemble_spread`; the sidecar's ``sampling.ensemble_spread``).
+
 :func:`tune_fusion`: the noise-adaptive fusion's ``kappa`` (and window) for a paired
 checkpoint: every validation volume is denoised once with fusion off; each ``(kappa, window)``
 then fuses that output with the input (cheap) and is scored by the mean PSNR
 (:func:`score_grid`).
 """
+
+import math
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -59,6 +65,7 @@ def best_per_drf(scores):
         if not indices:
             raise ValueError(f"DRF {drf:g}: no validation volume with a measurable noise index")
         table.append(dict(drf=drf, noise_index=float(np.mean(list(indices.values()))),
+                          noise_estimator=fusion.TABLE_ESTIMATOR,
                           **dict(zip(GRID_KEYS, best)), psnr=mean_psnr[best],
                           volumes=len({s["volume"] for s in mine})))
     return table
@@ -82,7 +89,7 @@ def tune_bcdpm_on_cases(method, cases, grid, *, seed=0):
     clip_suv = saturation_suv(method.metadata["normalisation"])
     scores = []
     for case in cases:
-        index = fusion.noise_index(case["low"])
+        index = fusion.estimate_noise_index(case["low"], fusion.TABLE_ESTIMATOR)
         # without voxels near the model's clip every hot-voxel mode gives the same image
         has_hot = hot_weight(case["low"], clip_suv).max() > 0
         volume = case["path"] or f"{case['name']}_drf{case['drf']:g}"
@@ -170,3 +177,65 @@ def tune_sampler(methods, val, members, *, drfs=None, max_subjects=0, z_range=No
                                psnr_mean=metrics.psnr(case["full"], mean, mask=case["mask"]),
                                evaluations=info["network_evaluations"] / members, **calibration))
     return scores, sampler_rows(scores, tolerance_db)
+
+
+def spread_crossing(sigmas, ratios):
+    """The blend width at which an ensemble's std / RMSE is 1: the least-squares line of
+    ``log ratio`` against ``log sigma`` over one volume's grid, solved for ratio 1 and clipped
+    to the grid's range (``nan`` when the ratio does not grow with sigma)."""
+    x, y = np.log(np.asarray(sigmas, float)), np.log(np.asarray(ratios, float))
+    slope, intercept = np.polyfit(x, y, 1)
+    if not slope > 0:
+        return math.nan
+    return float(np.clip(np.exp(-intercept / slope), min(sigmas), max(sigmas)))
+
+
+def fit_ensemble_spread(scores):
+    """The sidecar's ``ensemble_spread`` from ``scores`` = ``[{"volume", "noise_index",
+    "x0_skip_sigma", "std_over_rmse"}]``: per volume the width where std / RMSE is 1
+    (:func:`spread_crossing`), then ``log s = log s_ref + power (log index - log index_ref)``
+    by least squares, ``index_ref`` the geometric mean of the volumes' indices::
+
+        {"noise_estimator", "noise_index", "x0_skip_sigma", "power", "range", "volumes"}
+    """
+    crossings, indices = [], []
+    for volume in dict.fromkeys(s["volume"] for s in scores):
+        mine = sorted((s for s in scores if s["volume"] == volume), key=lambda s: s["x0_skip_sigma"])
+        usable = [s for s in mine if s["std_over_rmse"] > 0]
+        if len(usable) < 2 or mine[0]["noise_index"] is None:
+            continue
+        crossing = spread_crossing([s["x0_skip_sigma"] for s in usable], [s["std_over_rmse"] for s in usable])
+        if math.isfinite(crossing):
+            crossings.append(math.log(crossing))
+            indices.append(math.log(mine[0]["noise_index"]))
+    if len(crossings) < 2:
+        raise ValueError(f"fit_ensemble_spread needs two or more volumes with a crossing, got {len(crossings)}")
+    centre = float(np.mean(indices))
+    power, offset = np.polyfit(np.asarray(indices) - centre, crossings, 1)
+    sigmas = [s["x0_skip_sigma"] for s in scores]
+    return dict(noise_estimator=fusion.TABLE_ESTIMATOR, noise_index=math.exp(centre),
+                x0_skip_sigma=math.exp(offset), power=float(power), range=[min(sigmas), max(sigmas)],
+                volumes=len(crossings))
+
+
+def tune_spread(method, val, sigmas, members, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0):
+    """Denoise every validation volume with a ``members``-member ensemble per blend width in
+    ``sigmas`` and fit how the width that calibrates the ensemble follows the input's noise.
+
+    :param method: the paired posterior sampler as a :class:`~.methods.DiffusionMethod` whose
+        given settings include ``members``.
+    :return: ``(scores, spread)``: one score per volume and width (PSNR of one member and of the
+        mean, std / RMSE, rank correlation, noise index), and :func:`fit_ensemble_spread`.
+    """
+    if members < 2:
+        raise ValueError("tune_spread needs members >= 2 (the ensemble's std)")
+    scores = []
+    for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
+        index = fusion.estimate_noise_index(case["low"], fusion.TABLE_ESTIMATOR)
+        for sigma in sigmas:
+            mean, info = method.denoise(case, case_seeds(seed, case, "paired", members), x0_skip_sigma=sigma)
+            calibration = metrics.uncertainty_calibration(case["full"], mean, info["std"], case["mask"])
+            scores.append(dict(volume=case["path"], drf=case["drf"], noise_index=index, x0_skip_sigma=sigma,
+                               psnr_one=metrics.psnr(case["full"], info["first"], mask=case["mask"]),
+                               psnr_mean=metrics.psnr(case["full"], mean, mask=case["mask"]), **calibration))
+    return scores, fit_ensemble_spread(scores)

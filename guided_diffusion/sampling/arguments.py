@@ -26,6 +26,11 @@ def add_patching_arguments(parser):
                        help="also tile the transaxial plane when a slab is larger than this")
     group.add_argument("--batch_size", type=int, default=None,
                        help=f"patches per network call (default {D['batch_size']})")
+    group.add_argument("--x0_skip_sigma", type=float, default=None,
+                       help="paired posterior samplers: width s (model units) of the blend of the x0 "
+                            "estimate with x_t; larger s, wider ensembles (default: for --num_ensemble >= 2 "
+                            "the checkpoint's ensemble_spread fit to the input's noise level, else the "
+                            "trained value)")
     group.add_argument("--stitch", choices=("seamfree", "independent"), default=None,
                        help="blend overlapping patches at every step (seamfree, the default), or "
                             "stitch independent chains at the end (the published code's behaviour)")

@@ -77,6 +77,9 @@ class BatchRun:
         if settings.uses_bcdpm(self.mode):
             provenance["bcdpm"] = bcdpm_report(resolved)
             logger.log(f"{item['name']}: {bcdpm_log(resolved)}")
+        elif resolved.sources["x0_skip_sigma"] == "tuning":
+            logger.log(f"{item['name']}: ensemble blend width s {resolved['x0_skip_sigma']:.4f} for noise index "
+                       f"{resolved.noise_index:.4f} SUV (the checkpoint's ensemble_spread)")
         return denoiser, resolved, provenance
 
     def denoise(self, item):

@@ -37,6 +37,10 @@ muscle: enough uptake for Poisson statistics, little structure)."""
 MIN_BAND_VOXELS = 1000
 """Fewest band voxels :func:`noise_index` measures on."""
 
+WHITE_NOISE_MEDIAN = 0.620
+"""Median of ``(d_x^2 + d_y^2 + d_z^2) / 18`` for unit-variance white Gaussian noise (its mean
+is 1; Monte Carlo over 158^3 voxels): :func:`difference_noise_index`'s normalisation."""
+
 HIGHPASS_SIGMA = 1.0
 """Gaussian width (voxels) of the smoothing removed by the noise index's high-pass."""
 
@@ -66,6 +70,50 @@ def noise_index(low_dose, band_suv=NOISE_BAND_SUV, window=FUSION_WINDOW):
     if band.sum() < MIN_BAND_VOXELS:
         return None
     return float(np.median(energy[band] / local_mean[band]))
+
+
+def difference_noise_index(low_dose, band_suv=NOISE_BAND_SUV):
+    """The input's noise variance per unit SUV (SUV) from second differences, which anatomy
+    inflates less than :func:`noise_index`'s windowed high-pass energy.
+
+    ``median((d_x^2 + d_y^2 + d_z^2) / 18 / G_2 y) / WHITE_NOISE_MEDIAN`` over voxels whose
+    local mean ``G_2 y`` lies in ``band_suv``, ``d_a`` the second difference along axis ``a``:
+    uncorrelated noise of variance ``v * mean`` reads ``v``; structure that is linear over three voxels reads 0, and a
+    per-voxel median (no window) keeps edges and folds from reaching most band voxels.
+    Correlated noise (PSF, post-filter, small voxels) reads lower than its variance.
+
+    :param low_dose: SUV volume (3D, at least 3 voxels along each axis).
+    :return: the index, or ``None`` when fewer than :data:`MIN_BAND_VOXELS` interior voxels lie
+        in the band.
+    """
+    y = np.asarray(low_dose, dtype=np.float64)
+    inner = (slice(1, -1),) * 3
+    energy = np.zeros_like(y[inner])
+    for axis in range(3):
+        cut = [slice(1, -1)] * 3
+        cut[axis] = slice(None)
+        energy += np.diff(y[tuple(cut)], 2, axis=axis) ** 2
+    local_mean = gaussian_filter(y, MEAN_SIGMA)[inner]
+    band = (local_mean > band_suv[0]) & (local_mean < band_suv[1])
+    if band.sum() < MIN_BAND_VOXELS:
+        return None
+    return float(np.median(energy[band] / 18.0 / local_mean[band])) / WHITE_NOISE_MEDIAN
+
+
+NOISE_ESTIMATORS = {"highpass": noise_index, "second_difference": difference_noise_index}
+"""The noise indices a tuning table or fit can be keyed by (its ``noise_estimator``; BC-DPM
+tables without one were measured with ``"highpass"``)."""
+
+TABLE_ESTIMATOR = "second_difference"
+"""The estimator new tuning tables and fits are measured with."""
+
+
+def estimate_noise_index(low_dose, estimator="highpass"):
+    """``low_dose``'s noise index by the named estimator (:data:`NOISE_ESTIMATORS`; tables and
+    fits record theirs as ``noise_estimator``, absent meaning ``"highpass"``)."""
+    if estimator not in NOISE_ESTIMATORS:
+        raise ValueError(f"unknown noise_estimator {estimator!r}; expected one of {sorted(NOISE_ESTIMATORS)}")
+    return NOISE_ESTIMATORS[estimator](low_dose)
 
 
 def fusion_weight(denoised, low_dose, noise_variance, window=FUSION_WINDOW):

@@ -7,7 +7,9 @@ from the first of these that has a value (``None`` means "no value"):
 1. ``given``: what the caller asked for (a command-line flag);
 2. the checkpoint's BC-DPM tuning table (sidecar ``sampling.bc_tuning``): the row nearest in
    log noise index to the input's (:func:`tuned_row`), for the keys of :data:`TUNED_KEYS`, in
-   the modes that use BC-DPM's block, when an input is given;
+   the modes that use BC-DPM's block, when an input is given; likewise, for an ensemble of a
+   paired posterior sampler, the x0 blend width of the sidecar's ``ensemble_spread`` fit
+   (:func:`spread_sigma`);
 3. the checkpoint sidecar's ``sampling`` recommendations (:data:`SIDECAR_KEYS`); the diffusion
    flags (``timestep_respacing``) fall back to the sidecar's ``flags``; for an ensemble
    (``given["members"]`` >= 2) the sidecar's ``ensemble_respacing`` comes first: a posterior
@@ -30,7 +32,7 @@ from .. import fp16_util
 from ..pet import dataset_manifest
 from .data_consistency import DataConsistencyFactory
 from .denoiser import SamplingSettings, VolumeDenoiser, is_null_conditioned_prior, serves_as_prior
-from .fusion import noise_index
+from .fusion import estimate_noise_index
 from .guidance import LAMBDA_SCHEDULES, BCDPMFactory, LowDoseAcquisition, chain_factories
 from .hot_voxels import HOT_MODES
 
@@ -45,11 +47,14 @@ DEFAULTS = dict(
     precision="auto", hot_voxels="rescale", fusion_kappa=0.0,
     bc_steps=BC_STEPS_BY_NOISE["medium"], bc_lambda=0.2, bc_sigma_mm=4.0, bc_start=False,
     bc_lam_schedule="constant", bc_recon_iters=2, bc_recon_subsets=8, dc_steps=0, dc_iters=1, dc_subsets=1,
+    x0_skip_sigma=None,
 )
 """The last layer. ``use_ddim`` None: DDIM when the respacing is ``"ddimN"``; ``patch_z``
 None: the checkpoint's training patch depth; ``precision`` auto: the checkpoint's
 ``use_fp16`` on CUDA, bf16 on a CPU; ``fusion_kappa`` 0: off; ``bc_lambda`` 0.2 and
-``bc_lam_schedule`` constant: the paper's."""
+``bc_lam_schedule`` constant: the paper's; ``x0_skip_sigma`` None: the blend width the checkpoint
+was trained with (for an ensemble of a paired posterior sampler, the sidecar's
+``ensemble_spread`` fit to the input's noise index comes first: :func:`spread_sigma`)."""
 
 SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "fusion_kappa",
                 "bc_steps", "bc_start", "bc_lam_schedule", "bc_lambda", "bc_sigma_mm")
@@ -111,11 +116,21 @@ def uses_bcdpm(mode):
 def tuned_row(tuning, index):
     """The row of a BC-DPM tuning table nearest in log noise index to ``index`` (SUV), or
     ``None`` without a table or a measurable index. Rows carry ``noise_index`` (the validation
-    inputs' mean :func:`~guided_diffusion.sampling.fusion.noise_index`) and any of
-    :data:`TUNED_KEYS`."""
+    inputs' mean index by the table's ``noise_estimator``,
+    :func:`~guided_diffusion.sampling.fusion.estimate_noise_index`) and any of :data:`TUNED_KEYS`."""
     if not tuning or index is None or not index > 0:
         return None
     return min(tuning, key=lambda row: abs(math.log(index / float(row["noise_index"]))))
+
+
+def spread_sigma(spread, index):
+    """The x0 blend width ``s`` (model units) of an ensemble for an input of noise index
+    ``index``: the sidecar's ``ensemble_spread`` fit ``s_ref (index / noise_index)^power``
+    clipped to its ``range``, or ``None`` without a measurable index."""
+    if index is None or not index > 0:
+        return None
+    value = spread["x0_skip_sigma"] * (index / spread["noise_index"]) ** spread["power"]
+    return float(np.clip(value, *spread["range"]))
 
 
 def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
@@ -139,17 +154,22 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     if ensemble:
         sidecar["timestep_respacing"] = sampling["ensemble_respacing"]
     tuning = sampling.get("bc_tuning") if uses_bcdpm(mode) else None
+    members = given.get("members") or 1
+    spread = sampling.get("ensemble_spread") if members >= 2 and mode == "paired" else None
     index, row = None, {}
     if tuning and low_dose is not None and any(given.get(key) is None for key in TUNED_KEYS):
-        index = noise_index(low_dose)
+        index = estimate_noise_index(low_dose, tuning[0].get("noise_estimator", "highpass"))
         row = tuned_row(tuning, index) or {}
+    if spread and low_dose is not None and given.get("x0_skip_sigma") is None:
+        index = estimate_noise_index(low_dose, spread["noise_estimator"])
+        row = dict(x0_skip_sigma=spread_sigma(spread, index))
     values, sources = {}, {}
     for key, default in dict(DEFAULTS, **(defaults or {})).items():
         for source, layer in (("given", given), ("tuning", row), ("checkpoint", sidecar),
                               ("default", {key: default})):
             if layer.get(key) is not None:
                 value = layer[key]
-                values[key], sources[key] = (TUNED_KEYS[key](value) if source == "tuning" else value), source
+                values[key], sources[key] = (TUNED_KEYS.get(key, float)(value) if source == "tuning" else value), source
                 break
         else:
             values[key], sources[key] = None, "default"
@@ -173,6 +193,8 @@ def check_settings(resolved, num_timesteps):
     if not 0 <= v["dc_steps"] <= num_timesteps or v["dc_iters"] < 1 or v["dc_subsets"] < 1:
         raise ValueError(f"--dc_steps {v['dc_steps']} must lie in [0, {num_timesteps}] and --dc_iters / "
                          f"--dc_subsets be >= 1")
+    if v["x0_skip_sigma"] is not None and v["x0_skip_sigma"] < 0:
+        raise ValueError(f"--x0_skip_sigma must be >= 0, got {v['x0_skip_sigma']}")
     if v["fusion_kappa"] < 0:
         raise ValueError(f"--fusion_kappa must be >= 0 (0: off), got {v['fusion_kappa']}")
     if v["hot_voxels"] not in HOT_MODES:
@@ -311,6 +333,8 @@ def build_denoiser(model, diffusion, metadata, resolved, *, precision, acquisiti
                    progress=True, rank=0, world_size=1):
     """The :class:`~.denoiser.VolumeDenoiser` of resolved settings (checked first)."""
     check_settings(resolved, diffusion.num_timesteps)
+    if resolved["x0_skip_sigma"] is not None:
+        diffusion = diffusion.with_x0_skip_sigma(resolved["x0_skip_sigma"])
     return VolumeDenoiser(model, diffusion, metadata, sampling_settings(resolved, metadata, precision, progress),
                           guidance_factory=guidance_factory(resolved, metadata, acquisition),
                           rank=rank, world_size=world_size)
