@@ -546,9 +546,10 @@ def test_fit_ensemble_spread_recovers_a_power_law():
     assert spread["range"] == [0.005, 0.08] and spread["volumes"] == 4
     assert spread["noise_estimator"] == "second_difference"
     assert settings.spread_sigma(spread, 0.04) == pytest.approx(0.04)
-    # outside the grid: clipped; a ratio that does not grow with s: no crossing
+    # calibrated already at the smallest width: that width; never calibrated: the widest ratio's
     assert tuning.spread_crossing([0.01, 0.02], [3.0, 6.0]) == 0.01
-    assert math.isnan(tuning.spread_crossing([0.01, 0.02], [2.0, 1.0]))
+    assert tuning.spread_crossing([0.01, 0.02, 0.04], [0.3, 0.6, 0.5]) == 0.02
+    assert tuning.spread_crossing([0.01, 0.02, 0.04], [0.5, 2.0, 0.5]) == pytest.approx(0.01 * 2 ** 0.5)
     with pytest.raises(ValueError, match="two or more volumes"):
         tuning.fit_ensemble_spread(scores[:3])
 

@@ -180,20 +180,25 @@ def tune_sampler(methods, val, members, *, drfs=None, max_subjects=0, z_range=No
 
 
 def spread_crossing(sigmas, ratios):
-    """The blend width at which an ensemble's std / RMSE is 1: the least-squares line of
-    ``log ratio`` against ``log sigma`` over one volume's grid, solved for ratio 1 and clipped
-    to the grid's range (``nan`` when the ratio does not grow with sigma)."""
-    x, y = np.log(np.asarray(sigmas, float)), np.log(np.asarray(ratios, float))
-    slope, intercept = np.polyfit(x, y, 1)
-    if not slope > 0:
-        return math.nan
-    return float(np.clip(np.exp(-intercept / slope), min(sigmas), max(sigmas)))
+    """The smallest blend width at which an ensemble's std / RMSE reaches 1 (``sigmas``
+    ascending): interpolated in log-log between the first two neighbouring widths that bracket
+    1; the smallest width when the ratio is >= 1 there already, the width of the largest ratio
+    when it never reaches 1 (wider blends also make the members' mean worse, so the ratio
+    levels off)."""
+    if ratios[0] >= 1.0:
+        return float(sigmas[0])
+    for k in range(1, len(sigmas)):
+        if ratios[k] >= 1.0:
+            x0, x1 = math.log(sigmas[k - 1]), math.log(sigmas[k])
+            y0, y1 = math.log(ratios[k - 1]), math.log(ratios[k])
+            return float(math.exp(x0 + (x1 - x0) * (0.0 - y0) / (y1 - y0)))
+    return float(sigmas[int(np.argmax(ratios))])
 
 
 def fit_ensemble_spread(scores):
     """The sidecar's ``ensemble_spread`` from ``scores`` = ``[{"volume", "noise_index",
-    "x0_skip_sigma", "std_over_rmse"}]``: per volume the width where std / RMSE is 1
-    (:func:`spread_crossing`), then ``log s = log s_ref + power (log index - log index_ref)``
+    "x0_skip_sigma", "std_over_rmse"}]``: per volume the smallest width where std / RMSE
+    reaches 1 (:func:`spread_crossing`), then ``log s = log s_ref + power (log index - log index_ref)``
     by least squares, ``index_ref`` the geometric mean of the volumes' indices::
 
         {"noise_estimator", "noise_index", "x0_skip_sigma", "power", "range", "volumes"}
@@ -205,11 +210,10 @@ def fit_ensemble_spread(scores):
         if len(usable) < 2 or mine[0]["noise_index"] is None:
             continue
         crossing = spread_crossing([s["x0_skip_sigma"] for s in usable], [s["std_over_rmse"] for s in usable])
-        if math.isfinite(crossing):
-            crossings.append(math.log(crossing))
-            indices.append(math.log(mine[0]["noise_index"]))
+        crossings.append(math.log(crossing))
+        indices.append(math.log(mine[0]["noise_index"]))
     if len(crossings) < 2:
-        raise ValueError(f"fit_ensemble_spread needs two or more volumes with a crossing, got {len(crossings)}")
+        raise ValueError(f"fit_ensemble_spread needs two or more volumes with a measured spread, got {len(crossings)}")
     centre = float(np.mean(indices))
     power, offset = np.polyfit(np.asarray(indices) - centre, crossings, 1)
     sigmas = [s["x0_skip_sigma"] for s in scores]
