@@ -106,6 +106,7 @@ def create_argparser(metadata=None):
     arguments.add_acquisition_arguments(parser)
     flags = dict(sr_model_and_diffusion_defaults(), **model_and_diffusion_defaults())
     flags.update((metadata or {}).get("flags", {}))
+    flags.pop("x0_skip_sigma", None)  # a sampling setting (--x0_skip_sigma above), resolved per input
     add_dict_to_argparser(parser.add_argument_group("model and diffusion (default: the checkpoint's)"), flags)
     parser.set_defaults(timestep_respacing=None, batch_size=None)
     return parser
@@ -126,11 +127,15 @@ def parse_args(argv=None):
     return args, metadata
 
 
+SAMPLING_FLAGS = ("timestep_respacing", "x0_skip_sigma")
+"""Diffusion flags that the settings resolver owns (per run or per input), not the model loader."""
+
+
 def model_overrides(args, metadata, respacing):
     """Model/diffusion flags that differ from the checkpoint's, and the resolved respacing."""
     stored = (metadata or {}).get("flags", {})
     changed = {k: getattr(args, k) for k in MODEL_FLAGS
-               if k in stored and k != "timestep_respacing" and getattr(args, k) != stored[k]}
+               if k in stored and k not in SAMPLING_FLAGS and getattr(args, k) != stored[k]}
     return dict(changed, timestep_respacing=respacing)
 
 

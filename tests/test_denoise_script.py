@@ -361,3 +361,18 @@ def test_dicom_in_gives_a_denoised_dicom_series_out(workdir):
         run_script("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
                    "--save_dir", npz_out, "--dicom_out", flag, *COMMON)
         assert (npz_out / "subject_denoised_dicom").is_dir() == expect
+
+
+def test_x0_skip_sigma_is_a_sampling_flag_not_a_model_override():
+    """The sidecar's trained blend width must not reach the resolver as a given flag (the
+    ensemble spread fit would never apply), nor a given width the model loader."""
+    from scripts import test as denoise
+
+    metadata = dict(flags=dict(predict_xstart=True, x0_skip_sigma=0.025), cond="paired")
+    required = ["--base_samples", "in.npz", "--save_dir", "out"]
+    args = denoise.create_argparser(metadata).parse_args(required)
+    assert args.x0_skip_sigma is None
+    assert "x0_skip_sigma" not in denoise.model_overrides(args, metadata, "10")
+    args = denoise.create_argparser(metadata).parse_args(required + ["--x0_skip_sigma", "0.05"])
+    assert args.x0_skip_sigma == 0.05
+    assert denoise.model_overrides(args, metadata, "10") == dict(timestep_respacing="10")
