@@ -66,6 +66,12 @@ def noise_index(low_dose, band_suv=NOISE_BAND_SUV, window=FUSION_WINDOW):
     local_mean = gaussian_filter(y, MEAN_SIGMA)
     highpass = y - gaussian_filter(y, HIGHPASS_SIGMA)
     energy = uniform_filter(highpass * highpass, window)
+    return _band_median_per_suv(energy, local_mean, band_suv)
+
+
+def _band_median_per_suv(energy, local_mean, band_suv):
+    """``median(energy / local_mean)`` over voxels whose local mean lies in ``band_suv``, or
+    ``None`` when fewer than :data:`MIN_BAND_VOXELS` do."""
     band = (local_mean > band_suv[0]) & (local_mean < band_suv[1])
     if band.sum() < MIN_BAND_VOXELS:
         return None
@@ -78,8 +84,9 @@ def difference_noise_index(low_dose, band_suv=NOISE_BAND_SUV):
 
     ``median((d_x^2 + d_y^2 + d_z^2) / 18 / G_2 y) / WHITE_NOISE_MEDIAN`` over voxels whose
     local mean ``G_2 y`` lies in ``band_suv``, ``d_a`` the second difference along axis ``a``:
-    uncorrelated noise of variance ``v * mean`` reads ``v``; structure that is linear over three voxels reads 0, and a
-    per-voxel median (no window) keeps edges and folds from reaching most band voxels.
+    uncorrelated noise of variance ``v * mean`` reads ``v``; structure that is linear over three
+    voxels reads 0, and a per-voxel median (no window) keeps edges and folds from reaching most
+    band voxels.
     Correlated noise (PSF, post-filter, small voxels) reads lower than its variance.
 
     :param low_dose: SUV volume (3D, at least 3 voxels along each axis).
@@ -93,11 +100,8 @@ def difference_noise_index(low_dose, band_suv=NOISE_BAND_SUV):
         cut = [slice(1, -1)] * 3
         cut[axis] = slice(None)
         energy += np.diff(y[tuple(cut)], 2, axis=axis) ** 2
-    local_mean = gaussian_filter(y, MEAN_SIGMA)[inner]
-    band = (local_mean > band_suv[0]) & (local_mean < band_suv[1])
-    if band.sum() < MIN_BAND_VOXELS:
-        return None
-    return float(np.median(energy[band] / 18.0 / local_mean[band])) / WHITE_NOISE_MEDIAN
+    median = _band_median_per_suv(energy / 18.0, gaussian_filter(y, MEAN_SIGMA)[inner], band_suv)
+    return None if median is None else median / WHITE_NOISE_MEDIAN
 
 
 NOISE_ESTIMATORS = {"highpass": noise_index, "second_difference": difference_noise_index}
