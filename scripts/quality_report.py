@@ -62,7 +62,8 @@ def create_argparser():
                         help="timestep_respacing of the paired model ('ddimN': DDIM; default: its sidecar's)")
     parser.add_argument("--bc_respacing", default=None,
                         help="timestep_respacing of the BC-DPM prior (default: its sidecar's)")
-    parser.add_argument("--num_ensemble", type=int, default=1, help="members averaged per volume")
+    parser.add_argument("--num_ensemble", type=int, default=None,
+                        help="members averaged per volume (default: each checkpoint's, scripts/test.py's default)")
     add_runtime_arguments(parser, seed_help="sampling seed", device=True)
     arguments.add_patching_arguments(parser)
     arguments.add_guidance_arguments(parser)
@@ -72,7 +73,7 @@ def create_argparser():
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     cases.check_z_range(args.z_range)
-    if args.max_subjects < 0 or args.num_ensemble < 1 or any(f < 0 for f in args.fwhm_grid_mm):
+    if args.max_subjects < 0 or (args.num_ensemble is not None and args.num_ensemble < 1) or any(f < 0 for f in args.fwhm_grid_mm):
         raise ValueError("--max_subjects must be >= 0, --num_ensemble >= 1, --fwhm_grid_mm widths >= 0")
     set_threads(args.threads)
     device = runtime_device(args)

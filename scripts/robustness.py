@@ -39,9 +39,9 @@ def create_argparser():
     parser.add_argument("--test_subjects", type=int, default=None, help="per cell (default 2; quick 1)")
     parser.add_argument("--val_subjects", type=int, default=1, help="per cell, to tune the baselines")
     parser.add_argument("--no_bm3d", action="store_true", help="skip BM3D (its tuning is the slowest part)")
-    parser.add_argument("--members", type=int, default=1,
-                        help="ensemble members per sampling model: scores the mean and one sample, "
-                             "and the std's calibration against the error")
+    parser.add_argument("--members", type=int, default=None,
+                        help="ensemble members per sampling model (default: each checkpoint's, as scripts/test.py): "
+                             "for >= 2 scores the mean and one sample, and the std's calibration against the error")
     parser.add_argument("--steps", default=None, help="timestep_respacing of every model (default: each sidecar's)")
     arguments.add_patching_arguments(parser)
     parser.add_argument("--cells", type=int, nargs="+", default=None, help="run only these cell indices")

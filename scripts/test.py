@@ -94,8 +94,9 @@ def create_argparser(metadata=None):
     parser.add_argument("--use_ddim", type=str2bool, default=None,
                         help="DDIM sampling (default: the checkpoint's recommendation, else for 'ddimN')")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
-    parser.add_argument("--num_ensemble", type=int, default=1,
-                        help="members with distinct seeds: mean, and for >= 2 the voxel-wise std")
+    parser.add_argument("--num_ensemble", type=int, default=None,
+                        help="members with distinct seeds: mean, and for >= 2 the voxel-wise std (default: the "
+                             "ensemble size the checkpoint's BC-DPM tuning was made for, else 1)")
     parser.add_argument("--save_members", action="store_true", help="also write every member")
     parser.add_argument("--dicom_out", choices=DICOM_OUT, default="auto",
                         help="also write a DICOM PET series (auto: for DICOM input)")
@@ -159,10 +160,11 @@ def main(argv=None):
     logger.configure(dir=args.save_dir, format_strs=["stdout"] if rank == 0 else [])
     device = dist_util.dev()
     precision = settings.resolve_precision(args.precision, args.use_fp16, device)
-    given = dict(arguments.given_settings(args), members=args.num_ensemble)
     defaults = arguments.noise_class_defaults(args)
     try:  # run-level settings first: the respacing builds the diffusion
         mode = settings.resolve_mode(args.cond_mode, metadata, args.model_path) if metadata else "paired"
+        members = args.num_ensemble or settings.recommended_members(metadata or {}, mode)
+        given = dict(arguments.given_settings(args), members=members)
         run = settings.resolve_settings(given, metadata or {}, mode, defaults=defaults)
         model, diffusion, metadata = load_model_and_diffusion(
             args.model_path, model_overrides(args, metadata, run["timestep_respacing"]), device=device)
@@ -174,10 +176,11 @@ def main(argv=None):
         logger.warn(warning)
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
                f"{diffusion.num_timesteps} steps ({'DDIM' if run['use_ddim'] else 'ancestral'}), "
+               f"{members} member(s){'' if args.num_ensemble else ' (the checkpoint default)'}, "
                f"checkpoint {args.model_path}")
     batch = BatchRun(model, diffusion, metadata, mode, args.model_path, args.save_dir, given, defaults,
                      arguments.given_acquisition(args), precision, seed=args.seed,
-                     num_ensemble=args.num_ensemble, overwrite=args.overwrite,
+                     num_ensemble=members, overwrite=args.overwrite,
                      save_members=args.save_members, dicom_out=args.dicom_out, draw=draw_panels,
                      rank=rank, world_size=world)
     for index, item in enumerate(load_data_for_worker(args.base_samples, None, False)):

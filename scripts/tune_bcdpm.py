@@ -47,6 +47,9 @@ def create_argparser():
                         help="l values (default: the prior's sidecar recommendation, else 10)")
     parser.add_argument("--hot_voxels", choices=HOT_MODES, nargs="+", default=[DEFAULT_HOT_MODE],
                         help="hot-voxel modes to try (see scripts/test.py)")
+    parser.add_argument("--members", type=int, default=1,
+                        help="ensemble size: each point is scored by its members' mean (record the table for "
+                             "that --num_ensemble)")
     parser.add_argument("--bc_respacing", default="100", help="timestep respacing of the prior")
     parser.add_argument("--bc_start", type=str2bool, nargs="?", const=True, default=None,
                         help="start at step l from the diffused input (default: the prior's recommendation)")
@@ -71,15 +74,16 @@ def main(argv=None):
             for l in steps for s in args.sigmas_mm for lam in args.lambdas for hot in args.hot_voxels]
     if args.val:
         scores, table = tuning.tune_bcdpm(method, args.val, grid, drfs=args.drf, max_subjects=args.max_subjects,
-                                          z_range=args.z_range, mask_suv=args.mask_suv, seed=args.seed)
+                                          z_range=args.z_range, mask_suv=args.mask_suv, seed=args.seed,
+                                          members=args.members)
     else:
         val = robustness.validation_cases(args.matrix_drfs, args.matrix_subjects, args.matrix_fov_scale, log=print)
-        scores, table = tuning.tune_bcdpm_on_cases(method, val, grid, seed=args.seed)
+        scores, table = tuning.tune_bcdpm_on_cases(method, val, grid, seed=args.seed, members=args.members)
     for row in table:
         print(f"DRF {row['drf']:>5g}: noise index {row['noise_index']:.4f} SUV -> l {row['bc_steps']}, "
               f"lambda {row['bc_lambda']:g}, sigma {row['bc_sigma_mm']:g} mm, hot voxels {row['hot_voxels']} "
-              f"(mean PSNR {row['psnr']:.2f} dB, {row['volumes']} volumes)")
-    bc_tuning = [{k: row[k] for k in ("drf", "noise_index", "noise_estimator", *tuning.GRID_KEYS)} for row in table]
+              f"(mean PSNR {row['psnr']:.2f} dB of the {row['members']}-member mean, {row['volumes']} volumes)")
+    bc_tuning = [{k: row[k] for k in ("drf", "noise_index", "noise_estimator", *tuning.GRID_KEYS, "members")} for row in table]
     print(f"record it: python scripts/package_checkpoint.py ... --sampling '{json.dumps(dict(bc_tuning=bc_tuning))}'")
     record = dict({k: v for k, v in vars(args).items() if k != "out"}, bc_steps=steps,
                   bc_start=method.run["bc_start"], precision=method.precision)

@@ -186,8 +186,8 @@ def test_bcdpm_settings_come_from_the_priors_tuning_table(workdir, make_tiny_che
     tuned = make_tiny_checkpoint(workdir / "tuned_prior.pt", "none", respacing="10")
     sidecar = tuned.with_suffix(".json")
     table = [dict(drf=4, noise_index=0.5 * index, bc_lambda=0.3, bc_sigma_mm=6.0, bc_steps=1,
-                  hot_voxels="clip"),
-             dict(drf=100, noise_index=50 * index, bc_lambda=0.05, bc_sigma_mm=12.0, bc_steps=3)]
+                  hot_voxels="clip", members=2),
+             dict(drf=100, noise_index=50 * index, bc_lambda=0.05, bc_sigma_mm=12.0, bc_steps=3, members=2)]
     metadata = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps(dict(metadata, sampling=dict(bc_tuning=table, bc_start=True,
                                                                 bc_steps=2))))
@@ -205,10 +205,13 @@ def test_bcdpm_settings_come_from_the_priors_tuning_table(workdir, make_tiny_che
     assert ("BC-DPM l 1 (tuning), lambda 0.3 (tuning), schedule constant (default), sigma 6 mm (tuning), "
             "hot voxels clip (tuning)") in proc.stdout
     assert result["members"][0]["hot_voxels"]["mode"] == "clip"
+    # the table was tuned on 2-member means: two members by default, with an uncertainty map
+    assert len(result["members"]) == 2 and "2 member(s) (the checkpoint default)" in proc.stdout
+    assert (out / "subject_uncertainty.npz").exists()
     # the same values given explicitly give the same volume
     out_given = workdir / "out_bc_given"
     run_script("--save_dir", out_given, "--bc_lambda", 0.3, "--bc_sigma_mm", 6, "--bc_steps", 1,
-               "--hot_voxels", "clip", *common)
+               "--hot_voxels", "clip", "--num_ensemble", 2, *common)
     given = json.loads((out_given / "subject.json").read_text())["bcdpm"]
     assert given["bc_lambda_source"] == given["bc_steps_source"] == "given"
     np.testing.assert_array_equal(np.load(out / "subject_denoised.npz")["arr_0"],

@@ -78,8 +78,8 @@ def test_validation_cases_are_the_reference_scans_validation_subjects_per_drf():
 
 
 def test_bcdpm_tuning_on_the_matrix_validation_subjects(tmp_path, make_tiny_checkpoint):
-    from guided_diffusion.evaluation import tuning
-    from guided_diffusion.evaluation.methods import DiffusionMethod
+    from guided_diffusion.evaluation import metrics, tuning
+    from guided_diffusion.evaluation.methods import DiffusionMethod, case_seeds
 
     prior = make_tiny_checkpoint(tmp_path / "prior.pt", "none", respacing="ddim3", voxel_mm=3.3,
                                  sampling=dict(bc_start=True))
@@ -93,3 +93,12 @@ def test_bcdpm_tuning_on_the_matrix_validation_subjects(tmp_path, make_tiny_chec
     for row in table:  # each row is the grid point with the best PSNR at its DRF
         mine = [s for s in scores if s["drf"] == row["drf"]]
         assert row["psnr"] == max(s["psnr"] for s in mine)
+        assert row["members"] == 1
+    # tuned on 2-member means: each point is scored by the mean of the members' seeds
+    case = next(robustness.validation_cases([50.0], n_val=1, fov_scale=0.25))
+    scores, table = tuning.tune_bcdpm_on_cases(method, [case], grid[-1:], members=2)
+    mean = method.denoise(case, case_seeds(0, case, "bcdpm", 2), **grid[-1])[0]
+    assert scores[0]["psnr"] == pytest.approx(metrics.psnr(case["full"], mean, mask=case["mask"]), abs=1e-9)
+    assert scores[0]["members"] == table[0]["members"] == 2
+    one = method.denoise(case, case_seeds(0, case, "bcdpm", 1), **grid[-1])[0]
+    assert not np.allclose(one, mean)  # BC-DPM's members differ

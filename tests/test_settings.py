@@ -102,6 +102,18 @@ def test_tuning_rows_apply_per_input_in_bcdpm_modes_only(low):
     assert settings.resolve_settings(all_given, meta, "bcdpm", low_dose=low).noise_index is None
 
 
+def test_a_table_tuned_on_ensemble_means_sets_the_default_ensemble_size():
+    assert settings.recommended_members(metadata(bc_tuning=TABLE), "bcdpm") == 1  # rows without the key
+    tuned = metadata(bc_tuning=[dict(row, members=4) for row in TABLE], ensemble_respacing="ddim10")
+    for mode in ("bcdpm", "hybrid"):
+        assert settings.recommended_members(tuned, mode) == 4
+    assert settings.recommended_members(dict(tuned, cond="paired"), "paired") == 1  # the table is BC-DPM's
+    assert settings.recommended_members(metadata(), "bcdpm") == 1
+    # the resolver's ensemble size defaults to it (here: the ensemble respacing), a given size wins
+    assert settings.resolve_settings({}, tuned, "bcdpm")["timestep_respacing"] == "ddim10"
+    assert settings.resolve_settings(dict(members=1), tuned, "bcdpm")["timestep_respacing"] == "100"
+
+
 SPREAD = dict(noise_estimator="second_difference", noise_index=0.01, x0_skip_sigma=0.02, power=0.5,
               range=[0.01, 0.08])
 

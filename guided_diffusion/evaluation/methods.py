@@ -115,6 +115,11 @@ class DiffusionMethod:
         return mean, dict(info, network_evaluations=evaluations, resolved=resolved, std=std, first=volumes[0])
 
     @property
+    def recommended_members(self):
+        """The checkpoint's ensemble size in this mode (:func:`~guided_diffusion.sampling.settings.recommended_members`)."""
+        return settings.recommended_members(self.metadata, self.mode)
+
+    @property
     def deterministic(self):
         """True for a one-step regression checkpoint (every member is the same image)."""
         return bool(self.metadata["flags"].get("regression", False))

@@ -198,7 +198,7 @@ def summary_markdown(summary, verdict, record, described):
              f"Test volumes: {record['test_volumes']} ({record['test_subjects']} subjects); "
              f"validation volumes: {record['val_volumes']}; axial range: "
              f"{record['z_range'] or 'whole volume'}; body mask: full dose > {record['mask_suv']} SUV; "
-             f"ensemble {record['num_ensemble']}.", ""]
+             f"ensemble {record['num_ensemble'] or 'of each checkpoint (its tuning)'}.", ""]
     lines += [f"- {name}: {text}" for name, text in described.items()]
     lines += ["", "| method | DRF | volumes | PSNR (dB) | SSIM | NRMSE | lesion SUVmean bias (%) |",
               "|---|---|---|---|---|---|---|"]
@@ -248,7 +248,7 @@ def _denoise(method, case, gaussian_params, diffusion, seed, num_ensemble):
         params = gaussian_params[case["drf"]]
         return baselines.gaussian(case["low"], voxel_mm=case["voxel_mm"], **params), 0, {}
     model = diffusion[method]
-    image, info = model.denoise(case, case_seeds(seed, case, method, num_ensemble))
+    image, info = model.denoise(case, case_seeds(seed, case, method, num_ensemble or model.recommended_members))
     resolved = info["resolved"]
     bc = {}
     if uses_bcdpm(model.mode):

@@ -6,8 +6,8 @@ with each grid point (the prior's recommended sampler and slabs) and scored by P
 convention, inside the body mask); per DRF the point with the best mean PSNR becomes one row of
 the table (:func:`best_per_drf`)::
 
-    [{"drf", "noise_index", "noise_estimator", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels", "psnr",
-      "volumes"}, ...]
+    [{"drf", "noise_index", "noise_estimator", "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels", "members",
+      "psnr", "volumes"}, ...]
 
 with ``noise_index`` the mean noise index (SUV) of that DRF's inputs by the estimator
 :data:`~guided_diffusion.sampling.fusion.TABLE_ESTIMATOR` (``noise_estimator``). Recorded in the prior's sidecar (``sampling.bc_tuning``), the settings
@@ -52,8 +52,8 @@ def _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
 def best_per_drf(scores):
     """Rows of the tuning table from ``scores`` = ``[{"volume", "drf", "noise_index",
     "bc_lambda", "bc_sigma_mm", "bc_steps", "hot_voxels", "psnr"}]`` (one per volume and grid
-    point): per DRF, the grid point with the best mean PSNR, with the DRF's mean noise index;
-    ordered by DRF."""
+    point; optional ``members``, the ensemble size scored, default 1): per DRF, the grid point
+    with the best mean PSNR, with the DRF's mean noise index; ordered by DRF."""
     table = []
     for drf in sorted({s["drf"] for s in scores}):
         mine = [s for s in scores if s["drf"] == drf]
@@ -66,26 +66,31 @@ def best_per_drf(scores):
             raise ValueError(f"DRF {drf:g}: no validation volume with a measurable noise index")
         table.append(dict(drf=drf, noise_index=float(np.mean(list(indices.values()))),
                           noise_estimator=fusion.TABLE_ESTIMATOR,
-                          **dict(zip(GRID_KEYS, best)), psnr=mean_psnr[best],
-                          volumes=len({s["volume"] for s in mine})))
+                          **dict(zip(GRID_KEYS, best)), members=int(mine[0].get("members", 1)),
+                          psnr=mean_psnr[best], volumes=len({s["volume"] for s in mine})))
     return table
 
 
-def tune_bcdpm(method, val, grid, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0):
+def tune_bcdpm(method, val, grid, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0,
+               members=1):
     """Score every grid point on every validation volume of the make_dataset.py directory ``val``.
 
     :param method: the prior as a :class:`~.methods.DiffusionMethod` in a BC-DPM mode.
     :param grid: ``[{"bc_steps", "bc_sigma_mm", "bc_lambda", "hot_voxels"}]``.
+    :param members: ensemble size; each point is scored by the ``members``-member mean (the
+        image BC-DPM returns at that ensemble size).
     :return: ``(scores, table)``: one score per volume and grid point, and :func:`best_per_drf`.
     """
     return tune_bcdpm_on_cases(method, _validation_cases(val, drfs, max_subjects, z_range, mask_suv), grid,
-                               seed=seed)
+                               seed=seed, members=members)
 
 
-def tune_bcdpm_on_cases(method, cases, grid, *, seed=0):
+def tune_bcdpm_on_cases(method, cases, grid, *, seed=0, members=1):
     """:func:`tune_bcdpm` on an iterable of case dicts (``low``, ``full``, ``mask``, ``drf``,
     ``name``, ``path`` or None; ``acquisition`` for simulated cases), e.g. the validation
     subjects of the out-of-distribution matrix (:func:`.robustness.validation_cases`)."""
+    if members < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
     clip_suv = saturation_suv(method.metadata["normalisation"])
     scores = []
     for case in cases:
@@ -97,9 +102,10 @@ def tune_bcdpm_on_cases(method, cases, grid, *, seed=0):
         for point in grid:
             key = tuple(v for k, v in point.items() if has_hot or k != "hot_voxels")
             if key not in psnr_of:
-                image = method.denoise(case, case_seeds(seed, case, "bcdpm", 1), **point)[0]
+                image = method.denoise(case, case_seeds(seed, case, "bcdpm", members), **point)[0]
                 psnr_of[key] = metrics.psnr(case["full"], image, mask=case["mask"])
-            scores.append(dict(volume=volume, drf=case["drf"], noise_index=index, **point, psnr=psnr_of[key]))
+            scores.append(dict(volume=volume, drf=case["drf"], noise_index=index, **point, members=members,
+                               psnr=psnr_of[key]))
     return scores, best_per_drf(scores)
 
 

@@ -12,7 +12,7 @@ from the first of these that has a value (``None`` means "no value"):
    (:func:`spread_sigma`);
 3. the checkpoint sidecar's ``sampling`` recommendations (:data:`SIDECAR_KEYS`); the diffusion
    flags (``timestep_respacing``) fall back to the sidecar's ``flags``; for an ensemble
-   (``given["members"]`` >= 2) the sidecar's ``ensemble_respacing`` comes first: a posterior
+   (``given["members"]``, else :func:`recommended_members`, >= 2) the sidecar's ``ensemble_respacing`` comes first: a posterior
    sampler may recommend a one-step posterior-mean estimate for one member and a sampling
    chain for an ensemble, whose spread is the uncertainty;
 4. :data:`DEFAULTS`.
@@ -123,6 +123,14 @@ def tuned_row(tuning, index):
     return min(tuning, key=lambda row: abs(math.log(index / float(row["noise_index"]))))
 
 
+def recommended_members(metadata, mode):
+    """The ensemble size a checkpoint's settings were tuned for in ``mode``: in the modes that
+    use BC-DPM's block, the largest ``members`` of its tuning table's rows (a table tuned on
+    K-member means; rows without the key: 1); otherwise 1. ``--num_ensemble`` overrides it."""
+    tuning = metadata.get("sampling", {}).get("bc_tuning") if uses_bcdpm(mode) else None
+    return max((int(row.get("members", 1)) for row in tuning or ()), default=1)
+
+
 def spread_sigma(spread, index):
     """The x0 blend width ``s`` (model units) of an ensemble for an input of noise index
     ``index``: the sidecar's ``ensemble_spread`` fit ``s_ref (index / noise_index)^power``
@@ -137,7 +145,7 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     """Resolve every key of :data:`DEFAULTS` (see the module docstring).
 
     :param given: ``{key: value or None}``; keys outside :data:`DEFAULTS` are ignored, but for
-        ``members`` (the ensemble size, default 1).
+        ``members`` (the ensemble size, default :func:`recommended_members`).
     :param metadata: the checkpoint's sidecar (``sampling``, ``flags``).
     :param mode: the resolved mode (:func:`resolve_mode`).
     :param low_dose: the input SUV volume ``(X, Y, Z)`` for the tuning-table lookup; ``None``
@@ -150,11 +158,11 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     sidecar = {key: sampling.get(key) for key in SIDECAR_KEYS}
     if sidecar["timestep_respacing"] is None:
         sidecar["timestep_respacing"] = metadata.get("flags", {}).get("timestep_respacing")
-    ensemble = (given.get("members") or 1) >= 2 and bool(sampling.get("ensemble_respacing"))
+    members = given.get("members") or recommended_members(metadata, mode)
+    ensemble = members >= 2 and bool(sampling.get("ensemble_respacing"))
     if ensemble:
         sidecar["timestep_respacing"] = sampling["ensemble_respacing"]
     tuning = sampling.get("bc_tuning") if uses_bcdpm(mode) else None
-    members = given.get("members") or 1
     spread = sampling.get("ensemble_spread") if members >= 2 and mode == "paired" else None
     index, row = None, {}
     if tuning and low_dose is not None and any(given.get(key) is None for key in TUNED_KEYS):
