@@ -99,7 +99,7 @@ def tune_bcdpm_on_cases(method, cases, grid, *, seed=0, members=1):
         has_hot = hot_weight(case["low"], clip_suv).max() > 0
         volume = case["path"] or f"{case['name']}_drf{case['drf']:g}"
         psnr_of = {}
-        for point in grid:
+        for point in tqdm(grid, desc=f"{volume}: grid points", leave=False):
             key = tuple(v for k, v in point.items() if has_hot or k != "hot_voxels")
             if key not in psnr_of:
                 image = method.denoise(case, case_seeds(seed, case, "bcdpm", members), **point)[0]
