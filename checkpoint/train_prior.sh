@@ -65,12 +65,12 @@ python scripts/check_prior.py --prior checkpoint/demo_prior.pt --volumes "$data"
 # (two per DRF, reference scan at 0.6 x its transaxial field of view; the matrix's test subjects
 # are never used here), recorded in the sidecar. l sets where the chain starts (t = 10 l of
 # 1000): light noise needs a late start, heavy noise an early one. Each point is scored by the
-# mean of 4 members (one BC-DPM sample is 0.4-1 dB below the mean of two, BENCHMARKS.md), so the
-# rows record members 4 and scripts/test.py runs 4 by default. Rows are keyed by the
-# second-difference noise index (the table's noise_estimator); 27 points, about 60 min on 2 threads.
+# mean of 2 members (one BC-DPM sample is 0.1-1 dB below the mean of two, BENCHMARKS.md), so the
+# rows record members 2 and scripts/test.py runs 2 by default. Rows are keyed by the
+# second-difference noise index (the table's noise_estimator); 27 points, 60 min on 2 threads.
 python scripts/tune_bcdpm.py --matrix_drfs 4 10 20 50 100 --matrix_subjects 2 --matrix_fov_scale 0.6 \
   --prior checkpoint/demo_prior.pt --bc_steps 3 6 12 --lambdas 0 0.1 0.2 --sigmas_mm 3 6 10 --hot_voxels input \
-  --members 4 --precision fp32 --threads 2 --seed 0 --out "$runs/bcdpm_tuning3d.json"
+  --members 2 --precision fp32 --threads 2 --seed 0 --out "$runs/bcdpm_tuning3d.json"
 tuning=$(python -c "import json, sys; print(json.dumps({'bc_tuning': json.load(open(sys.argv[1]))['bc_tuning']}))" \
   "$runs/bcdpm_tuning3d.json")
 "${package[@]}" --sampling "$tuning"
