@@ -73,7 +73,8 @@ def create_argparser():
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     cases.check_z_range(args.z_range)
-    if args.max_subjects < 0 or (args.num_ensemble is not None and args.num_ensemble < 1) or any(f < 0 for f in args.fwhm_grid_mm):
+    bad_ensemble = args.num_ensemble is not None and args.num_ensemble < 1
+    if args.max_subjects < 0 or bad_ensemble or any(f < 0 for f in args.fwhm_grid_mm):
         raise ValueError("--max_subjects must be >= 0, --num_ensemble >= 1, --fwhm_grid_mm widths >= 0")
     set_threads(args.threads)
     device = runtime_device(args)

@@ -114,10 +114,10 @@ class DiffusionMethod:
         evaluations = sum(member_network_evaluations(m) for m in info["members"])
         return mean, dict(info, network_evaluations=evaluations, resolved=resolved, std=std, first=volumes[0])
 
-    @property
-    def recommended_members(self):
-        """The checkpoint's ensemble size in this mode (:func:`~guided_diffusion.sampling.settings.recommended_members`)."""
-        return settings.recommended_members(self.metadata, self.mode)
+    def ensemble_size(self, requested=None):
+        """``requested`` members, else the checkpoint's ensemble size in this mode
+        (:func:`~guided_diffusion.sampling.settings.recommended_members`)."""
+        return requested or settings.recommended_members(self.metadata, self.mode)
 
     @property
     def deterministic(self):

@@ -248,7 +248,7 @@ def _denoise(method, case, gaussian_params, diffusion, seed, num_ensemble):
         params = gaussian_params[case["drf"]]
         return baselines.gaussian(case["low"], voxel_mm=case["voxel_mm"], **params), 0, {}
     model = diffusion[method]
-    image, info = model.denoise(case, case_seeds(seed, case, method, num_ensemble or model.recommended_members))
+    image, info = model.denoise(case, case_seeds(seed, case, method, model.ensemble_size(num_ensemble)))
     resolved = info["resolved"]
     bc = {}
     if uses_bcdpm(model.mode):

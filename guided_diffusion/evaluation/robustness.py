@@ -181,7 +181,8 @@ def score(case, image):
 def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=True, members=None, log=print):
     """Every method on one cell: ``{method: {metric: {"mean", "sd", "n"}}}`` plus the tuned
     baseline parameters and the seconds it took. ``members`` > 1 (``None``: each method's
-    :attr:`~.methods.DiffusionMethod.recommended_members`): each sampling method's ``members``-member mean is scored as the method, its first member as ``"METHOD (1 sample)"``,
+    :meth:`~.methods.DiffusionMethod.ensemble_size`): each sampling method's ``members``-member
+    mean is scored as the method, its first member as ``"METHOD (1 sample)"``,
     and ``calibration[METHOD]`` holds the ensemble's std / RMSE and rank correlation with
     |error| (:func:`~.metrics.uncertainty_calibration`, inside the body)."""
     begin = time.perf_counter()
@@ -196,7 +197,7 @@ def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=Tr
         if bm3d:
             images["bm3d"] = baselines.bm3d(case["low"], **tuned["bm3d"])
         for name, method in methods.items():
-            ensemble = 1 if method.deterministic else (members or method.recommended_members)
+            ensemble = 1 if method.deterministic else method.ensemble_size(members)
             images[name], info = method.denoise(case, case_seeds(seed, case, name, ensemble))
             if ensemble > 1:
                 images[f"{name} (1 sample)"] = info["first"]

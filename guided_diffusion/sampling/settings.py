@@ -12,9 +12,10 @@ from the first of these that has a value (``None`` means "no value"):
    (:func:`spread_sigma`);
 3. the checkpoint sidecar's ``sampling`` recommendations (:data:`SIDECAR_KEYS`); the diffusion
    flags (``timestep_respacing``) fall back to the sidecar's ``flags``; for an ensemble
-   (``given["members"]``, else :func:`recommended_members`, >= 2) the sidecar's ``ensemble_respacing`` comes first: a posterior
-   sampler may recommend a one-step posterior-mean estimate for one member and a sampling
-   chain for an ensemble, whose spread is the uncertainty;
+   (``given["members"]``, else :func:`recommended_members`, >= 2) the sidecar's
+   ``ensemble_respacing`` comes first: a posterior sampler may recommend a one-step
+   posterior-mean estimate for one member and a sampling chain for an ensemble, whose spread is
+   the uncertainty;
 4. :data:`DEFAULTS`.
 
 The acquisition that BC-DPM and data consistency simulate resolves the same way per key
