@@ -447,3 +447,22 @@ def package(source, name, dest, sampling=None, validation=None, training_data=No
     atomic_write_bytes(sidecar_path(target), json.dumps(card, indent=2, sort_keys=True) + "\n")
     write_sha256sums(dest)
     return target, card
+
+
+def update_sampling(shipped, sampling):
+    """Merge recommended sampling flags into a shipped checkpoint's sidecar (``NAME.json``
+    beside ``shipped``), the weights untouched: for settings tuned after packaging (e.g. the
+    test-time ``flips`` of ``scripts/tune_sampler.py``). Raises ValueError naming the file when
+    it has no sidecar or its weights no longer match the recorded sha256.
+
+    :return: the new sidecar dict.
+    """
+    card = read_metadata(shipped)
+    if card is None:
+        raise ValueError(f"{shipped}: no JSON sidecar ({sidecar_path(shipped)})")
+    if card.get("sha256") != sha256_file(shipped):
+        raise ValueError(f"{shipped}: the weights' sha256 differs from its sidecar's: not a packaged checkpoint "
+                         f"(package it with scripts/package_checkpoint.py)")
+    card["sampling"] = dict(card.get("sampling", {}), **sampling)
+    atomic_write_bytes(sidecar_path(shipped), json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return card

@@ -10,20 +10,27 @@ the sidecar is the training sidecar plus ``sampling`` (recommended sampling flag
 of the model card (``--training_data``), the licence, and the new file's ``sha256``.
 ``checkpoint/SHA256SUMS`` is rewritten from every ``.pt`` there.
 See ``guided_diffusion.checkpoint_hub.package``.
+
+``--update``: merge ``--sampling`` into an already shipped checkpoint's sidecar, the weights
+untouched (``checkpoint_hub.update_sampling``), e.g. the test-time flips tuned after packaging:
+
+    python scripts/package_checkpoint.py checkpoint/demo_paired.pt --update --sampling '{"flips": "zxy"}'
 """
 
 import argparse
 import json
 import os
 
-from guided_diffusion.checkpoint_hub import REPO, package
+from guided_diffusion.checkpoint_hub import REPO, package, update_sampling
 from guided_diffusion.checkpoints import sidecar_path
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="training checkpoint (.pt with its .json sidecar)")
-    parser.add_argument("--name", required=True, help="shipped name, e.g. demo_paired")
+    parser.add_argument("--name", default=None, help="shipped name, e.g. demo_paired (required unless --update)")
+    parser.add_argument("--update", action="store_true",
+                        help="SOURCE is a shipped checkpoint: merge --sampling into its sidecar, nothing else")
     parser.add_argument("--dest", default=os.path.join(REPO, "checkpoint"))
     parser.add_argument("--sampling", action="append", default=[],
                         help="JSON dict of recommended sampling flags; repeat to merge several "
@@ -46,6 +53,12 @@ def main(argv=None):
             validation = json.load(handle)
     sampling, training_data = ({k: v for text in texts for k, v in json.loads(text).items()}
                                for texts in (args.sampling, args.training_data))
+    if args.update:
+        update_sampling(args.source, sampling)
+        print(f"updated the sampling recommendations of {args.source}: {sampling}")
+        return
+    if not args.name:
+        parser.error("--name is required (unless --update)")
     target, card = package(args.source, args.name, args.dest, sampling, validation, training_data,
                            json.loads(args.flags), args.clip_suv)
     print(f"wrote {target} (sha256 {card['sha256']}) and {sidecar_path(target)}")

@@ -1,5 +1,5 @@
-"""Pieces of guided_diffusion.sampling.denoiser: hot voxels (input passthrough, the rescale pass) and the
-null condition."""
+"""Pieces of guided_diffusion.sampling.denoiser: hot voxels (input passthrough, the rescale pass), the
+null condition and the test-time flips."""
 
 import json
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from guided_diffusion.checkpoints import load_model_and_diffusion
-from guided_diffusion.sampling.denoiser import SamplingSettings, VolumeDenoiser, member_network_evaluations
+from guided_diffusion.sampling.denoiser import (SamplingSettings, VolumeDenoiser, _PrecisionModel, flip_combinations,
+                                               member_network_evaluations)
 from guided_diffusion.sampling.hot_voxels import hot_weight, replace_hot_voxels, rescale_factor
 
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -134,3 +135,56 @@ def test_a_sqrt_model_space_denoises_a_50_suv_bladder_in_one_pass(tiny_paired):
     _, clip_info = _denoise(sqrt_model, low, hot_voxels="clip")
     assert info["hot_voxels"]["mode"] == "input"  # nothing near 100 SUV: no second pass
     assert member_network_evaluations(info) == member_network_evaluations(clip_info)
+
+
+def test_flip_combinations_are_every_subset_of_the_named_axes():
+    assert flip_combinations("") == [()]
+    assert flip_combinations("xy") == [(), (3,), (4,), (3, 4)]  # (B, C, Z, X, Y)
+    assert sorted(flip_combinations("zxy")) == sorted([(), (2,), (3,), (2, 3), (4,), (2, 4), (3, 4), (2, 3, 4)])
+    for bad in ("w", "xx", "x y"):
+        with pytest.raises(ValueError, match="flips must name distinct axes"):
+            flip_combinations(bad)
+
+
+class _RampAlongY(torch.nn.Module):
+    """out = w (x * (0, 1, ..., Y-1) along Y + 2 low_res): equivariant to Z and X flips, not to Y flips."""
+
+    dims = 3
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, low_res=None):
+        return self.w * (x * torch.arange(x.shape[-1], dtype=x.dtype) + 2 * low_res)
+
+
+def test_flips_average_the_outputs_of_the_mirrored_inputs():
+    x = torch.rand(1, 1, 3, 4, 5)
+    low = torch.rand(1, 1, 3, 4, 5)
+    t = torch.zeros(1, dtype=torch.long)
+    one = _PrecisionModel(_RampAlongY(), "fp32")(x, t, low_res=low)
+    # a Y flip turns the ramp around: the mean of the two ramps is (Y - 1) / 2 everywhere
+    torch.testing.assert_close(_PrecisionModel(_RampAlongY(), "fp32", "y")(x, t, low_res=low), x * 2.0 + 2 * low)
+    # flips the network is equivariant to change nothing (the condition is flipped with the input)
+    torch.testing.assert_close(_PrecisionModel(_RampAlongY(), "fp32", "zx")(x, t, low_res=low), one)
+
+
+def test_all_three_flips_make_the_unet_exactly_mirror_equivariant(tiny_paired):
+    model = tiny_paired[0]
+    network = _PrecisionModel(model, "fp32", "zxy")
+    x, low = torch.rand(2, 1, 1, 8, 16, 16)
+    t = torch.tensor([3])
+    out = network(x, t, low_res=low)
+    mirrored = network(x.flip(2, 4), t, low_res=low.flip(2, 4))
+    torch.testing.assert_close(mirrored, out.flip(2, 4), rtol=1e-5, atol=1e-6)
+    plain = _PrecisionModel(model, "fp32")
+    assert not torch.allclose(plain(x.flip(2, 4), t, low_res=low.flip(2, 4)), plain(x, t, low_res=low).flip(2, 4))
+
+
+def test_flips_multiply_the_network_evaluations(tiny_paired):
+    volume = np.abs(np.random.default_rng(2).normal(2.0, 0.5, (24, 24, 16))).astype(np.float32)
+    plain, plain_info = _denoise(tiny_paired, volume, hot_voxels="clip")
+    flipped, info = _denoise(tiny_paired, volume, hot_voxels="clip", flips="xy")
+    assert member_network_evaluations(info) == 4 * member_network_evaluations(plain_info)
+    assert np.isfinite(flipped).all() and not np.allclose(flipped, plain)

@@ -517,6 +517,16 @@ def test_sampler_rows_average_per_respacing_cheapest_within_tolerance_first():
     assert [r["respacing"] for r in tuning.sampler_rows(scores + cheap, tolerance_db=0.01)] == ["10", "ddim5", "ddim10"]
 
 
+def test_sampler_rows_group_by_label_and_keep_respacing_and_flips():
+    score = dict(respacing="log2@999", psnr_mean=31.0, std_over_rmse=0.1, rank_correlation=0.1)
+    scores = [dict(score, sampler="plain", flips="", psnr_one=31.0, evaluations=1),
+              dict(score, sampler="mirrored", flips="zxy", psnr_one=31.5, evaluations=8)]
+    rows = tuning.sampler_rows(scores)
+    assert [(r["sampler"], r["respacing"], r["flips"]) for r in rows] == [("mirrored", "log2@999", "zxy"),
+                                                                        ("plain", "log2@999", "")]
+    assert tuning.sampler_rows(scores, tolerance_db=0.6)[0]["sampler"] == "plain"  # cheaper, within 0.6 dB
+
+
 def test_tune_sampler_scores_members_of_each_respacing(dataset, checkpoints):
     paired, _ = checkpoints
     given = dict(patch_overlap=2)

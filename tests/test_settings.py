@@ -70,6 +70,22 @@ def test_an_ensemble_takes_the_sidecars_ensemble_respacing():
     assert settings.resolve_settings(dict(members=4), plain, "paired")["timestep_respacing"] == "ddim5"
 
 
+def test_one_member_takes_the_sidecars_flips_an_ensemble_its_ensemble_flips():
+    meta = metadata("paired", timestep_respacing="log2@999", ensemble_respacing="log10", flips="zxy")
+    one = settings.resolve_settings({}, meta, "paired")
+    assert one["flips"] == "zxy" and one.sources["flips"] == "checkpoint"
+    assert settings.sampling_settings(one, meta, "fp32").flips == "zxy"
+    # posterior samples are not averaged over mirrored inputs unless the sidecar says so
+    many = settings.resolve_settings(dict(members=4), meta, "paired")
+    assert many["flips"] == "" and many.sources["flips"] == "default"
+    meta["sampling"]["ensemble_flips"] = "x"
+    assert settings.resolve_settings(dict(members=4), meta, "paired")["flips"] == "x"
+    assert settings.resolve_settings(dict(flips="y"), meta, "paired")["flips"] == "y"
+    assert settings.resolve_settings({}, metadata("paired"), "paired")["flips"] == ""
+    with pytest.raises(ValueError, match="flips must name distinct axes"):
+        settings.check_settings(settings.resolve_settings(dict(flips="xq"), meta, "paired"), 10)
+
+
 def test_tuning_rows_apply_per_input_in_bcdpm_modes_only(low):
     meta = metadata(bc_tuning=TABLE, bc_steps=7)
     resolved = settings.resolve_settings({}, meta, "bcdpm", low_dose=low)

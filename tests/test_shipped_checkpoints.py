@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.checkpoint_hub import absolute_paths, package
+from guided_diffusion.checkpoint_hub import absolute_paths, package, update_sampling
 from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata
 from tests.mpi_helpers import REPO
 
@@ -116,6 +116,23 @@ def test_package_checkpoint_merges_sampling_and_lists_the_hash(tmp_path, make_ti
     assert (dest / "SHA256SUMS").read_text() == f"{digest}  tiny_prior.pt\n"
     state = torch.load(dest / "tiny_prior.pt", weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in torch.load(source, weights_only=True).items())
+
+
+def test_update_sampling_merges_into_a_shipped_sidecar_and_leaves_the_weights(tmp_path, make_tiny_checkpoint):
+    source = make_tiny_checkpoint(tmp_path / "model000010.pt", "paired")
+    target, card = package(str(source), "tiny", str(tmp_path / "shipped"), sampling=dict(patch_overlap=4))
+    weights = open(target, "rb").read()
+    subprocess.run([sys.executable, str(REPO / "scripts" / "package_checkpoint.py"), target, "--update",
+                    "--sampling", json.dumps(dict(flips="zxy"))], check=True, cwd=REPO, capture_output=True)
+    updated = read_metadata(target)
+    assert updated["sampling"] == dict(card["sampling"], flips="zxy") and updated["sampling"]["patch_overlap"] == 4
+    assert open(target, "rb").read() == weights and updated["sha256"] == card["sha256"]
+    assert {k: v for k, v in updated.items() if k != "sampling"} == {k: v for k, v in card.items() if k != "sampling"}
+    torch.save({"other": torch.zeros(1)}, target)  # weights that are not the packaged ones
+    with pytest.raises(ValueError, match="tiny.pt: the weights' sha256 differs"):
+        update_sampling(target, dict(flips=""))
+    with pytest.raises(ValueError, match="no JSON sidecar"):
+        update_sampling(str(source.with_name("absent.pt")), {})
 
 
 def test_package_is_byte_reproducible(tmp_path, make_tiny_checkpoint):

@@ -15,7 +15,7 @@ resolver picks the row nearest to each input's own noise index, so no DRF needs 
 denoising time.
 
 :func:`tune_sampler`: a paired checkpoint's sampler (respacing / DDIM or ancestral) from the
-PSNR of one member and of a K-member mean, and the ensemble's calibration (mean std / RMSE of
+PSNR of one member and of a K-member mean (test-time flips included), and the ensemble's calibration (mean std / RMSE of
 the mean, rank correlation of std with |error|), per validation volume (:func:`sampler_rows`).
 
 :func:`tune_spread`: the blend width ``x0_skip_sigma`` that calibrates a paired posterior
@@ -146,16 +146,18 @@ def tune_fusion(method, val, kappas, windows, *, drfs=None, max_subjects=0, z_ra
 
 
 def sampler_rows(scores, tolerance_db=0.05):
-    """One row per respacing from ``scores`` = ``[{"respacing", "psnr_one", "psnr_mean",
-    "std_over_rmse", "rank_correlation", "evaluations"}]`` (one per volume): the means, best
+    """One row per sampler from ``scores`` = ``[{"respacing", "psnr_one", "psnr_mean",
+    "std_over_rmse", "rank_correlation", "evaluations"}]`` (one per volume; optional ``sampler``,
+    the label that groups them, default the respacing, and ``flips``): the means, best
     one-member PSNR first, except that the first row (the default to ship) is the cheapest
-    respacing (fewest network evaluations) within ``tolerance_db`` dB of the best."""
+    sampler (fewest network evaluations) within ``tolerance_db`` dB of the best."""
     rows = []
-    for respacing in dict.fromkeys(s["respacing"] for s in scores):
-        mine = [s for s in scores if s["respacing"] == respacing]
+    for label in dict.fromkeys(s.get("sampler", s["respacing"]) for s in scores):
+        mine = [s for s in scores if s.get("sampler", s["respacing"]) == label]
         row = {key: float(np.nanmean([s[key] for s in mine]))
                for key in ("psnr_one", "psnr_mean", "std_over_rmse", "rank_correlation", "evaluations")}
-        rows.append(dict(respacing=respacing, volumes=len(mine), **row))
+        rows.append(dict(sampler=label, respacing=mine[0]["respacing"], flips=mine[0].get("flips", ""),
+                         volumes=len(mine), **row))
     rows.sort(key=lambda row: -row["psnr_one"])
     chosen = min((row for row in rows if row["psnr_one"] >= rows[0]["psnr_one"] - tolerance_db),
                  key=lambda row: row["evaluations"])
@@ -166,19 +168,21 @@ def tune_sampler(methods, val, members, *, drfs=None, max_subjects=0, z_range=No
                  tolerance_db=0.05):
     """Denoise every validation volume with ``members`` members per sampler and score them.
 
-    :param methods: ``{respacing: DiffusionMethod}``, one paired checkpoint built per respacing.
+    :param methods: ``{label: DiffusionMethod}``, one paired checkpoint built per sampler (its
+        resolved respacing and test-time flips are recorded).
     :param members: ensemble size (>= 2: the std needs two).
-    :param tolerance_db: one-member PSNR a cheaper respacing may lose and still be chosen.
-    :return: ``(scores, rows)``: one score per volume and respacing, and :func:`sampler_rows`.
+    :param tolerance_db: one-member PSNR a cheaper sampler may lose and still be chosen.
+    :return: ``(scores, rows)``: one score per volume and sampler, and :func:`sampler_rows`.
     """
     if members < 2:
         raise ValueError("tune_sampler needs members >= 2 (the ensemble's std)")
     scores = []
     for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
-        for respacing, method in methods.items():
+        for label, method in methods.items():
             mean, info = method.denoise(case, case_seeds(seed, case, "paired", members))
             calibration = metrics.uncertainty_calibration(case["full"], mean, info["std"], case["mask"])
-            scores.append(dict(volume=case["path"], drf=case["drf"], respacing=respacing,
+            scores.append(dict(volume=case["path"], drf=case["drf"], sampler=label,
+                               respacing=method.run["timestep_respacing"], flips=method.run["flips"],
                                psnr_one=metrics.psnr(case["full"], info["first"], mask=case["mask"]),
                                psnr_mean=metrics.psnr(case["full"], mean, mask=case["mask"]),
                                evaluations=info["network_evaluations"] / members, **calibration))

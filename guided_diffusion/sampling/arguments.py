@@ -31,6 +31,10 @@ def add_patching_arguments(parser):
                             "estimate with x_t; larger s, wider ensembles (default: for --num_ensemble >= 2 "
                             "the checkpoint's ensemble_spread fit to the input's noise level, else the "
                             "trained value)")
+    group.add_argument("--flips", default=None,
+                       help="test-time augmentation: axes among 'zxy' (e.g. 'xy'); every network evaluation "
+                            "averages the mirrored inputs' outputs, 2^len(FLIPS) times the cost (default: "
+                            "the checkpoint's recommendation, else none)")
     group.add_argument("--stitch", choices=("seamfree", "independent"), default=None,
                        help="blend overlapping patches at every step (seamfree, the default), or "
                             "stitch independent chains at the end (the published code's behaviour)")

@@ -65,6 +65,9 @@ class SamplingSettings:
     :param null_condition: feed a paired model the null condition (an empty volume) instead of
         the low-dose volume: a checkpoint trained with conditioning dropout
         (``cond_dropout`` in its metadata) then acts as an unconditional prior (BC-DPM).
+    :param flips: axes among ``"zxy"`` whose mirror images the network also sees: every
+        evaluation is the mean over all ``2 ** len(flips)`` combinations of flips of its inputs,
+        each output flipped back (test-time augmentation; ``""``: one evaluation).
     """
 
     use_ddim: bool = False
@@ -81,6 +84,7 @@ class SamplingSettings:
     hot_voxels: str = "rescale"
     fusion_kappa: float = None
     null_condition: bool = False
+    flips: str = ""
 
 
 def serves_as_prior(metadata):
@@ -107,20 +111,46 @@ def member_seed(seed, name, member):
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7919 + int(member)) % (2**63 - 1)
 
 
+FLIP_AXES = "zxy"
+
+
+def flip_combinations(flips):
+    """Every subset of the axes named in ``flips`` (letters of :data:`FLIP_AXES`, each at most
+    once), as tuples of tensor dimensions of a ``(B, C, Z, X, Y)`` tensor, the empty one first."""
+    if set(flips) - set(FLIP_AXES) or len(set(flips)) != len(flips):
+        raise ValueError(f"flips must name distinct axes among {FLIP_AXES!r}, got {flips!r}")
+    dims = [2 + FLIP_AXES.index(axis) for axis in flips]
+    return [tuple(d for i, d in enumerate(dims) if mask >> i & 1) for mask in range(2 ** len(dims))]
+
+
 class _PrecisionModel:
     """The network under autocast (bf16/fp16) and channels-last 3D; output back in float32.
 
     A 2D network (``model.dims == 2``) denoises a slab ``(B, C, Z, X, Y)`` slice by slice: its
-    axial slices become a batch ``(B * Z, C, X, Y)`` (the slice-wise path of a 2D prior)."""
+    axial slices become a batch ``(B * Z, C, X, Y)`` (the slice-wise path of a 2D prior).
+    ``flips`` (see :class:`SamplingSettings`) averages the outputs over mirrored inputs."""
 
-    def __init__(self, model, precision):
+    def __init__(self, model, precision, flips=""):
         self.model = model
         self.precision = precision
+        self.flip_sets = flip_combinations(flips)
         self.device = next(model.parameters()).device
         if precision != "fp32" and getattr(model, "dims", 2) == 3:
             model.to(memory_format=torch.channels_last_3d)
 
     def __call__(self, x, t, **kwargs):
+        if len(self.flip_sets) == 1:
+            return self._evaluate(x, t, **kwargs)
+        if x.ndim != 5:
+            raise ValueError(f"flips need (B, C, Z, X, Y) inputs, got shape {tuple(x.shape)}")
+        total = 0.0
+        for dims in self.flip_sets:
+            mirrored = {k: v.flip(dims) if torch.is_tensor(v) and v.ndim == 5 else v
+                        for k, v in kwargs.items()}
+            total = total + self._evaluate(x.flip(dims), t, **mirrored).flip(dims)
+        return total / len(self.flip_sets)
+
+    def _evaluate(self, x, t, **kwargs):
         slice_wise = getattr(self.model, "dims", 2) == 2 and x.ndim == 5
         if slice_wise:
             batch, channels, depth = x.shape[:3]
@@ -160,7 +190,7 @@ class VolumeDenoiser:
             raise ValueError("the physics guidance (BC-DPM, data consistency) acts on whole "
                              "volumes: use stitch='seamfree'")
         self.model = model
-        self.network = _PrecisionModel(model, settings.precision)
+        self.network = _PrecisionModel(model, settings.precision, settings.flips)
         self.diffusion = diffusion
         self.metadata = metadata
         self.settings = settings
@@ -244,7 +274,7 @@ class VolumeDenoiser:
                             halo_voxels_received_per_step=received)
         else:
             sample = self._sample_independent(grid, loop_kwargs)
-        info = dict(network_evaluations_per_patch=steps, patches=len(grid),
+        info = dict(network_evaluations_per_patch=steps * len(self.network.flip_sets), patches=len(grid),
                     seconds=time.perf_counter() - begin, **exchange)
         return sample, info
 

@@ -13,9 +13,9 @@ from the first of these that has a value (``None`` means "no value"):
 3. the checkpoint sidecar's ``sampling`` recommendations (:data:`SIDECAR_KEYS`); the diffusion
    flags (``timestep_respacing``) fall back to the sidecar's ``flags``; for an ensemble
    (``given["members"]``, else :func:`recommended_members`, >= 2) the sidecar's
-   ``ensemble_respacing`` comes first: a posterior sampler may recommend a one-step
-   posterior-mean estimate for one member and a sampling chain for an ensemble, whose spread is
-   the uncertainty;
+   ``ensemble_respacing`` (and ``ensemble_flips`` for ``flips``) comes first: a posterior sampler
+   may recommend a one-step posterior-mean estimate for one member (averaged over mirrored
+   inputs) and a sampling chain for an ensemble, whose spread is the uncertainty;
 4. :data:`DEFAULTS`.
 
 The acquisition that BC-DPM and data consistency simulate resolves the same way per key
@@ -32,7 +32,8 @@ import numpy as np
 from .. import fp16_util
 from ..pet import dataset_manifest
 from .data_consistency import DataConsistencyFactory
-from .denoiser import SamplingSettings, VolumeDenoiser, is_null_conditioned_prior, serves_as_prior
+from .denoiser import (SamplingSettings, VolumeDenoiser, flip_combinations, is_null_conditioned_prior,
+                       serves_as_prior)
 from .fusion import estimate_noise_index
 from .guidance import LAMBDA_SCHEDULES, BCDPMFactory, LowDoseAcquisition, chain_factories
 from .hot_voxels import HOT_MODES
@@ -48,16 +49,17 @@ DEFAULTS = dict(
     precision="auto", hot_voxels="rescale", fusion_kappa=0.0,
     bc_steps=BC_STEPS_BY_NOISE["medium"], bc_lambda=0.2, bc_sigma_mm=4.0, bc_start=False,
     bc_lam_schedule="constant", bc_recon_iters=2, bc_recon_subsets=8, dc_steps=0, dc_iters=1, dc_subsets=1,
-    x0_skip_sigma=None,
+    x0_skip_sigma=None, flips="",
 )
 """The last layer. ``use_ddim`` None: DDIM when the respacing is ``"ddimN"``; ``patch_z``
 None: the checkpoint's training patch depth; ``precision`` auto: the checkpoint's
 ``use_fp16`` on CUDA, bf16 on a CPU; ``fusion_kappa`` 0: off; ``bc_lambda`` 0.2 and
 ``bc_lam_schedule`` constant: the paper's; ``x0_skip_sigma`` None: the blend width the checkpoint
 was trained with (for an ensemble of a paired posterior sampler, the sidecar's
-``ensemble_spread`` fit to the input's noise index comes first: :func:`spread_sigma`)."""
+``ensemble_spread`` fit to the input's noise index comes first: :func:`spread_sigma`);
+``flips`` "": no test-time flip averaging."""
 
-SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "fusion_kappa",
+SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "fusion_kappa", "flips",
                 "bc_steps", "bc_start", "bc_lam_schedule", "bc_lambda", "bc_sigma_mm")
 """Keys a checkpoint sidecar's ``sampling`` may recommend."""
 
@@ -163,6 +165,7 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     ensemble = members >= 2 and bool(sampling.get("ensemble_respacing"))
     if ensemble:
         sidecar["timestep_respacing"] = sampling["ensemble_respacing"]
+        sidecar["flips"] = sampling.get("ensemble_flips")
     tuning = sampling.get("bc_tuning") if uses_bcdpm(mode) else None
     spread = sampling.get("ensemble_spread") if members >= 2 and mode == "paired" else None
     index, row = None, {}
@@ -212,6 +215,7 @@ def check_settings(resolved, num_timesteps):
         raise ValueError(f"--bc_lambda must lie in [0, 1], got {v['bc_lambda']}")
     if v["bc_lam_schedule"] not in LAMBDA_SCHEDULES:
         raise ValueError(f"--bc_lam_schedule must be one of {LAMBDA_SCHEDULES}, got {v['bc_lam_schedule']!r}")
+    flip_combinations(v["flips"])
     for key in ("patch_overlap", "batch_size", "bc_recon_iters", "bc_recon_subsets"):
         if v[key] < (0 if key == "patch_overlap" else 1):
             raise ValueError(f"--{key} must be >= {0 if key == 'patch_overlap' else 1}, got {v[key]}")
@@ -259,7 +263,7 @@ def sampling_settings(resolved, metadata, precision, progress=True):
         batch_size=v["batch_size"], stitch=v["stitch"],
         start_t=v["bc_steps"] - 1 if v["bc_start"] else None, precision=precision,
         progress=progress, hot_voxels=v["hot_voxels"], fusion_kappa=v["fusion_kappa"] or None,
-        null_condition=is_null_conditioned_prior(metadata, resolved.mode))
+        null_condition=is_null_conditioned_prior(metadata, resolved.mode), flips=v["flips"])
 
 
 def slice_wise_total_counts(slice_counts, volume):
