@@ -38,3 +38,5 @@ python scripts/package_checkpoint.py "$paired" --name demo_paired_stage2 --dest 
   --training_data '{"reproduce": "bash checkpoint/train_paired.sh"}'
 python scripts/package_checkpoint.py "$runs/unet_long/model$(printf %06d "$unet_steps").pt" --name demo_unet \
   --training_data "$training_data" --training_data '{"reproduce": "bash checkpoint/train_paired.sh"}'
+source checkpoint/tune_flips.sh
+tune_flips checkpoint/demo_unet.pt ""

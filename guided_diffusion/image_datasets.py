@@ -69,11 +69,12 @@ def _split_list(path):
 
 def _candidate_files(data_dir, split):
     """``(files, split lists)``: the files the ``split.txt`` lists under ``data_dir`` name, or
-    every file below it when there are no such lists; both sorted."""
+    every file below it when there are no such lists; both sorted. Symbolic links to folders are
+    followed: a folder of links to several datasets trains on their union."""
     if not data_dir or not os.path.isdir(data_dir):
         raise ValueError(f"data directory {data_dir!r} does not exist")
     files = sorted(
-        os.path.join(root, f) for root, _, names in os.walk(data_dir) for f in names
+        os.path.join(root, f) for root, _, names in os.walk(data_dir, followlinks=True) for f in names
     )
     split_lists = [f for f in files if os.path.basename(f) == f"{split}.txt"]
     if split_lists:

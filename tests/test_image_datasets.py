@@ -204,6 +204,18 @@ def test_split_lists_choose_the_files_and_describe_the_datasets(tmp_path):
     assert manifest_voxel_mm(str(tmp_path / "a")) == 3.3 and manifest_voxel_mm(str(tmp_path)) is None
 
 
+def test_a_folder_of_links_trains_on_the_union_of_the_linked_datasets(tmp_path):
+    _fake_make_dataset(tmp_path / "a", 100, ["a0.npz"])
+    _fake_make_dataset(tmp_path / "b", 200, ["b0.npz", "b1.npz"])
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    for name in ("a", "b"):
+        (mix / name).symlink_to(tmp_path / name, target_is_directory=True)
+    assert [s[1] for s in list_volume_sources(str(mix), paired=True)] == [
+        str(mix / n) for n in ("a/a0.npz", "b/b0.npz", "b/b1.npz")]
+    assert [(d["path"], d["seed"], d["files"]) for d in describe_datasets(str(mix))] == [("a", 100, 1), ("b", 200, 2)]
+
+
 def test_empty_directory_raises(tmp_path):
     with pytest.raises(ValueError, match="no .npz or NIfTI"):
         list_volume_sources(str(tmp_path), paired=False)
