@@ -48,7 +48,7 @@ PAIRED_PSNR_MARGIN_DB_LOW_DRF = 0.5    # DRF < HIGH_DRF
 PAIRED_PSNR_MARGIN_DB_HIGH_DRF = 1.5   # DRF >= HIGH_DRF
 HIGH_DRF = 10.0
 LESION_BIAS_LIMIT_PCT = 10.0
-DESCRIBED_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "hot_voxels",
+DESCRIBED_KEYS = ("timestep_respacing", "use_ddim", "flips", "patch_z", "patch_overlap", "hot_voxels",
                   "fusion_kappa")
 BC_DESCRIBED_KEYS = ("bc_steps", "bc_lambda", "bc_sigma_mm", "bc_start", "bc_lam_schedule")
 OUTPUT_NAMES = ("per_volume.csv", "summary.md", "summary.json", "quality_vs_drf.png", "example.png")
