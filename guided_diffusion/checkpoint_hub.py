@@ -449,6 +449,40 @@ def package(source, name, dest, sampling=None, validation=None, training_data=No
     return target, card
 
 
+def interpolate_checkpoints(start_path, end_path, alpha):
+    """Weight-space interpolation ``(1 - alpha) start + alpha end`` of two checkpoints of one
+    architecture, e.g. a model and its fine-tuned descendant (WiSE-FT, Wortsman et al. 2022:
+    part of the fine-tuning's gain at less of its cost elsewhere).
+
+    :param alpha: in ``[0, 1]``; 0 gives ``start``'s weights, 1 ``end``'s.
+    :return: ``(state_dict, sidecar)``: float32 tensors, and ``end``'s sidecar with ``step``
+        None and an ``interpolated`` record (both files' basenames, sha256 and steps, ``alpha``).
+    :raises ValueError: naming the files when ``alpha`` is outside ``[0, 1]``, a sidecar is
+        missing, the conditioning or flags differ, or the tensors do not match key for key.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    metadata = {}
+    for path in (start_path, end_path):
+        metadata[path] = read_metadata(path)
+        if metadata[path] is None:
+            raise ValueError(f"{path}: no JSON sidecar ({sidecar_path(path)})")
+    start_meta, end_meta = metadata[start_path], metadata[end_path]
+    arch = [key for key in ("cond", "normalisation", "patch_size_zxy", "voxel_mm") if start_meta.get(key) != end_meta.get(key)]
+    arch += [f"flags.{key}" for key in sorted(set(start_meta["flags"]) | set(end_meta["flags"]))
+             if key not in SAMPLING_ONLY_FLAGS and start_meta["flags"].get(key) != end_meta["flags"].get(key)]
+    if arch:
+        raise ValueError(f"{start_path} and {end_path} differ in {', '.join(arch)}: not one architecture")
+    start, end = (torch.load(p, map_location="cpu", weights_only=True) for p in (start_path, end_path))
+    if start.keys() != end.keys() or any(start[k].shape != end[k].shape for k in start):
+        raise ValueError(f"{start_path} and {end_path} hold different tensors (keys or shapes)")
+    state = {k: ((1.0 - alpha) * start[k].float() + alpha * end[k].float()).contiguous() for k in start}
+    record = dict(alpha=float(alpha), **{
+        name: dict(path=os.path.basename(path), sha256=sha256_file(path), step=metadata[path].get("step"))
+        for name, path in (("start", start_path), ("end", end_path))})
+    return state, dict(end_meta, step=None, interpolated=record)
+
+
 def update_sampling(shipped, sampling):
     """Merge recommended sampling flags into a shipped checkpoint's sidecar (``NAME.json``
     beside ``shipped``), the weights untouched: for settings tuned after packaging (e.g. the

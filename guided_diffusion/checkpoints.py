@@ -163,3 +163,4 @@ def warm_start(model, source_path, cond="paired"):
             first.weight[:, : first.weight.shape[1] // 2].zero_()
     return dict(path=os.path.basename(source_path), sha256=sha256_file(source_path),
                 step=metadata.get("step"), zeroed_noisy_input=zeroed)
+

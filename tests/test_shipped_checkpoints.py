@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.checkpoint_hub import absolute_paths, package, update_sampling
+from guided_diffusion.checkpoint_hub import absolute_paths, interpolate_checkpoints, package, update_sampling
 from guided_diffusion.checkpoints import load_model_and_diffusion, read_metadata
 from tests.mpi_helpers import REPO
 
@@ -133,6 +133,33 @@ def test_update_sampling_merges_into_a_shipped_sidecar_and_leaves_the_weights(tm
         update_sampling(target, dict(flips=""))
     with pytest.raises(ValueError, match="no JSON sidecar"):
         update_sampling(str(source.with_name("absent.pt")), {})
+
+
+def test_interpolated_weights_are_the_linear_blend_and_the_script_writes_a_packageable_checkpoint(
+        tmp_path, make_tiny_checkpoint):
+    start = make_tiny_checkpoint(tmp_path / "start.pt", "paired")
+    end = tmp_path / "end.pt"
+    weights = torch.load(start, weights_only=True)
+    torch.save({k: v + 1.0 for k, v in weights.items()}, end)
+    end.with_suffix(".json").write_text(json.dumps(dict(read_metadata(start), step=900)))
+    for alpha in (0.0, 0.25, 1.0):
+        state, sidecar = interpolate_checkpoints(str(start), str(end), alpha)
+        for key, value in weights.items():
+            torch.testing.assert_close(state[key], value.float() + alpha, rtol=0, atol=1e-6)
+    assert sidecar["step"] is None and sidecar["interpolated"]["alpha"] == 1.0
+    assert sidecar["interpolated"]["end"] == dict(path="end.pt", sha256=hashlib.sha256(end.read_bytes()).hexdigest(),
+                                                  step=900)
+    out = tmp_path / "mix" / "wise.pt"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "interpolate_checkpoints.py"), str(start), str(end),
+                    "--alpha", "0.5", "--out", str(out)], check=True, cwd=REPO, capture_output=True)
+    target, card = package(str(out), "tiny_wise", str(tmp_path / "shipped"))
+    assert card["interpolated"]["alpha"] == 0.5 and card["interpolated"]["start"]["path"] == "start.pt"
+    load_model_and_diffusion(target)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        interpolate_checkpoints(str(start), str(end), 1.5)
+    other = make_tiny_checkpoint(tmp_path / "other.pt", "paired", flags=dict(num_channels=8))
+    with pytest.raises(ValueError, match="other.pt differ in flags.num_channels"):
+        interpolate_checkpoints(str(start), str(other), 0.5)
 
 
 def test_package_is_byte_reproducible(tmp_path, make_tiny_checkpoint):
