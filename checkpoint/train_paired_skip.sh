@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Recipe of the shipped paired diffusion model (checkpoint/demo_paired.pt), third stage: the
-# posterior sampler. It starts from the second stage's residual x0 model (checkpoint/
-# train_paired.sh, run here when absent; $INIT overrides, e.g. the previous release of
+# Recipe of the paired diffusion model's third stage, the posterior sampler (the shipped
+# checkpoint/demo_paired.pt until 2026-12-07 late; now the start of checkpoint/train_paired_noisy.sh,
+# which ships its interpolation with a fourth stage). Packaged as $RUN_DIR/demo_paired_stage3.pt.
+# It starts from the second stage's residual x0 model (checkpoint/train_paired.sh, run here when absent; $INIT overrides, e.g. the previous release of
 # checkpoint/demo_paired.pt, which holds those weights) and trains on with its x0 estimate
 # blended with x_t by noise level (--x0_skip_sigma 0.025: x0 = c x_t / sqrt(abar) + (1 - c) model,
 # c = s^2 / (s^2 + 1 / abar - 1); half x_t at t ~ 5 of 1000, under 5 % above t ~ 30). The second
@@ -37,12 +38,12 @@ python scripts/train.py "${skip[@]}" --init_from "$init" --log_dir "$runs/paired
 # samples, ancestral with the posterior variance on 10 log-spaced steps (checkpoint/README.md)
 training_data='{"generator": "scripts/make_dataset.py", "description": "stage 3 (posterior sampler, x0 blended with x_t): the first 40 of the 80 randomised subjects of stages 1-2 (seed 300): whole body, head and dead-leaves anatomy, FDG/PSMA/DOTATATE/FAPI, random OSEM/MLEM reconstructions with and without PSF, post-filters, 2D / SSRB, native voxels 2-4 mm resampled to 3.3 mm, 3 DRFs per subject in 2-200: 120 low/full pairs; MLEM 100 without PSF and 1.65 mm held out. Stages 1-2 (the start): 80 subjects, 240 pairs (checkpoint/train_paired.sh)", "commands": ["mpiexec -n 2 python scripts/make_dataset.py --out data/gd_train40 --subjects 40 --seed 300 --randomise --anatomies whole_body brain dead_leaves --detail --tracers FDG PSMA DOTATATE FAPI --hold_out mlem100_nopsf 1.65 --split 1 0 0"], "reproduce": "bash checkpoint/train_paired_skip.sh"}'
 package=(python scripts/package_checkpoint.py "$runs/paired_skip/ema_0.999_$(printf %06d "$steps").pt"
-         --name demo_paired --flags '{"sigma_small": true}' --training_data "$training_data"
+         --name demo_paired_stage3 --dest "$runs" --flags '{"sigma_small": true}' --training_data "$training_data"
          --sampling '{"timestep_respacing": "log2@999", "ensemble_respacing": "log10", "patch_overlap": 4}')
 "${package[@]}"
 # the ensembles' blend width per input: the smallest s that calibrates a 4-member ensemble on each
 # validation volume, fitted against the input's noise index (40 min on one core), into the sidecar
-python scripts/tune_spread.py --val "$data/gd_val4" --paired checkpoint/demo_paired.pt --sigmas 0.01 0.02 0.04 0.08 \
+python scripts/tune_spread.py --val "$data/gd_val4" --paired "$runs/demo_paired_stage3.pt" --sigmas 0.01 0.02 0.04 0.08 \
   --members 4 --z_range 8 56 --threads 1 --precision bf16 --seed 0 --out "$runs/spread_tuning.json"
 spread=$(python -c "import json, sys; print(json.dumps({'ensemble_spread': json.load(open(sys.argv[1]))['ensemble_spread']}))" \
   "$runs/spread_tuning.json")
