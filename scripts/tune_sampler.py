@@ -7,10 +7,10 @@ Choose a paired checkpoint's sampler on validation volumes of a make_dataset.py 
 
 Every validation volume is denoised with ``--members`` members by each respacing (``ddimN``:
 DDIM, eta 0; ``N``: ancestral sampling), as ``scripts/test.py`` would with that
-``--timestep_respacing`` (and, with ``--flip_options``, each ``--flips``). Per sampler: the mean PSNR of one member and of the members' mean
-(UDPET convention, inside the body mask), the calibration of the members' voxel-wise std (mean
-std / RMSE of the mean, Spearman rank correlation of std with |error|) and the network
-evaluations per member. The table goes to stdout and ``--out``, best one-member PSNR first,
+``--timestep_respacing`` (and, with ``--flip_options``, each ``--flips``). Per sampler: the mean
+PSNR of one member and of the members' mean (UDPET convention, inside the body mask), the
+calibration of the members' voxel-wise std (mean std / RMSE of the mean, Spearman rank
+correlation of std with |error|) and the network evaluations per member. The table goes to stdout and ``--out``, best one-member PSNR first,
 except the chosen row on top: the cheapest respacing within ``--tolerance_db`` dB of the best,
 the default for ``scripts/package_checkpoint.py --sampling '{"timestep_respacing": ...}'``.
 """
@@ -33,7 +33,7 @@ def create_argparser():
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--respacings", nargs="+", default=["ddim5", "ddim10", "10"],
                         help="timestep respacings to compare")
-    parser.add_argument("--flip_options", nargs="+", default=None, metavar="FLIPS",
+    parser.add_argument("--flip_options", nargs="+", type=arguments.flips_argument, default=None, metavar="FLIPS",
                         help="test-time flips to compare with each respacing ('none' or axes among 'zxy', "
                              "e.g. none x xy; default: the checkpoint's)")
     parser.add_argument("--members", type=int, default=4, help="ensemble members per volume (>= 2)")
@@ -48,7 +48,7 @@ def main(argv=None):
     cases.check_z_range(args.z_range)
     set_threads(args.threads)
     device = runtime_device(args)
-    flip_options = [None] if args.flip_options is None else ["" if f == "none" else f for f in args.flip_options]
+    flip_options = [None] if args.flip_options is None else args.flip_options
     methods = {respacing + ("" if flips is None else f" flips {flips or 'none'}"):
                DiffusionMethod(args.paired, "paired",
                                dict(arguments.given_settings(args), timestep_respacing=respacing, flips=flips),

@@ -84,6 +84,12 @@ def test_one_member_takes_the_sidecars_flips_an_ensemble_its_ensemble_flips():
     assert settings.resolve_settings({}, metadata("paired"), "paired")["flips"] == ""
     with pytest.raises(ValueError, match="flips must name distinct axes"):
         settings.check_settings(settings.resolve_settings(dict(flips="xq"), meta, "paired"), 10)
+    # --flips none is a given value (no flips), not "not given"
+    parser = argparse.ArgumentParser()
+    arguments.add_patching_arguments(parser)
+    given = arguments.given_settings(parser.parse_args(["--flips", "none"]))
+    assert given["flips"] == "" and settings.resolve_settings(given, meta, "paired")["flips"] == ""
+    assert arguments.given_settings(parser.parse_args(["--flips", "xy"]))["flips"] == "xy"
 
 
 def test_tuning_rows_apply_per_input_in_bcdpm_modes_only(low):

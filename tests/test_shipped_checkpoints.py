@@ -17,7 +17,7 @@ from tests.mpi_helpers import REPO
 
 CHECKPOINTS = REPO / "checkpoint"
 SHIPPED = ("demo_paired.pt", "demo_prior.pt", "demo_unet.pt", "bcdpm_prior2d.pt")
-TRAINING_SETS = {"demo_paired.pt": ([(300, 40)], 120), "demo_prior.pt": ([(500, 64), (300, 40)], 184),
+TRAINING_SETS = {"demo_paired.pt": ([(302, 40), (300, 40)], 240), "demo_prior.pt": ([(500, 64), (300, 40)], 184),
                  "demo_unet.pt": ([(300, 80)], 240)}
 """(seed, subjects) of each checkpoint's make_dataset.py training sets, and their pair count."""
 

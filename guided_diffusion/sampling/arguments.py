@@ -14,6 +14,11 @@ from .settings import ACQUISITION_DEFAULTS, BC_STEPS_BY_NOISE, DEFAULTS
 D = DEFAULTS
 
 
+def flips_argument(value):
+    """``--flips`` values: axes among ``zxy``, or ``none`` (one evaluation), which is ``""``."""
+    return "" if value.strip().lower() == "none" else value
+
+
 def add_patching_arguments(parser):
     """``--patch_z --patch_overlap --max_patch_voxels --batch_size --stitch``."""
     group = parser.add_argument_group("patching")
@@ -31,8 +36,8 @@ def add_patching_arguments(parser):
                             "estimate with x_t; larger s, wider ensembles (default: for --num_ensemble >= 2 "
                             "the checkpoint's ensemble_spread fit to the input's noise level, else the "
                             "trained value)")
-    group.add_argument("--flips", default=None,
-                       help="test-time augmentation: axes among 'zxy' (e.g. 'xy'); every network evaluation "
+    group.add_argument("--flips", type=flips_argument, default=None,
+                       help="test-time augmentation: axes among 'zxy' (e.g. 'xy'), or 'none'; every network evaluation "
                             "averages the mirrored inputs' outputs, 2^len(FLIPS) times the cost (default: "
                             "the checkpoint's recommendation, else none)")
     group.add_argument("--stitch", choices=("seamfree", "independent"), default=None,
