@@ -176,6 +176,7 @@ def main(argv=None):
         logger.warn(warning)
     logger.log(f"{world} rank(s), device {device}, precision {precision}, mode {mode}, "
                f"{diffusion.num_timesteps} steps ({'DDIM' if run['use_ddim'] else 'ancestral'}), "
+               f"flips {run['flips'] or 'none'} ({run.sources['flips']}), "
                f"{members} member(s){'' if args.num_ensemble else ' (the checkpoint default)'}, "
                f"checkpoint {args.model_path}")
     batch = BatchRun(model, diffusion, metadata, mode, args.model_path, args.save_dir, given, defaults,

@@ -207,6 +207,7 @@ def test_bcdpm_settings_come_from_the_priors_tuning_table(workdir, make_tiny_che
     assert result["members"][0]["hot_voxels"]["mode"] == "clip"
     # the table was tuned on 2-member means: two members by default, with an uncertainty map
     assert len(result["members"]) == 2 and "2 member(s) (the checkpoint default)" in proc.stdout
+    assert "flips none (default)" in proc.stdout
     assert (out / "subject_uncertainty.npz").exists()
     # the same values given explicitly give the same volume
     out_given = workdir / "out_bc_given"
