@@ -517,6 +517,14 @@ def test_sampler_rows_average_per_respacing_cheapest_within_tolerance_first():
     assert [r["respacing"] for r in tuning.sampler_rows(scores + cheap, tolerance_db=0.01)] == ["10", "ddim5", "ddim10"]
 
 
+def test_report_paths_are_repository_relative_inside_it_and_unchanged_outside(tmp_path):
+    from guided_diffusion.checkpoint_hub import REPO
+
+    inside = os.path.join(REPO, "data", "test", "s0000", "a.npz")
+    assert quality.report_path(inside) == os.path.join("data", "test", "s0000", "a.npz")
+    assert quality.report_path(str(tmp_path / "a.npz")) == str(tmp_path / "a.npz")
+
+
 def test_sampler_rows_group_by_label_and_keep_respacing_and_flips():
     score = dict(respacing="log2@999", psnr_mean=31.0, std_over_rmse=0.1, rank_correlation=0.1)
     scores = [dict(score, sampler="plain", flips="", psnr_one=31.0, evaluations=1),

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint_hub import REPO
 from ..pet import volumes
 from ..pet.filters import FWHM_PER_SIGMA, fwhm_to_sigma
 from ..sampling.settings import TUNED_KEYS, uses_bcdpm
@@ -159,14 +160,22 @@ def json_key(key):
     return baselines.drf_key(key) if isinstance(key, float) else str(key)
 
 
+def report_path(path):
+    """``path`` relative to the repository when inside it (a committed report then names no path of
+    this machine), else as given."""
+    absolute = os.path.abspath(path)
+    return os.path.relpath(absolute, REPO) if os.path.commonpath([absolute, REPO]) == REPO else path
+
+
 def write_csv(path, rows):
+    """The per-volume rows as CSV, ``file`` by :func:`report_path`."""
     columns = ["subject", "tracer", "drf", "method", *ROW_METRICS, "n_lesions", "seconds",
                "network_evaluations", *BC_COLUMNS, "file"]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row[k] for k in columns})
+            writer.writerow(dict({k: row[k] for k in columns}, file=report_path(row["file"])))
 
 
 def _cell(stat, digits):
