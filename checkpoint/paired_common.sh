@@ -3,10 +3,8 @@
 # 80 training and 6 validation subjects: every anatomy class and tracer, randomised scans,
 # MLEM-100 without PSF and 1.65 mm voxels held out (about 20 + 3 min on 2 ranks).
 source checkpoint/paired_randomised.sh
-[ -e "$data/gd_train/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_train" \
-  --subjects 80 --seed 300 "${randomised[@]}" --split 1 0 0
-[ -e "$data/gd_val/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_val" \
-  --subjects 6 --seed 301 "${randomised[@]}" --split 0 1 0
+make_randomised "$data/gd_train" 80 300 --split 1 0 0
+make_randomised "$data/gd_val" 6 301 --split 0 1 0
 
 # 16 channels and 16x48x48 patches: 2.5 s per step on one AVX2 core in fp32 (BENCHMARKS.md).
 common=(--cond paired --data_dir "$data/gd_train" --voxel_mm 3.3 --patch_size 16 48 48

@@ -17,22 +17,14 @@ init="${INIT:-$runs/paired_skip/ema_0.999_009000.pt}"
 source checkpoint/paired_randomised.sh
 steps="${NOISY_STEPS:-10000}"
 # 40 noisier subjects: 10 min on one rank; the union through a folder of links
-[ -e "$data/gd_noisy40/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_noisy40" \
-  --subjects 40 --seed 302 "${randomised[@]}" --drf_range 20 200 --split 1 0 0
-[ -e "$data/gd_train40/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_train40" \
-  --subjects 40 --seed 300 "${randomised[@]}" --split 1 0 0
-[ -e "$data/gd_val4/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_val4" \
-  --subjects 4 --seed 301 "${randomised[@]}" --split 0 1 0
+make_randomised "$data/gd_noisy40" 40 302 --drf_range 20 200 --split 1 0 0
+make_randomised "$data/gd_train40" 40 300 --split 1 0 0
+make_randomised "$data/gd_val4" 4 301 --split 0 1 0
 mkdir -p "$data/gd_mix"
 ln -sfn ../gd_train40 "$data/gd_mix/gd_train40"
 ln -sfn ../gd_noisy40 "$data/gd_mix/gd_noisy40"
-noisy=(--cond paired --data_dir "$data/gd_mix" --val_dir "$data/gd_val4" --voxel_mm 3.3 --patch_size 16 48 48
-       --batch_size 2 --num_channels 16 --channel_mult 1,2,4 --num_res_blocks 1 --attention_resolutions ""
-       --use_scale_shift_norm True --resblock_updown True --learn_sigma False --normalisation sqrt
-       --diffusion_steps 1000 --noise_schedule linear --predict_xstart True --predict_residual True
-       --x0_skip_sigma 0.025 --schedule_sampler low:150:0.5 --lr 5e-5 --lr_anneal_steps "$steps"
-       --grad_clip 1.0 --ema_rate 0.999 --precision bf16 --threads 1 --log_interval 50
-       --save_interval 500 --val_interval 1000 --val_patches 4 --seed 3)
+noisy=("${sampler_flags[@]}" --data_dir "$data/gd_mix" --val_dir "$data/gd_val4" --lr 5e-5
+       --lr_anneal_steps "$steps" --save_interval 500 --seed 3)
 python scripts/train.py "${noisy[@]}" --init_from "$init" --log_dir "$runs/paired_noisy" > "$runs/paired_noisy.log" 2>&1
 # WiSE-FT: the stage-3 and stage-4 weights interpolated, (1 - alpha) stage 3 + alpha stage 4, alpha in
 # 0 / 0.25 / 0.5 / 0.75 / 1, each scored on 12 validation volumes (one-step estimate, no flips, 25 s

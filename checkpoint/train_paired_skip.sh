@@ -22,17 +22,10 @@ source checkpoint/paired_randomised.sh
 steps="${SKIP_STEPS:-9000}"
 # the first 40 training subjects of the seed-300 set (subject i depends only on (seed, i)) and 4
 # validation subjects: 10 + 1 min on 2 ranks
-[ -e "$data/gd_train40/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_train40" \
-  --subjects 40 --seed 300 "${randomised[@]}" --split 1 0 0
-[ -e "$data/gd_val4/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_val4" \
-  --subjects 4 --seed 301 "${randomised[@]}" --split 0 1 0
-skip=(--cond paired --data_dir "$data/gd_train40" --val_dir "$data/gd_val4" --voxel_mm 3.3 --patch_size 16 48 48
-      --batch_size 2 --num_channels 16 --channel_mult 1,2,4 --num_res_blocks 1 --attention_resolutions ""
-      --use_scale_shift_norm True --resblock_updown True --learn_sigma False --normalisation sqrt
-      --diffusion_steps 1000 --noise_schedule linear --predict_xstart True --predict_residual True
-      --x0_skip_sigma 0.025 --schedule_sampler low:150:0.5 --lr 1e-4 --lr_anneal_steps "$steps"
-      --grad_clip 1.0 --ema_rate 0.999 --precision bf16 --threads 1 --log_interval 50
-      --save_interval 250 --val_interval 1000 --val_patches 4 --seed 2)
+make_randomised "$data/gd_train40" 40 300 --split 1 0 0
+make_randomised "$data/gd_val4" 4 301 --split 0 1 0
+skip=("${sampler_flags[@]}" --data_dir "$data/gd_train40" --val_dir "$data/gd_val4" --lr 1e-4
+      --lr_anneal_steps "$steps" --save_interval 250 --seed 2)
 python scripts/train.py "${skip[@]}" --init_from "$init" --log_dir "$runs/paired_skip" > "$runs/paired_skip.log" 2>&1
 # one member: the posterior-mean estimate in one evaluation at t = 999; ensembles: posterior
 # samples, ancestral with the posterior variance on 10 log-spaced steps (checkpoint/README.md)

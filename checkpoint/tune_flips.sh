@@ -8,8 +8,7 @@ tune_flips() {
   local checkpoint="$1" respacing="$2" name
   name="$(basename "$checkpoint" .pt)"
   source checkpoint/paired_randomised.sh
-  [ -e "$data/gd_val4/manifest.json" ] || mpiexec -n 2 python scripts/make_dataset.py --out "$data/gd_val4" \
-    --subjects 4 --seed 301 "${randomised[@]}" --split 0 1 0
+  make_randomised "$data/gd_val4" 4 301 --split 0 1 0
   python scripts/tune_sampler.py --val "$data/gd_val4" --paired "$checkpoint" --respacings "$respacing" \
     --flip_options none x xy zxy --members 2 --z_range 16 48 --threads 2 --precision bf16 --seed 0 \
     --out "$runs/flips_$name.json"
