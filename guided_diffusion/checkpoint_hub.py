@@ -398,6 +398,14 @@ def write_sha256sums(directory):
 SAMPLING_ONLY_FLAGS = ("sigma_small",)
 
 
+def save_state_dict(path, state):
+    """Write a plain ``state_dict`` atomically. Saved through a buffer, so the archive's inner
+    name is fixed (not the temporary file's): the same weights always give the same bytes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def package(source, name, dest, sampling=None, validation=None, training_data=None, flags=None,
             clip_suv=None):
     """Copy ``source`` (a state_dict .pt with a training sidecar) to ``dest/NAME.pt`` + JSON.
@@ -423,11 +431,7 @@ def package(source, name, dest, sampling=None, validation=None, training_data=No
     state = torch.load(source, map_location="cpu", weights_only=True)
     state = {k: v.float().contiguous() for k, v in state.items()}
     target = os.path.join(dest, name + ".pt")
-    # saved through a buffer: the archive's inner name is then fixed, not the temporary file's,
-    # so the same weights always give the same bytes and sha256
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(target, buffer.getvalue())
+    save_state_dict(target, state)
     card = portable_paths(dict(metadata))  # e.g. the data_dir of an older training sidecar
     card.update(
         name=name,

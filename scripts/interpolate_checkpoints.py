@@ -10,13 +10,10 @@ END's, with an ``interpolated`` record), ready for ``scripts/package_checkpoint.
 """
 
 import argparse
-import io
 import json
 import os
 
-import torch
-
-from guided_diffusion.checkpoint_hub import interpolate_checkpoints, portable_paths
+from guided_diffusion.checkpoint_hub import interpolate_checkpoints, portable_paths, save_state_dict
 from guided_diffusion.checkpoints import sidecar_path
 from guided_diffusion.pet.volumes import atomic_write_bytes
 from guided_diffusion.script_util import exit_on_user_error
@@ -31,9 +28,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     state, sidecar = interpolate_checkpoints(args.start, args.end, args.alpha)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(args.out, buffer.getvalue())
+    save_state_dict(args.out, state)
     atomic_write_bytes(sidecar_path(args.out), json.dumps(portable_paths(sidecar), indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out} ({1 - args.alpha:g} x {args.start} + {args.alpha:g} x {args.end})")
     return 0
