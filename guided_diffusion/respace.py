@@ -115,6 +115,7 @@ class SpacedDiffusion(GaussianDiffusion):
                 f"use_timesteps must be a non-empty subset of 0..{self.original_num_steps - 1}"
             )
 
+        self.base_kwargs = dict(kwargs)
         base_diffusion = GaussianDiffusion(**kwargs)
         last_alpha_cumprod = 1.0
         new_betas = []
@@ -125,6 +126,13 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
+
+    def respaced(self, section_counts):
+        """The same base process kept at ``section_counts`` steps (:func:`space_timesteps`), with
+        this one's x_0 clip range and blend width."""
+        other = SpacedDiffusion(space_timesteps(self.original_num_steps, section_counts), **self.base_kwargs)
+        other.x0_clip_range = self.x0_clip_range
+        return other.with_x0_skip_sigma(self.x0_skip_sigma)
 
     def p_mean_variance(self, model, *args, **kwargs):  # pylint: disable=signature-differs
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)

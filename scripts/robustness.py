@@ -15,7 +15,8 @@ Each checkpoint runs in its default mode (paired, or BC-DPM for a prior) with it
 settings. Writes ``--json OUT``, ``OUT``'s stem + ``.md`` (the table) and ``.png`` (the PSNR gain
 over the tuned Gaussian per cell and method), rewritten after every cell (``complete`` marks
 the end). ``--members K``: K-member ensembles of the sampling models (mean, one sample and the
-std's calibration). ``--quick``: 3 cells, a smaller field of view,
+std's calibration). ``--oracle_draws K``: the oracle and the PSNR bound per cell (the most
+any denoiser can reach; the full dose is itself noisy). ``--quick``: 3 cells, a smaller field of view,
 no BM3D, one test subject.
 """
 
@@ -42,6 +43,9 @@ def create_argparser():
     parser.add_argument("--members", type=int, default=None,
                         help="ensemble members per sampling model (default: each checkpoint's, as scripts/test.py): "
                              "for >= 2 scores the mean and one sample, and the std's calibration against the error")
+    parser.add_argument("--oracle_draws", type=int, default=0,
+                        help="K > 0: score the oracle (the full dose's posterior mean given the low-dose counts and "
+                             "the true activity, K Monte Carlo draws) and the PSNR bound no denoiser can beat")
     parser.add_argument("--steps", default=None, help="timestep_respacing of every model (default: each sidecar's)")
     arguments.add_patching_arguments(parser)
     parser.add_argument("--cells", type=int, nargs="+", default=None, help="run only these cell indices")
@@ -71,7 +75,7 @@ def main(argv=None):
                                       given=given)
     options = dict(n_val=args.val_subjects, n_test=args.test_subjects or (1 if args.quick else 2), seed=args.seed,
                    fov_scale=0.6 if args.quick else 1.0, bm3d=not (args.quick or args.no_bm3d),
-                   members=args.members, log=lambda text: print(text, file=sys.stderr, flush=True))
+                   members=args.members, oracle_draws=args.oracle_draws, log=lambda text: print(text, file=sys.stderr, flush=True))
     results = []
     for cell in cells:  # the report is rewritten after every cell: an interrupted run keeps its rows
         results.append(robustness.run_cell(cell, methods, **options))

@@ -208,3 +208,35 @@ def test_torch_threads_is_restored():
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
     assert math.isclose(acquisition.plane_spacing_mm(scan_of(mode="ssrb")), 3.375)
+
+
+def test_the_oracle_shares_the_low_dose_counts_and_leaves_the_scan_unchanged():
+    """At DRF 1 the low dose holds every count: the oracle is the full dose. Asking for it
+    changes neither the full nor the low dose (same seeds)."""
+    phantom, _ = cylinder(4.0)
+    scan = scan_of(voxel_mm=4.0, post_filter_mm=5.0)
+    plain = simulate_scan(phantom, scan, [1.0, 8.0], 3, 4e5)
+    out = simulate_scan(phantom, scan, [1.0, 8.0], 3, 4e5, oracle_draws=2)
+    np.testing.assert_array_equal(out["full"], plain["full"])
+    np.testing.assert_array_equal(out["low"], plain["low"])
+    assert out["low"].shape == plain["low"].shape and out["prompts"] == plain["prompts"]
+    np.testing.assert_allclose(out["oracle"], out["full"], rtol=1e-5, atol=1e-6)
+    assert "oracle" not in plain
+    with pytest.raises(ValueError, match="oracle_draws"):
+        simulate_scan(phantom, scan, [8.0], 3, 4e5, oracle_draws=-1)
+
+
+def test_the_oracles_error_falls_as_one_plus_one_over_the_draws():
+    """The full dose and the oracle's draws are independent given the low dose, so the oracle's
+    expected squared error is (1 + 1 / K) times the least one: K = 1 against K = 8 gives
+    2 / 1.125. The oracle is far closer to the full dose than the low dose is."""
+    phantom, radius = cylinder(4.0, depth_mm=48.0)
+    scan = scan_of(voxel_mm=4.0)
+    body = radius < RADIUS_MM
+    errors = {}
+    for draws in (1, 8):
+        out = simulate_scan(phantom, scan, [4.0], 3, 2e5, oracle_draws=draws)
+        errors[draws] = float(np.mean((out["oracle"] - out["full"])[body] ** 2))
+    low_error = float(np.mean((out["low"][0] - out["full"])[body] ** 2))
+    assert errors[1] / errors[8] == pytest.approx(2 / 1.125, rel=0.1)
+    assert errors[8] < 0.5 * low_error

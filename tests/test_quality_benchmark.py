@@ -598,6 +598,30 @@ def test_tune_spread_end_to_end_and_the_width_reaches_the_sampler(dataset, tmp_p
     assert method.diffusion.x0_skip_sigma == 0.025
 
 
+def test_a_posterior_samplers_ensemble_image_is_its_one_member_estimate(dataset, tmp_path, make_tiny_checkpoint):
+    """With an ensemble_respacing the members sample (ddim3, the fitted width) and the image is
+    exactly what a one-member run gives (ddim2, the trained width); the std is the members'."""
+    paired = make_tiny_checkpoint(tmp_path / "posterior.pt", "paired", respacing="ddim2", voxel_mm=VOXEL_MM,
+                                  flags=dict(predict_xstart=True, x0_skip_sigma=0.025, learn_sigma=False),
+                                  sampling=dict(ensemble_respacing="ddim3", patch_overlap=2))
+    case = cases.load_case(cases.select_files(dataset, "val", [DRFS[0]], 0)[0], Z_RANGE)
+    seeds = [11, 12]
+    method = DiffusionMethod(str(paired), "paired", dict(members=2, x0_skip_sigma=0.07), device=torch.device("cpu"),
+                             precision="fp32")
+    image, info = method.denoise(case, seeds)
+    one, one_info = DiffusionMethod(str(paired), "paired", {}, device=torch.device("cpu"),
+                                    precision="fp32").denoise(case, seeds[:1])
+    np.testing.assert_array_equal(image, one)
+    assert info["image"] == "one-member estimate" and info["estimate"]["seed"] == seeds[0]
+    members = [info["first"], 2 * info["members_mean"] - info["first"]]
+    np.testing.assert_allclose(info["std"], np.std(members, axis=0), atol=1e-5)
+    assert not np.allclose(info["members_mean"], image, atol=1e-4)
+    # per patch: 2 members x 3 steps, and the estimate's 2 steps
+    assert info["network_evaluations"] == one_info["network_evaluations"] * (2 * 3 + 2) / 2
+    denoiser, resolved = method.denoiser(case["low"], case["path"])
+    assert denoiser.diffusion.x0_skip_sigma == 0.07 and denoiser.estimate.diffusion.x0_skip_sigma == 0.025
+
+
 def test_count_flops_of_a_convolution_matches_the_hand_count():
     conv = torch.nn.Conv3d(2, 4, 3, padding=1, bias=False)
     x = torch.zeros(1, 2, 4, 5, 6)

@@ -121,6 +121,16 @@ def test_spaced_diffusion_keeps_alphas_cumprod_at_kept_steps(spacing):
     assert diffusion.original_num_steps == 1000
 
 
+def test_respaced_is_the_same_process_at_other_steps_with_its_clip_range():
+    diffusion = spaced("ddim25")
+    diffusion.x0_clip_range = (-1.0, 3.0)
+    other = diffusion.respaced("10")
+    fresh = spaced("10")
+    assert other.timestep_map == fresh.timestep_map and other.x0_clip_range == (-1.0, 3.0)
+    np.testing.assert_array_equal(other.betas, fresh.betas)
+    assert diffusion.timestep_map == sorted(space_timesteps(1000, "ddim25"))  # unchanged
+
+
 @pytest.mark.parametrize("rescale", [False, True])
 def test_wrapped_model_receives_original_timesteps(rescale):
     diffusion = spaced("ddim4", rescale_timesteps=rescale)

@@ -102,3 +102,15 @@ def test_bcdpm_tuning_on_the_matrix_validation_subjects(tmp_path, make_tiny_chec
     assert scores[0]["members"] == table[0]["members"] == 2
     one = method.denoise(case, case_seeds(0, case, "bcdpm", 1), **grid[-1])[0]
     assert not np.allclose(one, mean)  # BC-DPM's members differ
+
+
+def test_the_oracle_and_the_psnr_bound_of_a_cell():
+    assert robustness.psnr_bound(30.0, 1) == pytest.approx(30.0 + 10 * np.log10(2.0))
+    result = robustness.run_cell(robustness.Cell(anatomy="dead_leaves"), {}, n_val=1, n_test=1, fov_scale=0.25,
+                                 bm3d=False, oracle_draws=4, log=lambda _: None)
+    psnr = {name: summary["psnr"]["mean"] for name, summary in result["methods"].items()}
+    assert set(psnr) == {"low_dose", "gaussian", "oracle"}
+    assert psnr["oracle"] > psnr["gaussian"] >= psnr["low_dose"]
+    assert result["psnr_bound"] == pytest.approx(psnr["oracle"] + 10 * np.log10(1.25))
+    table = robustness.markdown([result])
+    assert "PSNR bound" in table and f"{result['psnr_bound']:.2f}" in table

@@ -61,10 +61,15 @@ def test_an_ensemble_takes_the_sidecars_ensemble_respacing():
         many = settings.resolve_settings(dict(members=members), meta, "paired")
         assert many["timestep_respacing"] == "ddim10" and many.sources["timestep_respacing"] == settings.ENSEMBLE_SOURCE
         assert many["use_ddim"] is True
-        assert any("members' mean is noisier" in w for w in settings.range_warnings(many, meta, "m.pt"))
-    assert not any("members' mean" in w for w in settings.range_warnings(one, meta, "m.pt"))
+        # its image is the one-member estimate, which keeps the trained blend width
+        assert many.estimate["timestep_respacing"] == "log2@999" and many.estimate.estimate is None
+        wide = settings.resolve_settings(dict(members=members, x0_skip_sigma=0.05, patch_overlap=2), meta, "paired")
+        assert wide["x0_skip_sigma"] == 0.05 and wide.estimate["x0_skip_sigma"] is None
+        assert wide.estimate["patch_overlap"] == 2  # the other given settings hold for both
+    assert one.estimate is None
     given = settings.resolve_settings(dict(members=4, timestep_respacing="log10"), meta, "paired")
     assert given["timestep_respacing"] == "log10" and given.sources["timestep_respacing"] == "given"
+    assert given.estimate is None  # a given sampler: the image is the members' mean
     # without an ensemble recommendation an ensemble samples like one member
     plain = metadata("paired", timestep_respacing="ddim5")
     assert settings.resolve_settings(dict(members=4), plain, "paired")["timestep_respacing"] == "ddim5"

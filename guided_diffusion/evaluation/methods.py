@@ -12,6 +12,8 @@ values, else the input file's make_dataset.py subject manifest.
 
 import sys
 
+import numpy as np
+
 from ..checkpoints import load_model_and_diffusion, read_metadata
 from ..sampling import settings
 from ..sampling.denoiser import member_network_evaluations, member_seed
@@ -105,14 +107,17 @@ class DiffusionMethod:
 
     def denoise(self, case, seeds, **overrides):
         """Denoise a case (``low``, ``affine``, ``path`` or ``acquisition``; see :mod:`.cases`) with one member per
-        seed: ``(mean SUV volume (X, Y, Z), info)``; ``info`` has ``network_evaluations`` (all
-        members), ``resolved`` (:class:`~guided_diffusion.sampling.settings.Resolved`), the
-        denoiser's ``members`` (their infos), ``std`` (voxel-wise, ``None`` for one seed) and
-        ``first`` (the first member's volume)."""
+        seed: ``(SUV image (X, Y, Z), info)``; ``info`` has ``network_evaluations`` (all
+        members and the one-member estimate), ``resolved``
+        (:class:`~guided_diffusion.sampling.settings.Resolved`), the denoiser's ``members``
+        (their infos), ``image`` (the members' mean or the one-member estimate), ``std``
+        (voxel-wise, ``None`` for one seed), ``first`` (the first member's volume) and
+        ``members_mean`` (``None`` for one seed)."""
         denoiser, resolved = self.denoiser(case["low"], case["path"], case.get("acquisition"), **overrides)
-        mean, std, volumes, info = denoiser.denoise(case["low"], case["affine"], seeds)
-        evaluations = sum(member_network_evaluations(m) for m in info["members"])
-        return mean, dict(info, network_evaluations=evaluations, resolved=resolved, std=std, first=volumes[0])
+        image, std, volumes, info = denoiser.denoise(case["low"], case["affine"], seeds)
+        evaluations = sum(member_network_evaluations(m) for m in info["members"] + [info.get("estimate")] if m)
+        return image, dict(info, network_evaluations=evaluations, resolved=resolved, std=std, first=volumes[0],
+                           members_mean=np.mean(volumes, axis=0) if len(volumes) > 1 else None)
 
     def ensemble_size(self, requested=None):
         """``requested`` members, else the checkpoint's ensemble size in this mode

@@ -103,10 +103,12 @@ def subject_seed(role, index):
                .generate_state(1)[0])
 
 
-def simulate_case(cell, seed, fov_scale=1.0):
+def simulate_case(cell, seed, fov_scale=1.0, oracle_draws=0):
     """One subject of ``cell``: low and full dose on the native grid, labels, mask, acquisition.
 
     :param fov_scale: shrink the field of view (``--quick``).
+    :param oracle_draws: > 0 adds ``oracle``, the posterior mean of the full dose given the
+        low-dose data and the true activity (:func:`~guided_diffusion.pet.acquisition.simulate_scan`).
     :return: a case dict (``low``, ``full``, ``organs``, ``lesions``, ``mask``, ``affine``,
         ``voxel_mm``, ``drf``, ``name``, ``path`` None, ``acquisition``: the simulated scan for
         BC-DPM's noise insertion).
@@ -116,9 +118,10 @@ def simulate_case(cell, seed, fov_scale=1.0):
                                     fov_mm=(x * fov_scale, y * fov_scale, z), anatomy=cell.anatomy,
                                     detail=True, arms=False)
     phantom = bottom_slab(phantom, SLAB_MM * fov_scale)
-    scan = simulate_scan(phantom, cell.scan, [cell.drf], seed, COUNTS_PER_MM)
+    scan = simulate_scan(phantom, cell.scan, [cell.drf], seed, COUNTS_PER_MM, oracle_draws=oracle_draws)
     full, low = scan["full"], scan["low"][0]
-    return dict(
+    oracle = dict(oracle=scan["oracle"]) if oracle_draws else {}
+    return dict(**oracle,
         low=low, full=full, organs=phantom.organ_labels, lesions=phantom.lesion_labels,
         mask=body_mask(full, MASK_SUV), affine=phantom.affine, voxel_mm=np.asarray(phantom.voxel_mm),
         drf=cell.drf, name=f"s{seed}", path=None,
@@ -178,20 +181,26 @@ def score(case, image):
                 lesion_suvmax_bias_pct=result["summary"]["lesion_suvmax_bias_pct"])
 
 
-def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=True, members=None, log=print):
+def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=True, members=None, oracle_draws=0,
+             log=print):
     """Every method on one cell: ``{method: {metric: {"mean", "sd", "n"}}}`` plus the tuned
     baseline parameters and the seconds it took. ``members`` > 1 (``None``: each method's
     :meth:`~.methods.DiffusionMethod.ensemble_size`): each sampling method's ``members``-member
-    mean is scored as the method, its first member as ``"METHOD (1 sample)"``,
+    image (:meth:`~.methods.DiffusionMethod.denoise`: the members' mean, or a posterior sampler's
+    one-member estimate, then its members' mean is ``"METHOD (members' mean)"``) is scored as the
+    method, its first member as ``"METHOD (1 sample)"``,
     and ``calibration[METHOD]`` holds the ensemble's std / RMSE and rank correlation with
-    |error| (:func:`~.metrics.uncertainty_calibration`, inside the body)."""
+    |error| (:func:`~.metrics.uncertainty_calibration`, inside the body). ``oracle_draws`` > 0
+    scores the oracle (:func:`simulate_case`) as method ``"oracle"`` and adds ``psnr_bound``:
+    the PSNR no denoiser can beat in expectation, the oracle's with its Monte Carlo error taken
+    out (:func:`psnr_bound`)."""
     begin = time.perf_counter()
     val = [simulate_case(cell, subject_seed("val", k), fov_scale) for k in range(n_val)]
     tuned = tune_baselines(val, bm3d)
     del val
     rows, calibration = {}, {}
     for k in range(n_test):
-        case = simulate_case(cell, subject_seed("test", k), fov_scale)
+        case = simulate_case(cell, subject_seed("test", k), fov_scale, oracle_draws)
         images = dict(low_dose=case["low"],
                       gaussian=baselines.gaussian(case["low"], voxel_mm=case["voxel_mm"], **tuned["gaussian"]))
         if bm3d:
@@ -201,8 +210,12 @@ def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=Tr
             images[name], info = method.denoise(case, case_seeds(seed, case, name, ensemble))
             if ensemble > 1:
                 images[f"{name} (1 sample)"] = info["first"]
+                if info["image"] != "members' mean":
+                    images[f"{name} (members' mean)"] = info["members_mean"]
                 calibration.setdefault(name, []).append(metrics.uncertainty_calibration(
                     case["full"], images[name], info["std"], case["mask"]))
+        if oracle_draws:
+            images["oracle"] = case["oracle"]
         for name, image in images.items():
             rows.setdefault(name, []).append(score(case, image))
     summary = {name: {key: describe([r[key] for r in scored]) for key in scored[0]}
@@ -212,7 +225,15 @@ def run_cell(cell, methods, *, n_val=1, n_test=2, seed=0, fov_scale=1.0, bm3d=Tr
     seconds = time.perf_counter() - begin
     log(f"{cell.label()}: " + ", ".join(f"{m} {s['psnr']['mean']:.2f}" for m, s in summary.items())
         + f" dB PSNR ({seconds:.0f} s)")
-    return dict(cell=cell_record(cell), methods=summary, calibration=calibration, tuned=tuned, seconds=seconds)
+    bound = dict(psnr_bound=psnr_bound(summary["oracle"]["psnr"]["mean"], oracle_draws)) if oracle_draws else {}
+    return dict(cell=cell_record(cell), methods=summary, calibration=calibration, tuned=tuned, seconds=seconds,
+                **bound)
+
+
+def psnr_bound(oracle_psnr, draws):
+    """The best PSNR (dB) a denoiser can reach in expectation, from the oracle's with ``draws``
+    Monte Carlo draws: the oracle's squared error is ``(1 + 1 / draws)`` times the least one."""
+    return float(oracle_psnr + 10.0 * math.log10(1.0 + 1.0 / draws))
 
 
 def cell_record(cell):
@@ -270,6 +291,13 @@ def markdown(results):
         cells = [f"{r['methods'][m]['psnr']['mean']:.2f} ({r['methods'][m]['ssim']['mean']:.3f})" for m in names]
         held = " **held out**" if r["cell"]["held_out"] else ""
         lines.append(f"| {r['cell']['label']}{held} | {r['cell']['factor']} | " + " | ".join(cells) + " |")
+    if "psnr_bound" in results[0]:
+        lines += ["", "The PSNR bound: the oracle's with its Monte Carlo error taken out (no denoiser beats it "
+                  "in expectation), and how far each method is below it (dB)", "",
+                  "| cell | bound | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+        for r in results:
+            cells = [f"{r['methods'][m]['psnr']['mean'] - r['psnr_bound']:+.2f}" for m in names]
+            lines.append(f"| {r['cell']['label']} | {r['psnr_bound']:.2f} | " + " | ".join(cells) + " |")
     calibrated = list(results[0].get("calibration") or {})
     if calibrated:
         lines += ["", "Ensembles: mean std / RMSE of the mean (rank correlation of std with |error|)", "",

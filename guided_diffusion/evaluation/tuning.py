@@ -19,7 +19,8 @@ PSNR of one member and of a K-member mean (test-time flips included), and the en
 the mean, rank correlation of std with |error|), per validation volume (:func:`sampler_rows`).
 
 :func:`tune_spread`: the blend width ``x0_skip_sigma`` that calibrates a paired posterior
-sampler's ensembles (std / RMSE of the mean = 1), fitted as a power of the input's noise index
+sampler's ensembles (std / RMSE of the ensemble's image = 1; the image is the one-member
+estimate when the checkpoint recommends one, :class:`~guided_diffusion.sampling.settings.Resolved`), fitted as a power of the input's noise index
 (:func:`fit_ensemble_spread`; the sidecar's ``sampling.ensemble_spread``).
 
 :func:`tune_fusion`: the noise-adaptive fusion's ``kappa`` (and window) for a paired
@@ -238,8 +239,9 @@ def tune_spread(method, val, sigmas, members, *, drfs=None, max_subjects=0, z_ra
 
     :param method: the paired posterior sampler as a :class:`~.methods.DiffusionMethod` whose
         given settings include ``members``.
-    :return: ``(scores, spread)``: one score per volume and width (PSNR of one member and of the
-        mean, std / RMSE, rank correlation, noise index), and :func:`fit_ensemble_spread`.
+    :return: ``(scores, spread)``: one score per volume and width (PSNR of one member, of the
+        members' mean and of the ensemble's image; std / RMSE of the image, rank correlation with
+        its |error|; noise index), and :func:`fit_ensemble_spread`.
     """
     if members < 2:
         raise ValueError("tune_spread needs members >= 2 (the ensemble's std)")
@@ -247,9 +249,10 @@ def tune_spread(method, val, sigmas, members, *, drfs=None, max_subjects=0, z_ra
     for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
         index = fusion.estimate_noise_index(case["low"], fusion.TABLE_ESTIMATOR)
         for sigma in sigmas:
-            mean, info = method.denoise(case, case_seeds(seed, case, "paired", members), x0_skip_sigma=sigma)
-            calibration = metrics.uncertainty_calibration(case["full"], mean, info["std"], case["mask"])
+            image, info = method.denoise(case, case_seeds(seed, case, "paired", members), x0_skip_sigma=sigma)
+            calibration = metrics.uncertainty_calibration(case["full"], image, info["std"], case["mask"])
             scores.append(dict(volume=case["path"], drf=case["drf"], noise_index=index, x0_skip_sigma=sigma,
                                psnr_one=metrics.psnr(case["full"], info["first"], mask=case["mask"]),
-                               psnr_mean=metrics.psnr(case["full"], mean, mask=case["mask"]), **calibration))
+                               psnr_mean=metrics.psnr(case["full"], info["members_mean"], mask=case["mask"]),
+                               psnr_image=metrics.psnr(case["full"], image, mask=case["mask"]), **calibration))
     return scores, fit_ensemble_spread(scores)

@@ -80,6 +80,7 @@ DEFAULT_RANGES = {
     "voxel_mm": (1.65, 2.0, 2.6, 3.0, 3.3, 4.0),
 }
 MAX_DRAWS = 1000  # rejection sampling against ``exclude``
+ORACLE_TAG = 0x0AC1E  # seeds the oracle's fresh counts apart from the full and low doses
 #: Phantom grids and native voxel sizes agree to this (mm).
 VOXEL_TOLERANCE_MM = 1e-6
 #: Relative voxel-size difference below which no resampling happens (sampling.transforms' rule).
@@ -315,10 +316,12 @@ def _planes_to_slices(image, planes, depth, voxel_mm):
     return image[..., lower] * (1 - weight) + image[..., lower + 1] * weight
 
 
-def _acquire(activity, mu, scan, drfs, total_counts, slab, seed):
+def _acquire(activity, mu, scan, drfs, total_counts, slab, seed, oracle_draws=0):
     """Slab-wise full- and low-dose images ``(1 + len(drfs), X, Y, Z)`` float32 [full, low...]
-    and the prompts of each, before the post-filter. Slab ``k`` holds slices
-    ``k * slab ... (k + 1) * slab - 1`` and is simulated with :func:`halo_slices` more on each side."""
+    and the prompts of each, before the post-filter, then ``oracle_draws`` more full-dose images
+    that share the first low dose's counts (:func:`simulate_scan`'s ``oracle``). Slab ``k``
+    holds slices ``k * slab ... (k + 1) * slab - 1`` and is simulated with :func:`halo_slices`
+    more on each side."""
     depth = activity.shape[2]
     halo = halo_slices(scan)
     slab = min(slab, depth)
@@ -343,13 +346,15 @@ def _acquire(activity, mu, scan, drfs, total_counts, slab, seed):
     if unit_total <= 0:
         raise ValueError("the phantom has no activity in the field of view")
     scale = total_counts / unit_total  # counts per unit of projected SUV at full dose
-    factors = torch.tensor([1.0] + [float(d) for d in drfs], dtype=torch.float64)
+    factors = torch.tensor([1.0] + [float(d) for d in drfs] + [1.0] * oracle_draws, dtype=torch.float64)
     images = np.zeros((len(factors),) + (activity.shape[0], activity.shape[1], n_slabs * slab), np.float32)
     prompts = np.zeros(len(factors))
     for k, data in expected.items():
         full = simulate.poisson(data.ybar * scale, noise_seed(seed, k, 0))
-        counts = torch.stack([full] + [simulate.thin(full, 1.0 / d, noise_seed(seed, k, 1 + i))
-                                       for i, d in enumerate(drfs)])
+        counts = [full] + [simulate.thin(full, 1.0 / d, noise_seed(seed, k, 1 + i)) for i, d in enumerate(drfs)]
+        missing = data.ybar * scale * (1.0 - 1.0 / float(drfs[0])) if oracle_draws else None
+        counts = torch.stack(counts + [counts[1] + simulate.poisson(missing, noise_seed(seed, k, ORACLE_TAG, j))
+                                       for j in range(oracle_draws)])
         prompts += counts[..., core].double().sum(dim=(1, 2, 3)).numpy()
         level = (scale / factors).to(counts.dtype)
         additive = data.additive.unsqueeze(0) * level.reshape(-1, 1, 1, 1)
@@ -383,7 +388,7 @@ def resample_labels(labels, affine, voxel_mm):
 
 
 def simulate_scan(phantom, scan: ScanSettings, drfs, seed, counts_per_mm, model_voxel_mm=None, *,
-                  slab=32) -> dict:
+                  slab=32, oracle_draws=0) -> dict:
     """Full- and low-dose images of one phantom acquired and reconstructed as ``scan`` says.
 
     :param phantom: a :class:`~guided_diffusion.pet.phantoms.Phantom` (``activity`` SUV and
@@ -394,9 +399,16 @@ def simulate_scan(phantom, scan: ScanSettings, drfs, seed, counts_per_mm, model_
     :param model_voxel_mm: resample the images linearly to this voxel size (mm) unless the
         native one is within 1 %; labels then need :func:`resample_labels`.
     :param slab: slices projected together.
+    :param oracle_draws: > 0 adds ``oracle``: the mean of this many full-dose images that keep
+        the first low dose's counts and draw the counts it lacks afresh (Poisson with mean
+        ``(1 - 1 / drf)`` of the full dose's, the true activity's). It estimates the posterior
+        mean of the full dose given the low-dose data and the truth, the least squared error any
+        denoiser can reach: with ``K`` draws its expected squared error is ``(1 + 1 / K)`` times
+        that minimum (the full dose is one more draw from the same distribution).
     :return: dict with ``full`` (X, Y, Z) float32 SUV, ``low`` (len(drfs), X, Y, Z), ``prompts``
         ([full, low...] counts), ``affine`` (of the returned grid), ``native_affine``,
-        ``resampled``, ``voxel_mm`` and ``native_voxel_mm`` (mm), ``expected_full_counts``.
+        ``resampled``, ``voxel_mm`` and ``native_voxel_mm`` (mm), ``expected_full_counts``;
+        ``oracle`` (X, Y, Z) if asked.
     """
     native = np.asarray(phantom.voxel_mm, dtype=float)
     if np.abs(native - scan.voxel_mm).max() > VOXEL_TOLERANCE_MM:
@@ -405,7 +417,12 @@ def simulate_scan(phantom, scan: ScanSettings, drfs, seed, counts_per_mm, model_
     if any(d < 1 for d in drfs):
         raise ValueError(f"DRFs must be >= 1, got {list(drfs)}")
     total_counts = counts_per_mm * phantom.activity.shape[2] * scan.voxel_mm
-    images, prompts = _acquire(phantom.activity, phantom.mu, scan, drfs, total_counts, slab, seed)
+    if oracle_draws < 0 or (oracle_draws and not drfs):
+        raise ValueError(f"oracle_draws must be >= 0 and needs a low dose, got {oracle_draws} with DRFs {list(drfs)}")
+    images, prompts = _acquire(phantom.activity, phantom.mu, scan, drfs, total_counts, slab, seed, oracle_draws)
+    if oracle_draws:  # the draws' mean: the post-filter and resampling are linear
+        images = np.concatenate([images[:1 + len(drfs)], images[1 + len(drfs):].mean(axis=0, keepdims=True)])
+        prompts = prompts[:1 + len(drfs)]
     images = post_filter(images, scan.post_filter_mm, scan.voxel_mm)
     native_affine = np.asarray(phantom.affine, dtype=float)
     affine, voxel = native_affine, scan.voxel_mm
@@ -415,6 +432,9 @@ def simulate_scan(phantom, scan: ScanSettings, drfs, seed, counts_per_mm, model_
         stack = [volumes.resample_image(image, native_affine, model_voxel_mm) for image in images]
         images = np.stack([image for image, _ in stack])
         affine, voxel = stack[0][1], float(model_voxel_mm)
-    return dict(full=images[0], low=images[1:], prompts=[float(p) for p in prompts], affine=affine,
-                native_affine=native_affine, resampled=resampled, voxel_mm=voxel,
-                native_voxel_mm=float(scan.voxel_mm), expected_full_counts=float(total_counts))
+    result = dict(full=images[0], low=images[1:1 + len(drfs)], prompts=[float(p) for p in prompts], affine=affine,
+                  native_affine=native_affine, resampled=resampled, voxel_mm=voxel,
+                  native_voxel_mm=float(scan.voxel_mm), expected_full_counts=float(total_counts))
+    if oracle_draws:
+        result["oracle"] = images[-1]
+    return result

@@ -35,7 +35,7 @@ def add_patching_arguments(parser):
                        help="paired posterior samplers: width s (model units) of the blend of the x0 "
                             "estimate with x_t; larger s, wider ensembles (default: for --num_ensemble >= 2 "
                             "the checkpoint's ensemble_spread fit to the input's noise level, else the "
-                            "trained value)")
+                            "trained value; an ensemble's image, the one-member estimate, keeps the trained value)")
     group.add_argument("--flips", type=flips_argument, default=None,
                        help="test-time augmentation: axes among 'zxy' (e.g. 'xy'), or 'none'; every network evaluation "
                             "averages the mirrored inputs' outputs, 2^len(FLIPS) times the cost (default: "

@@ -107,6 +107,10 @@ class BatchRun:
         seconds = time.perf_counter() - begin
         if std is None:
             logger.log(f"{item['name']}: one ensemble member: no uncertainty map (--num_ensemble >= 2)")
+        elif info["image"] != "members' mean":
+            logger.log(f"{item['name']}: image: the one-member estimate ("
+                       f"{resolved.estimate.describe(['timestep_respacing', 'flips'])}); uncertainty: the std of "
+                       f"{len(members)} posterior samples")
         if self.rank == 0:
             report = dict(info, seconds=seconds, seeds=seeds, cond_mode=self.mode,
                           world_size=self.world_size, input=item["path"], **provenance,

@@ -179,11 +179,14 @@ class VolumeDenoiser:
         scaled pass simulates the same acquisition.
     :param post_steps: the post-processing steps (:mod:`.postprocess`); default: from the
         settings' ``hot_voxels`` and ``fusion_kappa``.
+    :param estimate: optional one-member :class:`VolumeDenoiser` whose output is an ensemble's
+        image (a posterior sampler's posterior-mean estimate); without it the image is the
+        members' mean.
     :param rank, world_size: this process's share of the network evaluations.
     """
 
     def __init__(self, model, diffusion, metadata, settings, *, guidance_factory=None,
-                 post_steps=None, rank=0, world_size=1):
+                 post_steps=None, estimate=None, rank=0, world_size=1):
         if settings.stitch not in STITCH_MODES:
             raise ValueError(f"stitch must be one of {STITCH_MODES}, got {settings.stitch!r}")
         if settings.stitch == "independent" and guidance_factory is not None:
@@ -195,6 +198,7 @@ class VolumeDenoiser:
         self.metadata = metadata
         self.settings = settings
         self.guidance_factory = guidance_factory
+        self.estimate = estimate
         self.rank = rank
         self.world_size = world_size
         self.paired = metadata["cond"] == "paired"
@@ -326,8 +330,11 @@ class VolumeDenoiser:
         :param on_member: optional ``callback(member, suv_volume, info)`` after each member
             (used to save finished members, so an interrupted run can resume).
         :param skip: optional ``{member: suv_volume}`` of members already done (not re-run).
-        :return: ``(mean, std, members, infos)``: SUV volumes ``(X, Y, Z)`` on the input grid;
-            ``std`` is the voxel-wise ensemble standard deviation, ``None`` for one member.
+        :return: ``(image, std, members, infos)``: SUV volumes ``(X, Y, Z)`` on the input grid;
+            ``image`` is the members' mean, or for two or more members with an ``estimate``
+            denoiser its output (seeded by the first seed; ``infos["image"]`` says which and
+            ``infos["estimate"]`` holds its info); ``std`` is the voxel-wise ensemble standard
+            deviation, ``None`` for one member.
         """
         prepared = self.prepare(suv, affine)
         low_dose = np.clip(np.asarray(suv, dtype=np.float32), 0.0, None)
@@ -349,11 +356,15 @@ class VolumeDenoiser:
             members.append(volume)
             infos.append(info)
         stack = np.stack(members)
-        mean = stack.mean(axis=0).astype(np.float32)
+        image = stack.mean(axis=0).astype(np.float32)
         std = stack.std(axis=0).astype(np.float32) if len(members) > 1 else None
-        return mean, std, members, dict(members=infos, negative_fraction=prepared["negative_fraction"],
-                                        resampled=prepared["resampled"],
-                                        model_shape_zxy=list(prepared["y0"].shape[2:]))
+        source = {"image": "members' mean"}
+        if self.estimate is not None and len(members) > 1:
+            image, _, _, estimate = self.estimate.denoise(suv, affine, seeds[:1])
+            source = {"image": "one-member estimate", "estimate": estimate["members"][0]}
+        return image, std, members, dict(members=infos, negative_fraction=prepared["negative_fraction"],
+                                         resampled=prepared["resampled"],
+                                         model_shape_zxy=list(prepared["y0"].shape[2:]), **source)
 
 
 def diffused_start(diffusion, y0, start_t, noise):

@@ -15,7 +15,9 @@ from the first of these that has a value (``None`` means "no value"):
    (``given["members"]``, else :func:`recommended_members`, >= 2) the sidecar's
    ``ensemble_respacing`` (and ``ensemble_flips`` for ``flips``) comes first: a posterior sampler
    may recommend a one-step posterior-mean estimate for one member (averaged over mirrored
-   inputs) and a sampling chain for an ensemble, whose spread is the uncertainty;
+   inputs) and a sampling chain for an ensemble, whose spread is the uncertainty; the
+   ensemble's image is then that one-member estimate (``Resolved.estimate``), not the mean of
+   its samples (a Monte Carlo estimate of the same posterior mean, with their spread in it);
 4. :data:`DEFAULTS`.
 
 The acquisition that BC-DPM and data consistency simulate resolves the same way per key
@@ -77,13 +79,15 @@ ACQUISITION_DEFAULTS = dict(scanner="quadra", mode="2d", view_mashing=None, psf_
 @dataclass
 class Resolved:
     """Resolved settings: ``values[key]``, where each came from (``sources[key]``: ``"given"``,
-    ``"tuning"``, ``"checkpoint"``, ``"default"``) and the input's noise index when a tuning
-    row was looked up."""
+    ``"tuning"``, ``"checkpoint"``, ``"default"``), the input's noise index when a tuning
+    row was looked up, and for an ensemble that samples with the sidecar's ``ensemble_respacing``
+    the one-member settings whose output is the ensemble's image (``estimate``)."""
 
     values: dict
     sources: dict
     mode: str
     noise_index: float = None
+    estimate: "Resolved" = None
 
     def __getitem__(self, key):
         return self.values[key]
@@ -185,12 +189,15 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
                 break
         else:
             values[key], sources[key] = None, "default"
+    estimate = None
     if ensemble and sources["timestep_respacing"] == "checkpoint":
         sources["timestep_respacing"] = ENSEMBLE_SOURCE
+        # the ensemble's width is its own: the estimate keeps the trained blend
+        estimate = resolve_settings(dict(given, members=1, x0_skip_sigma=None), metadata, mode, low_dose, defaults)
     if values["use_ddim"] is None:
         values["use_ddim"] = str(values["timestep_respacing"]).startswith("ddim")
         sources["use_ddim"] = sources["timestep_respacing"]
-    return Resolved(values, sources, mode, index)
+    return Resolved(values, sources, mode, index, estimate)
 
 
 def check_settings(resolved, num_timesteps):
@@ -222,18 +229,12 @@ def check_settings(resolved, num_timesteps):
 
 
 def range_warnings(resolved, metadata, model_path):
-    """One-line warnings for settings outside what the checkpoint was trained or validated on
-    (and for an ensemble of posterior samples, whose mean is not the best image):
+    """One-line warnings for settings outside what the checkpoint was trained or validated on:
     a prior trained only for t < ``trained_max_t`` sampled from pure noise (no ``--bc_start``),
     and axial slabs deeper than both its training patches and its recommended ``patch_z`` (the
     group norms see other statistics; BENCHMARKS.md measures what that costs)."""
     recommended = metadata.get("sampling", {})
     warnings = []
-    if resolved.sources["timestep_respacing"] == ENSEMBLE_SOURCE:
-        warnings.append(f"the ensemble samples the posterior ({resolved['timestep_respacing']}, {model_path}'s "
-                        f"ensemble_respacing): the std map is the uncertainty, but the members' mean is noisier "
-                        f"than one member's estimate ({recommended.get('timestep_respacing')}): take the image "
-                        f"from a one-member run")
     if recommended.get("trained_max_t") and not resolved["bc_start"]:
         warnings.append(f"{model_path} was trained only for t < {recommended['trained_max_t']}: sampling "
                         f"from pure noise leaves its training range (use --bc_start)")
@@ -346,8 +347,11 @@ def build_denoiser(model, diffusion, metadata, resolved, *, precision, acquisiti
                    progress=True, rank=0, world_size=1):
     """The :class:`~.denoiser.VolumeDenoiser` of resolved settings (checked first)."""
     check_settings(resolved, diffusion.num_timesteps)
+    estimate = None if resolved.estimate is None else build_denoiser(
+        model, diffusion.respaced(resolved.estimate["timestep_respacing"]), metadata, resolved.estimate,
+        precision=precision, acquisition=acquisition, progress=progress, rank=rank, world_size=world_size)
     if resolved["x0_skip_sigma"] is not None:
         diffusion = diffusion.with_x0_skip_sigma(resolved["x0_skip_sigma"])
     return VolumeDenoiser(model, diffusion, metadata, sampling_settings(resolved, metadata, precision, progress),
                           guidance_factory=guidance_factory(resolved, metadata, acquisition),
-                          rank=rank, world_size=world_size)
+                          estimate=estimate, rank=rank, world_size=world_size)
