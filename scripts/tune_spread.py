@@ -9,8 +9,8 @@ A model that predicts x0 blended with x_t (``x0_skip_sigma`` s, model units) sam
 that differ by about s where the data leave the image uncertain; one s for every input
 over-disperses clean inputs and under-disperses the noisiest. Every validation volume is
 denoised with ``--members`` members at each ``--sigmas`` width (the sidecar's ensemble
-respacing); per volume, the width at which the mean std equals the RMSE of the members' mean is
-found, and ``s = s_ref (index / index_ref)^power`` is fitted over the volumes' noise indices.
+respacing); per volume, the width at which the mean std equals the RMSE of the ensemble's image
+(the one-member estimate where the sidecar recommends one, else the members' mean) is found, and ``s = s_ref (index / index_ref)^power`` is fitted over the volumes' noise indices.
 Record it in the sidecar (``scripts/package_checkpoint.py --sampling '{"ensemble_spread":
 {...}}'``) and ``scripts/test.py --num_ensemble K`` sets s per input.
 """
@@ -49,10 +49,11 @@ def main(argv=None):
     scores, spread = tuning.tune_spread(method, args.val, sorted(args.sigmas), args.members, drfs=args.drf,
                                         max_subjects=args.max_subjects, z_range=args.z_range,
                                         mask_suv=args.mask_suv, seed=args.seed)
-    print(f"{'volume':>40s} {'index':>7s} {'s':>7s} {'std/RMSE':>9s} {'rank corr':>9s} {'PSNR mean':>9s}")
+    print(f"{'volume':>40s} {'index':>7s} {'s':>7s} {'std/RMSE':>9s} {'rank corr':>9s} {'PSNR image':>10s} "
+          f"{'PSNR mean':>9s}")
     for s in scores:
         print(f"{str(s['volume'])[-40:]:>40s} {s['noise_index']:7.4f} {s['x0_skip_sigma']:7.4f} "
-              f"{s['std_over_rmse']:9.2f} {s['rank_correlation']:+9.2f} {s['psnr_mean']:9.2f}")
+              f"{s['std_over_rmse']:9.2f} {s['rank_correlation']:+9.2f} {s['psnr_image']:10.2f} {s['psnr_mean']:9.2f}")
     print(f"fit over {spread['volumes']} volumes: s = {spread['x0_skip_sigma']:.4f} x (index / "
           f"{spread['noise_index']:.4f})^{spread['power']:.2f}, within {spread['range']}")
     print(f"record it: python scripts/package_checkpoint.py ... --sampling '{json.dumps(dict(ensemble_spread=spread))}'")

@@ -74,6 +74,24 @@ def test_paired_outputs_keep_grid_and_affine(workdir):
     assert "skipped" in proc.stdout
 
 
+def test_a_posterior_samplers_ensemble_writes_the_one_member_image_and_the_members_std(workdir, make_tiny_checkpoint):
+    model = make_tiny_checkpoint(workdir / "posterior.pt", "paired", respacing="ddim2",
+                                 sampling=dict(ensemble_respacing="ddim3"))
+    runs = {}
+    for members in (1, 2):
+        out = workdir / f"out_posterior_{members}"
+        proc = run_script("--model_path", model, "--base_samples", workdir / "subject.npz", "--save_dir", out,
+                          "--num_ensemble", members, *COMMON)
+        runs[members] = (out, proc.stdout)
+    (one, _), (two, log) = runs[1], runs[2]
+    np.testing.assert_array_equal(np.load(two / "subject_denoised.npz")["arr_0"],
+                                  np.load(one / "subject_denoised.npz")["arr_0"])
+    report = json.loads((two / "subject.json").read_text())
+    assert report["image"] == "one-member estimate" and report["settings"]["timestep_respacing"] == "ddim3"
+    assert "image: the one-member estimate (timestep_respacing ddim2" in log and "std of 2 posterior samples" in log
+    assert np.load(two / "subject_uncertainty.npz")["arr_0"].max() > 0
+
+
 def test_one_member_writes_no_uncertainty_map(workdir):
     out = workdir / "out_one_member"
     proc = run_script("--model_path", workdir / "paired.pt", "--base_samples", workdir / "subject.npz",
