@@ -151,6 +151,21 @@ def test_two_ranks_equal_one_rank(workdir, mode):
     np.testing.assert_array_equal(outputs[1], outputs[2])
 
 
+@pytest.mark.mpi
+def test_two_ranks_equal_one_rank_for_a_posterior_samplers_ensemble(workdir, make_tiny_checkpoint):
+    """The members and the one-member image share their patches over the ranks alike."""
+    model = make_tiny_checkpoint(workdir / "posterior_mpi.pt", "paired", respacing="ddim2",
+                                 sampling=dict(ensemble_respacing="ddim3"))
+    outputs = {}
+    for n in (1, 2):
+        out = workdir / f"out_posterior_n{n}"
+        run_script("--model_path", model, "--base_samples", workdir / "subject.npz", "--save_dir", out,
+                   "--threads", 1, "--num_ensemble", 2, *COMMON, mpi=n)
+        outputs[n] = [np.load(out / f"subject_{kind}.npz")["arr_0"] for kind in ("denoised", "uncertainty")]
+    for one, two in zip(outputs[1], outputs[2]):
+        np.testing.assert_array_equal(one, two)
+
+
 @pytest.mark.slow  # the library tests cover its logic; end to end with --all
 def test_data_consistency_pulls_the_mean_toward_the_low_dose_input(workdir):
     low = np.load(workdir / "subject.npz")["arr_0"][0]
