@@ -11,8 +11,10 @@ over-disperses clean inputs and under-disperses the noisiest. Every validation v
 denoised with ``--members`` members at each ``--sigmas`` width (the sidecar's ensemble
 respacing); per volume, the width at which the mean std equals the RMSE of the ensemble's image
 (the one-member estimate where the sidecar recommends one, else the members' mean) is found, and ``s = s_ref (index / index_ref)^power`` is fitted over the volumes' noise indices.
-Record it in the sidecar (``scripts/package_checkpoint.py --sampling '{"ensemble_spread":
-{...}}'``) and ``scripts/test.py --num_ensemble K`` sets s per input.
+The std is first pooled over the ``--std_fwhms_mm`` FWHM whose map ranks the voxels' errors best
+(guided_diffusion.sampling.uncertainty). Record both in the sidecar (``scripts/package_checkpoint.py
+--sampling '{"ensemble_spread": {...}, "std_fwhm_mm": F}'``) and ``scripts/test.py
+--num_ensemble K`` sets s per input and pools its std map.
 """
 
 import argparse
@@ -34,6 +36,9 @@ def create_argparser():
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0125, 0.025, 0.05],
                         help="blend widths s to try (model units, two or more)")
     parser.add_argument("--members", type=int, default=4, help="ensemble members per volume (>= 2)")
+    parser.add_argument("--std_fwhms_mm", type=float, nargs="+", default=[0.0],
+                        help="FWHMs (mm) to pool the members' variance over; the smallest within 0.01 of the "
+                             "best mean rank correlation of std with |error| is chosen, then the widths are fitted")
     cases.add_validation_run_arguments(parser)
     return parser
 
@@ -46,9 +51,12 @@ def main(argv=None):
     set_threads(args.threads)
     given = dict(arguments.given_settings(args), members=args.members)
     method = DiffusionMethod(args.paired, "paired", given, device=runtime_device(args), precision=args.precision)
-    scores, spread = tuning.tune_spread(method, args.val, sorted(args.sigmas), args.members, drfs=args.drf,
-                                        max_subjects=args.max_subjects, z_range=args.z_range,
-                                        mask_suv=args.mask_suv, seed=args.seed)
+    if min(args.std_fwhms_mm) < 0:
+        raise ValueError("--std_fwhms_mm must be >= 0")
+    scores, spread, fwhm = tuning.tune_spread(method, args.val, sorted(args.sigmas), args.members,
+                                              fwhms_mm=sorted(set(args.std_fwhms_mm)), drfs=args.drf,
+                                              max_subjects=args.max_subjects, z_range=args.z_range,
+                                              mask_suv=args.mask_suv, seed=args.seed)
     print(f"{'volume':>40s} {'index':>7s} {'s':>7s} {'std/RMSE':>9s} {'rank corr':>9s} {'PSNR image':>10s} "
           f"{'PSNR mean':>9s}")
     for s in scores:
@@ -56,10 +64,14 @@ def main(argv=None):
               f"{s['std_over_rmse']:9.2f} {s['rank_correlation']:+9.2f} {s['psnr_image']:10.2f} {s['psnr_mean']:9.2f}")
     print(f"fit over {spread['volumes']} volumes: s = {spread['x0_skip_sigma']:.4f} x (index / "
           f"{spread['noise_index']:.4f})^{spread['power']:.2f}, within {spread['range']}")
-    print(f"record it: python scripts/package_checkpoint.py ... --sampling '{json.dumps(dict(ensemble_spread=spread))}'")
+    print("mean rank correlation per pooling FWHM: " + ", ".join(
+        f"{f:g} mm {sum(s['pooled'][f]['rank_correlation'] for s in scores) / len(scores):+.3f}"
+        for f in sorted(scores[0]["pooled"])) + f"; chosen {fwhm:g} mm")
+    recommendation = dict(ensemble_spread=spread, std_fwhm_mm=fwhm)
+    print(f"record it: python scripts/package_checkpoint.py ... --sampling '{json.dumps(recommendation)}'")
     record = dict({k: v for k, v in vars(args).items() if k != "out"}, precision=method.precision)
     volumes.atomic_write_bytes(args.out, json.dumps(portable_paths(dict(settings=record, scores=scores,
-                                                                        ensemble_spread=spread)), indent=2) + "\n")
+                                                                        **recommendation)), indent=2) + "\n")
     return 0
 
 

@@ -572,6 +572,15 @@ def test_fit_ensemble_spread_recovers_a_power_law():
         tuning.fit_ensemble_spread(scores[:3])
 
 
+def test_choose_std_fwhm_takes_the_smallest_near_the_best_rank_correlation():
+    def score(*rhos):
+        return dict(pooled={f: dict(rank_correlation=r) for f, r in zip((0.0, 4.0, 8.0, 12.0), rhos)})
+    scores = [score(0.10, 0.25, 0.300, 0.31), score(0.12, 0.27, 0.315, 0.32)]
+    assert tuning.choose_std_fwhm(scores) == 8.0  # 0.3075 is within 0.01 of 0.315
+    assert tuning.choose_std_fwhm(scores, tolerance=0.0) == 12.0
+    assert tuning.choose_std_fwhm([score(0.3, 0.2, 0.1, 0.0)]) == 0.0
+
+
 def test_tune_spread_end_to_end_and_the_width_reaches_the_sampler(dataset, tmp_path, make_tiny_checkpoint, capsys):
     from scripts import tune_spread
 
@@ -580,10 +589,13 @@ def test_tune_spread_end_to_end_and_the_width_reaches_the_sampler(dataset, tmp_p
     out = tmp_path / "spread.json"
     tune_spread.main(["--val", str(dataset), "--paired", str(paired), "--out", str(out), "--sigmas", "0.01",
                       "0.1", "--members", "2", "--z_range", *map(str, Z_RANGE), "--patch_overlap", "2",
-                      "--threads", "1", "--precision", "fp32"])
+                      "--std_fwhms_mm", "0", "8", "--threads", "1", "--precision", "fp32"])
     result = json.loads(out.read_text())
     n_val = len(dataset_manifest.split_files(dataset, "val"))
     assert len(result["scores"]) == 2 * n_val and "record it" in capsys.readouterr().out
+    assert result["std_fwhm_mm"] in (0.0, 8.0) and set(result["scores"][0]["pooled"]) == {"0.0", "8.0"}
+    chosen = result["scores"][0]["pooled"][str(result["std_fwhm_mm"])]
+    assert result["scores"][0]["std_over_rmse"] == chosen["std_over_rmse"]
     assert all(s["std_over_rmse"] > 0 and math.isfinite(s["psnr_mean"]) for s in result["scores"])
     by_sigma = {s["x0_skip_sigma"]: s["std_over_rmse"] for s in result["scores"] if s["drf"] == DRFS[0]}
     assert by_sigma[0.1] > by_sigma[0.01]  # a wider blend, a wider ensemble
@@ -614,7 +626,7 @@ def test_a_posterior_samplers_ensemble_image_is_its_one_member_estimate(dataset,
     np.testing.assert_array_equal(image, one)
     assert info["image"] == "one-member estimate" and info["estimate"]["seed"] == seeds[0]
     members = [info["first"], 2 * info["members_mean"] - info["first"]]
-    np.testing.assert_allclose(info["std"], np.std(members, axis=0), atol=1e-5)
+    np.testing.assert_allclose(info["std"], np.std(members, axis=0, ddof=1), atol=1e-5)
     assert not np.allclose(info["members_mean"], image, atol=1e-4)
     # per patch: 2 members x 3 steps, and the estimate's 2 steps
     assert info["network_evaluations"] == one_info["network_evaluations"] * (2 * 3 + 2) / 2

@@ -111,12 +111,13 @@ class DiffusionMethod:
         members and the one-member estimate), ``resolved``
         (:class:`~guided_diffusion.sampling.settings.Resolved`), the denoiser's ``members``
         (their infos), ``image`` (the members' mean or the one-member estimate), ``std``
-        (voxel-wise, ``None`` for one seed), ``first`` (the first member's volume) and
-        ``members_mean`` (``None`` for one seed)."""
+        (voxel-wise, ``None`` for one seed), ``member_volumes``, ``first`` (the first member's
+        volume) and ``members_mean`` (``None`` for one seed)."""
         denoiser, resolved = self.denoiser(case["low"], case["path"], case.get("acquisition"), **overrides)
         image, std, volumes, info = denoiser.denoise(case["low"], case["affine"], seeds)
         evaluations = sum(member_network_evaluations(m) for m in info["members"] + [info.get("estimate")] if m)
         return image, dict(info, network_evaluations=evaluations, resolved=resolved, std=std, first=volumes[0],
+                           member_volumes=volumes,
                            members_mean=np.mean(volumes, axis=0) if len(volumes) > 1 else None)
 
     def ensemble_size(self, requested=None):

@@ -300,7 +300,7 @@ def markdown(results):
             lines.append(f"| {r['cell']['label']} | {r['psnr_bound']:.2f} | " + " | ".join(cells) + " |")
     calibrated = list(results[0].get("calibration") or {})
     if calibrated:
-        lines += ["", "Ensembles: mean std / RMSE of the mean (rank correlation of std with |error|)", "",
+        lines += ["", "Ensembles: mean std / RMSE of the image (rank correlation of std with |error|)", "",
                   "| cell | " + " | ".join(calibrated) + " |", "|---" * (len(calibrated) + 1) + "|"]
         for r in results:
             cells = [f"{r['calibration'][m]['std_over_rmse']['mean']:.2f} "

@@ -18,7 +18,8 @@ denoising time.
 PSNR of one member and of a K-member mean (test-time flips included), and the ensemble's calibration (mean std / RMSE of
 the mean, rank correlation of std with |error|), per validation volume (:func:`sampler_rows`).
 
-:func:`tune_spread`: the blend width ``x0_skip_sigma`` that calibrates a paired posterior
+:func:`tune_spread`: how far to pool an ensemble's variance (``std_fwhm_mm``, :func:`choose_std_fwhm`)
+and the blend width ``x0_skip_sigma`` that calibrates a paired posterior
 sampler's ensembles (std / RMSE of the ensemble's image = 1; the image is the one-member
 estimate when the checkpoint recommends one, :class:`~guided_diffusion.sampling.settings.Resolved`), fitted as a power of the input's noise index
 (:func:`fit_ensemble_spread`; the sidecar's ``sampling.ensemble_spread``).
@@ -35,8 +36,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..normalisation import saturation_suv
+from ..pet import volumes
 from ..sampling import fusion
 from ..sampling.hot_voxels import hot_weight
+from ..sampling.uncertainty import ensemble_std
 from . import metrics
 from .cases import load_case, select_files
 from .methods import case_seeds
@@ -233,26 +236,46 @@ def fit_ensemble_spread(scores):
                 volumes=len(crossings))
 
 
-def tune_spread(method, val, sigmas, members, *, drfs=None, max_subjects=0, z_range=None, mask_suv=0.05, seed=0):
+def tune_spread(method, val, sigmas, members, *, fwhms_mm=(0.0,), drfs=None, max_subjects=0, z_range=None,
+                mask_suv=0.05, seed=0, tolerance=0.01):
     """Denoise every validation volume with a ``members``-member ensemble per blend width in
-    ``sigmas`` and fit how the width that calibrates the ensemble follows the input's noise.
+    ``sigmas``, choose how far to pool the members' variance (:func:`choose_std_fwhm` over
+    ``fwhms_mm``) and fit how the width that calibrates the ensemble follows the input's noise.
 
     :param method: the paired posterior sampler as a :class:`~.methods.DiffusionMethod` whose
         given settings include ``members``.
-    :return: ``(scores, spread)``: one score per volume and width (PSNR of one member, of the
-        members' mean and of the ensemble's image; std / RMSE of the image, rank correlation with
-        its |error|; noise index), and :func:`fit_ensemble_spread`.
+    :return: ``(scores, spread, std_fwhm_mm)``: one score per volume and width (PSNR of one
+        member, of the members' mean and of the ensemble's image; per pooling FWHM the std /
+        RMSE of the image and the rank correlation of std with its |error| (``pooled``), those
+        of the chosen FWHM at the top level; noise index), :func:`fit_ensemble_spread` and the
+        chosen FWHM (mm).
     """
     if members < 2:
         raise ValueError("tune_spread needs members >= 2 (the ensemble's std)")
     scores = []
     for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
         index = fusion.estimate_noise_index(case["low"], fusion.TABLE_ESTIMATOR)
+        voxel_mm = volumes.voxel_sizes(case["affine"])
         for sigma in sigmas:
             image, info = method.denoise(case, case_seeds(seed, case, "paired", members), x0_skip_sigma=sigma)
-            calibration = metrics.uncertainty_calibration(case["full"], image, info["std"], case["mask"])
+            pooled = {float(fwhm): metrics.uncertainty_calibration(
+                case["full"], image, ensemble_std(info["member_volumes"], voxel_mm, fwhm), case["mask"])
+                for fwhm in fwhms_mm}
             scores.append(dict(volume=case["path"], drf=case["drf"], noise_index=index, x0_skip_sigma=sigma,
                                psnr_one=metrics.psnr(case["full"], info["first"], mask=case["mask"]),
                                psnr_mean=metrics.psnr(case["full"], info["members_mean"], mask=case["mask"]),
-                               psnr_image=metrics.psnr(case["full"], image, mask=case["mask"]), **calibration))
-    return scores, fit_ensemble_spread(scores)
+                               psnr_image=metrics.psnr(case["full"], image, mask=case["mask"]), pooled=pooled))
+    fwhm = choose_std_fwhm(scores, tolerance)
+    for score in scores:
+        score.update(score["pooled"][fwhm])
+    return scores, fit_ensemble_spread(scores), fwhm
+
+
+def choose_std_fwhm(scores, tolerance=0.01):
+    """The smallest pooling FWHM (mm) whose rank correlation of std with |error|, averaged over
+    ``scores`` (each with ``pooled = {fwhm: {"rank_correlation", ...}}``), is within
+    ``tolerance`` of the best average."""
+    fwhms = sorted(scores[0]["pooled"])
+    means = {f: float(np.mean([s["pooled"][f]["rank_correlation"] for s in scores])) for f in fwhms}
+    best = max(means.values())
+    return next(f for f in fwhms if means[f] >= best - tolerance)

@@ -40,6 +40,10 @@ def add_patching_arguments(parser):
                        help="test-time augmentation: axes among 'zxy' (e.g. 'xy'), or 'none'; every network evaluation "
                             "averages the mirrored inputs' outputs, 2^len(FLIPS) times the cost (default: "
                             "the checkpoint's recommendation, else none)")
+    group.add_argument("--std_fwhm_mm", type=float, default=None,
+                       help="ensembles: pool the members' variance over a Gaussian of this FWHM (mm) before the "
+                            "uncertainty map is its square root; a few members' std is noisy voxel by voxel "
+                            "(default: the checkpoint's recommendation, else 0, none)")
     group.add_argument("--stitch", choices=("seamfree", "independent"), default=None,
                        help="blend overlapping patches at every step (seamfree, the default), or "
                             "stitch independent chains at the end (the published code's behaviour)")

@@ -33,10 +33,12 @@ import torch.distributed as dist
 
 from .. import fp16_util
 from ..normalisation import null_condition_like, saturation_suv
+from ..pet import volumes
 from .distributed import PatchedModel, SlicedNoise, sample_patches_independently, whole_volume_hook
 from .patches import PatchGrid
 from .postprocess import Member, default_steps
 from .transforms import model_input_transforms
+from .uncertainty import ensemble_std
 
 STITCH_MODES = ("seamfree", "independent")
 
@@ -68,6 +70,8 @@ class SamplingSettings:
     :param flips: axes among ``"zxy"`` whose mirror images the network also sees: every
         evaluation is the mean over all ``2 ** len(flips)`` combinations of flips of its inputs,
         each output flipped back (test-time augmentation; ``""``: one evaluation).
+    :param std_fwhm_mm: an ensemble's variance is pooled over a Gaussian of this FWHM (mm)
+        before its square root is the uncertainty map (:mod:`.uncertainty`; 0: none).
     """
 
     use_ddim: bool = False
@@ -85,6 +89,7 @@ class SamplingSettings:
     fusion_kappa: float = None
     null_condition: bool = False
     flips: str = ""
+    std_fwhm_mm: float = 0.0
 
 
 def serves_as_prior(metadata):
@@ -357,7 +362,8 @@ class VolumeDenoiser:
             infos.append(info)
         stack = np.stack(members)
         image = stack.mean(axis=0).astype(np.float32)
-        std = stack.std(axis=0).astype(np.float32) if len(members) > 1 else None
+        std = (ensemble_std(stack, volumes.voxel_sizes(affine), self.settings.std_fwhm_mm)
+               if len(members) > 1 else None)
         source = {"image": "members' mean"}
         if self.estimate is not None and len(members) > 1:
             image, _, _, estimate = self.estimate.denoise(suv, affine, seeds[:1])

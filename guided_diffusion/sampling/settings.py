@@ -51,7 +51,7 @@ DEFAULTS = dict(
     precision="auto", hot_voxels="rescale", fusion_kappa=0.0,
     bc_steps=BC_STEPS_BY_NOISE["medium"], bc_lambda=0.2, bc_sigma_mm=4.0, bc_start=False,
     bc_lam_schedule="constant", bc_recon_iters=2, bc_recon_subsets=8, dc_steps=0, dc_iters=1, dc_subsets=1,
-    x0_skip_sigma=None, flips="",
+    x0_skip_sigma=None, flips="", std_fwhm_mm=0.0,
 )
 """The last layer. ``use_ddim`` None: DDIM when the respacing is ``"ddimN"``; ``patch_z``
 None: the checkpoint's training patch depth; ``precision`` auto: the checkpoint's
@@ -59,9 +59,10 @@ None: the checkpoint's training patch depth; ``precision`` auto: the checkpoint'
 ``bc_lam_schedule`` constant: the paper's; ``x0_skip_sigma`` None: the blend width the checkpoint
 was trained with (for an ensemble of a paired posterior sampler, the sidecar's
 ``ensemble_spread`` fit to the input's noise index comes first: :func:`spread_sigma`);
-``flips`` "": no test-time flip averaging."""
+``flips`` "": no test-time flip averaging; ``std_fwhm_mm`` 0: an ensemble's std map is not
+pooled (:mod:`.uncertainty`)."""
 
-SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "fusion_kappa", "flips",
+SIDECAR_KEYS = ("timestep_respacing", "use_ddim", "patch_z", "patch_overlap", "fusion_kappa", "flips", "std_fwhm_mm",
                 "bc_steps", "bc_start", "bc_lam_schedule", "bc_lambda", "bc_sigma_mm")
 """Keys a checkpoint sidecar's ``sampling`` may recommend."""
 
@@ -214,6 +215,8 @@ def check_settings(resolved, num_timesteps):
                          f"--dc_subsets be >= 1")
     if v["x0_skip_sigma"] is not None and v["x0_skip_sigma"] < 0:
         raise ValueError(f"--x0_skip_sigma must be >= 0, got {v['x0_skip_sigma']}")
+    if v["std_fwhm_mm"] < 0:
+        raise ValueError(f"--std_fwhm_mm must be >= 0 (0: no pooling), got {v['std_fwhm_mm']}")
     if v["fusion_kappa"] < 0:
         raise ValueError(f"--fusion_kappa must be >= 0 (0: off), got {v['fusion_kappa']}")
     if v["hot_voxels"] not in HOT_MODES:
@@ -264,7 +267,8 @@ def sampling_settings(resolved, metadata, precision, progress=True):
         batch_size=v["batch_size"], stitch=v["stitch"],
         start_t=v["bc_steps"] - 1 if v["bc_start"] else None, precision=precision,
         progress=progress, hot_voxels=v["hot_voxels"], fusion_kappa=v["fusion_kappa"] or None,
-        null_condition=is_null_conditioned_prior(metadata, resolved.mode), flips=v["flips"])
+        null_condition=is_null_conditioned_prior(metadata, resolved.mode), flips=v["flips"],
+        std_fwhm_mm=float(v["std_fwhm_mm"]))
 
 
 def slice_wise_total_counts(slice_counts, volume):
