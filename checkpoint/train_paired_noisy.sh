@@ -55,9 +55,6 @@ package=(python scripts/package_checkpoint.py "$runs/paired_wise/wise_$alpha.pt"
 "${package[@]}"
 source checkpoint/tune_flips.sh
 tune_flips checkpoint/demo_paired.pt log2@999
-# the ensembles' blend width per input (as checkpoint/train_paired_skip.sh; 2 validation subjects)
-python scripts/tune_spread.py --val "$data/gd_val4" --paired checkpoint/demo_paired.pt --sigmas 0.005 0.01 0.02 0.04 0.08 \
-  --members 4 --max_subjects 2 --z_range 8 56 --threads 1 --precision bf16 --seed 0 --out "$runs/spread_tuning_wise.json"
-spread=$(python -c "import json, sys; print(json.dumps({'ensemble_spread': json.load(open(sys.argv[1]))['ensemble_spread']}))" \
-  "$runs/spread_tuning_wise.json")
-python scripts/package_checkpoint.py checkpoint/demo_paired.pt --update --sampling "$spread"
+# the ensembles' std pooling and blend width per input (as checkpoint/train_paired_skip.sh; 2
+# validation subjects)
+tune_ensembles checkpoint/demo_paired.pt "$runs/spread_tuning_pooled.json" --max_subjects 2

@@ -34,10 +34,7 @@ package=(python scripts/package_checkpoint.py "$runs/paired_skip/ema_0.999_$(pri
          --name demo_paired_stage3 --dest "$runs" --flags '{"sigma_small": true}' --training_data "$training_data"
          --sampling '{"timestep_respacing": "log2@999", "ensemble_respacing": "log10", "patch_overlap": 4}')
 "${package[@]}"
-# the ensembles' blend width per input: the smallest s that calibrates a 4-member ensemble on each
-# validation volume, fitted against the input's noise index (40 min on one core), into the sidecar
-python scripts/tune_spread.py --val "$data/gd_val4" --paired "$runs/demo_paired_stage3.pt" --sigmas 0.005 0.01 0.02 0.04 0.08 \
-  --members 4 --z_range 8 56 --threads 1 --precision bf16 --seed 0 --out "$runs/spread_tuning.json"
-spread=$(python -c "import json, sys; print(json.dumps({'ensemble_spread': json.load(open(sys.argv[1]))['ensemble_spread']}))" \
-  "$runs/spread_tuning.json")
-"${package[@]}" --sampling "$spread"
+# the ensembles' std pooling and blend width per input: the smallest s that calibrates a 4-member
+# ensemble on each validation volume, fitted against the input's noise index (50 min on one
+# core), into the sidecar
+tune_ensembles "$runs/demo_paired_stage3.pt" "$runs/spread_tuning.json"
