@@ -193,11 +193,11 @@ def main(argv=None):
 
 
 def draw_panels(path, item, mean, std, mode):
-    """MIPs and slices of the input, the mean and (two or more members) the uncertainty."""
+    """MIPs and slices of the input, the denoised image and (two or more members) the uncertainty."""
     vmax = float(np.percentile(item["low_dose"], 99.9)) or 1.0
     panels = [("low dose", item["low_dose"], vmax, "gray_r"), ("denoised", mean, vmax, "gray_r")]
     if std is not None:
-        panels.append(("uncertainty (std)", std, None, "magma"))
+        panels.append(("std", std, None, "magma"))
     save_volume_panels(path, panels, volumes.voxel_sizes(item["affine"]),
                        title=f"{item['name']} ({mode}, {'ensemble' if std is not None else 'one member'})")
 

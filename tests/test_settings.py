@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from guided_diffusion import fp16_util
+from guided_diffusion.pet import volumes
 from guided_diffusion.sampling import arguments, settings
 from guided_diffusion.sampling.fusion import difference_noise_index, noise_index
-from guided_diffusion.pet import volumes
 
 TABLE = [dict(noise_index=0.01, bc_lambda=0.2, bc_sigma_mm=3.0),
          dict(noise_index=0.25, bc_lambda=0.05, bc_sigma_mm=12.0)]
@@ -150,6 +150,20 @@ def test_spread_sigma_follows_the_fit_within_its_range():
     assert settings.spread_sigma(SPREAD, 0.0025) == pytest.approx(0.01)
     assert settings.spread_sigma(SPREAD, 10.0) == pytest.approx(0.08)  # clipped to the fitted range
     assert settings.spread_sigma(SPREAD, None) is None
+
+
+def test_the_noise_index_is_measured_on_the_models_grid(low):
+    """A 2 mm input of a 4 mm model: its index is the resampled volume's (white noise averages
+    down there), as the validation volumes of the fits were measured at 4 mm."""
+    meta = metadata("paired", ensemble_spread=SPREAD)
+    fine = np.diag([2.0, 2.0, 2.0, 1.0])
+    on_grid = difference_noise_index(volumes.resample_image(low, fine, 4.0)[0])
+    assert settings.model_grid_noise_index(low, fine, meta, "second_difference") == pytest.approx(on_grid)
+    assert on_grid < 0.6 * difference_noise_index(low)
+    for same in (np.diag([4.0, 4.0, 4.0, 1.0]), np.diag([4.02, 4.02, 4.02, 1.0]), None):  # within 1 %: as given
+        assert settings.model_grid_noise_index(low, same, meta, "second_difference") == difference_noise_index(low)
+    many = settings.resolve_settings(dict(members=4), meta, "paired", low_dose=low, affine=fine)
+    assert many.noise_index == pytest.approx(on_grid)
 
 
 def test_ensembles_of_a_paired_sampler_take_the_blend_width_from_the_spread_fit(low):

@@ -132,7 +132,7 @@ def run_configuration(spec):
                              given, device=device, precision=spec["precision"],
                              acquisition=spec["acquisition"])
     low, affine = volumes.load_volume(spec["input"], index=0)
-    denoiser, _ = method.denoiser(low, spec["input"])
+    denoiser, _ = method.denoiser(low, spec["input"], affine=affine)
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds, result = [], None
     for _ in range(spec["repeats"]):

@@ -70,12 +70,12 @@ class DiffusionMethod:
         """Whether ``resolved`` settings run the physics guidance (an acquisition is needed)."""
         return settings.uses_bcdpm(self.mode) or resolved["dc_steps"] > 0
 
-    def resolve(self, low_dose, **overrides):
-        """The settings of one input ``(X, Y, Z)`` (SUV): ``overrides`` win over the method's
-        given settings (``None``: not given)."""
+    def resolve(self, low_dose, affine=None, **overrides):
+        """The settings of one input ``(X, Y, Z)`` (SUV) with its affine (``None``: on the model's
+        grid): ``overrides`` win over the method's given settings (``None``: not given)."""
         given = dict(self.given, **overrides)
         return settings.resolve_settings(given, self.metadata, self.mode, low_dose=low_dose,
-                                         defaults=self.defaults)
+                                         defaults=self.defaults, affine=affine)
 
     def acquisition(self, path, known=None):
         """The simulated acquisition of the input file ``path`` (cached per file), or of an
@@ -94,10 +94,10 @@ class DiffusionMethod:
         return LowDoseAcquisition(normalisation=self.metadata["normalisation"],
                                   voxel_mm=self.metadata["voxel_mm"], **kwargs)
 
-    def denoiser(self, low_dose, path, known_acquisition=None, **overrides):
-        """``(VolumeDenoiser, Resolved)`` for the input ``low_dose`` of the file ``path`` (or of
-        an in-memory case with its ``known_acquisition``)."""
-        resolved = self.resolve(low_dose, **overrides)
+    def denoiser(self, low_dose, path, known_acquisition=None, affine=None, **overrides):
+        """``(VolumeDenoiser, Resolved)`` for the input ``low_dose`` (with its ``affine``) of the
+        file ``path`` (or of an in-memory case with its ``known_acquisition``)."""
+        resolved = self.resolve(low_dose, affine, **overrides)
         acquisition = (self.acquisition(path, known_acquisition) if self.uses_guidance(resolved)
                        else None)
         denoiser = settings.build_denoiser(self.model, self.diffusion, self.metadata, resolved,
@@ -113,7 +113,8 @@ class DiffusionMethod:
         (their infos), ``image`` (the members' mean or the one-member estimate), ``std``
         (voxel-wise, ``None`` for one seed), ``member_volumes``, ``first`` (the first member's
         volume) and ``members_mean`` (``None`` for one seed)."""
-        denoiser, resolved = self.denoiser(case["low"], case["path"], case.get("acquisition"), **overrides)
+        denoiser, resolved = self.denoiser(case["low"], case["path"], case.get("acquisition"), case["affine"],
+                                           **overrides)
         image, std, volumes, info = denoiser.denoise(case["low"], case["affine"], seeds)
         evaluations = sum(member_network_evaluations(m) for m in info["members"] + [info.get("estimate")] if m)
         return image, dict(info, network_evaluations=evaluations, resolved=resolved, std=std, first=volumes[0],

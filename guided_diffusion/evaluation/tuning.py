@@ -39,6 +39,7 @@ from ..normalisation import saturation_suv
 from ..pet import volumes
 from ..sampling import fusion
 from ..sampling.hot_voxels import hot_weight
+from ..sampling.settings import model_grid_noise_index
 from ..sampling.uncertainty import ensemble_std
 from . import metrics
 from .cases import load_case, select_files
@@ -98,7 +99,7 @@ def tune_bcdpm_on_cases(method, cases, grid, *, seed=0, members=1):
     clip_suv = saturation_suv(method.metadata["normalisation"])
     scores = []
     for case in cases:
-        index = fusion.estimate_noise_index(case["low"], fusion.TABLE_ESTIMATOR)
+        index = model_grid_noise_index(case["low"], case["affine"], method.metadata, fusion.TABLE_ESTIMATOR)
         # without voxels near the model's clip every hot-voxel mode gives the same image
         has_hot = hot_weight(case["low"], clip_suv).max() > 0
         volume = case["path"] or f"{case['name']}_drf{case['drf']:g}"
@@ -254,7 +255,7 @@ def tune_spread(method, val, sigmas, members, *, fwhms_mm=(0.0,), drfs=None, max
         raise ValueError("tune_spread needs members >= 2 (the ensemble's std)")
     scores = []
     for case in _validation_cases(val, drfs, max_subjects, z_range, mask_suv):
-        index = fusion.estimate_noise_index(case["low"], fusion.TABLE_ESTIMATOR)
+        index = model_grid_noise_index(case["low"], case["affine"], method.metadata, fusion.TABLE_ESTIMATOR)
         voxel_mm = volumes.voxel_sizes(case["affine"])
         for sigma in sigmas:
             image, info = method.denoise(case, case_seeds(seed, case, "paired", members), x0_skip_sigma=sigma)

@@ -60,7 +60,8 @@ class BatchRun:
     def build(self, item):
         """``(denoiser, resolved, provenance)`` for one input; ValueError names its file."""
         resolved = settings.resolve_settings(self.given, self.metadata, self.mode,
-                                             low_dose=item["low_dose"], defaults=self.defaults)
+                                             low_dose=item["low_dose"], defaults=self.defaults,
+                                             affine=item["affine"])
         acquisition, provenance = None, dict(counts_source=None, bcdpm=None)
         try:
             if settings.uses_bcdpm(self.mode) or resolved["dc_steps"]:

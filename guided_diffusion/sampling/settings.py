@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import fp16_util
-from ..pet import dataset_manifest
+from ..pet import dataset_manifest, volumes
 from .data_consistency import DataConsistencyFactory
 from .denoiser import (SamplingSettings, VolumeDenoiser, flip_combinations, is_null_conditioned_prior,
                        serves_as_prior)
@@ -149,7 +149,20 @@ def spread_sigma(spread, index):
     return float(np.clip(value, *spread["range"]))
 
 
-def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
+def model_grid_noise_index(low_dose, affine, metadata, estimator):
+    """The noise index (SUV) of the input ``low_dose`` ``(X, Y, Z)`` on the model's grid: resampled
+    to the checkpoint's ``voxel_mm`` first (as the denoiser resamples it) when its voxels (from
+    ``affine``; ``None``: taken as the model's) differ by more than 1 %. Tuning tables and fits
+    measured theirs on validation volumes at the model's voxel size; an index on finer voxels
+    reads lower for the same image noise."""
+    if affine is not None:
+        model_voxel = np.broadcast_to(np.asarray(metadata["voxel_mm"], dtype=float), (3,))
+        if not np.allclose(volumes.voxel_sizes(affine), model_voxel, rtol=0.01):
+            low_dose, _ = volumes.resample_image(low_dose, affine, model_voxel)
+    return estimate_noise_index(low_dose, estimator)
+
+
+def resolve_settings(given, metadata, mode, low_dose=None, defaults=None, affine=None):
     """Resolve every key of :data:`DEFAULTS` (see the module docstring).
 
     :param given: ``{key: value or None}``; keys outside :data:`DEFAULTS` are ignored, but for
@@ -158,6 +171,8 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     :param mode: the resolved mode (:func:`resolve_mode`).
     :param low_dose: the input SUV volume ``(X, Y, Z)`` for the tuning-table lookup; ``None``
         skips it (run-level settings).
+    :param affine: ``low_dose``'s 4x4 affine (mm): its noise index is measured on the model's grid
+        (:func:`model_grid_noise_index`); ``None``: as given.
     :param defaults: entries replacing those of :data:`DEFAULTS` (e.g. ``bc_steps`` from the
         paper's noise class, ``--bc_noise``).
     :return: :class:`Resolved`.
@@ -175,10 +190,10 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     spread = sampling.get("ensemble_spread") if members >= 2 and mode == "paired" else None
     index, row = None, {}
     if tuning and low_dose is not None and any(given.get(key) is None for key in TUNED_KEYS):
-        index = estimate_noise_index(low_dose, tuning[0].get("noise_estimator", "highpass"))
+        index = model_grid_noise_index(low_dose, affine, metadata, tuning[0].get("noise_estimator", "highpass"))
         row = tuned_row(tuning, index) or {}
     if spread and low_dose is not None and given.get("x0_skip_sigma") is None:
-        index = estimate_noise_index(low_dose, spread["noise_estimator"])
+        index = model_grid_noise_index(low_dose, affine, metadata, spread["noise_estimator"])
         row = dict(x0_skip_sigma=spread_sigma(spread, index))
     values, sources = {}, {}
     for key, default in dict(DEFAULTS, **(defaults or {})).items():
@@ -194,7 +209,8 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None):
     if ensemble and sources["timestep_respacing"] == "checkpoint":
         sources["timestep_respacing"] = ENSEMBLE_SOURCE
         # the ensemble's width is its own: the estimate keeps the trained blend
-        estimate = resolve_settings(dict(given, members=1, x0_skip_sigma=None), metadata, mode, low_dose, defaults)
+        estimate = resolve_settings(dict(given, members=1, x0_skip_sigma=None), metadata, mode, low_dose, defaults,
+                                    affine)
     if values["use_ddim"] is None:
         values["use_ddim"] = str(values["timestep_respacing"]).startswith("ddim")
         sources["use_ddim"] = sources["timestep_respacing"]
