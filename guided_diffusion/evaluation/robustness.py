@@ -59,6 +59,9 @@ BM3D_FACTORS = (0.5, 1.0, 2.0)
 
 MASK_SUV = 0.05
 
+REFERENCE_ROWS = ("low_dose", "oracle")
+"""Images scored beside the methods that are not methods (the input, the oracle bound's)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
@@ -270,12 +273,13 @@ def heat_map(path, results):
     import matplotlib.pyplot as plt
 
     labels, names, gains = gains_over_gaussian(results)
-    models = [j for j, name in enumerate(names) if name != "low_dose"] or list(range(len(names)))
+    models = [j for j, name in enumerate(names) if name not in REFERENCE_ROWS] or list(range(len(names)))
     limit = max(1.0, float(np.nanmax(np.abs(gains[:, models]))))  # the models' range sets the colours
     fig, axis = plt.subplots(figsize=(5.0 + 1.1 * len(names), 1.2 + 0.42 * len(labels)))
     image = axis.imshow(gains, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     for (i, j), value in np.ndenumerate(gains):
-        axis.text(j, i, "n/a" if not math.isfinite(value) else f"{value:+.1f}", ha="center", va="center", fontsize=8)
+        axis.text(j, i, "n/a" if not math.isfinite(value) else f"{value:+.1f}", ha="center", va="center", fontsize=8,
+                  color="white" if math.isfinite(value) and abs(value) > 0.6 * limit else "black")
     axis.set_xticks(range(len(names)), names, rotation=20)
     axis.set_yticks(range(len(labels)), labels, fontsize=8)
     fig.colorbar(image, label="dB")
