@@ -74,15 +74,24 @@ def test_paired_outputs_keep_grid_and_affine(workdir):
     assert "skipped" in proc.stdout
 
 
-def test_a_posterior_samplers_ensemble_writes_the_one_member_image_and_the_members_std(workdir, make_tiny_checkpoint):
-    model = make_tiny_checkpoint(workdir / "posterior.pt", "paired", respacing="ddim2",
-                                 sampling=dict(ensemble_respacing="ddim3"))
+@pytest.fixture(scope="module")
+def posterior(workdir, make_tiny_checkpoint):
+    """A paired posterior sampler's checkpoint (one member ddim2, ensembles ddim3)."""
+    return make_tiny_checkpoint(workdir / "posterior.pt", "paired", respacing="ddim2",
+                                sampling=dict(ensemble_respacing="ddim3"))
+
+
+def run_posterior(posterior, out, members, *extra, mpi=0):
+    """scripts/test.py with ``members`` members of ``posterior`` on the subject into ``out``."""
+    return run_script("--model_path", posterior, "--base_samples", posterior.parent / "subject.npz",
+                      "--save_dir", out, "--num_ensemble", members, *extra, *COMMON, mpi=mpi)
+
+
+def test_a_posterior_samplers_ensemble_writes_the_one_member_image_and_the_members_std(workdir, posterior):
     runs = {}
     for members in (1, 2):
         out = workdir / f"out_posterior_{members}"
-        proc = run_script("--model_path", model, "--base_samples", workdir / "subject.npz", "--save_dir", out,
-                          "--num_ensemble", members, *COMMON)
-        runs[members] = (out, proc.stdout)
+        runs[members] = (out, run_posterior(posterior, out, members).stdout)
     (one, _), (two, log) = runs[1], runs[2]
     np.testing.assert_array_equal(np.load(two / "subject_denoised.npz")["arr_0"],
                                   np.load(one / "subject_denoised.npz")["arr_0"])
@@ -152,15 +161,12 @@ def test_two_ranks_equal_one_rank(workdir, mode):
 
 
 @pytest.mark.mpi
-def test_two_ranks_equal_one_rank_for_a_posterior_samplers_ensemble(workdir, make_tiny_checkpoint):
+def test_two_ranks_equal_one_rank_for_a_posterior_samplers_ensemble(workdir, posterior):
     """The members and the one-member image share their patches over the ranks alike."""
-    model = make_tiny_checkpoint(workdir / "posterior_mpi.pt", "paired", respacing="ddim2",
-                                 sampling=dict(ensemble_respacing="ddim3"))
     outputs = {}
     for n in (1, 2):
         out = workdir / f"out_posterior_n{n}"
-        run_script("--model_path", model, "--base_samples", workdir / "subject.npz", "--save_dir", out,
-                   "--threads", 1, "--num_ensemble", 2, *COMMON, mpi=n)
+        run_posterior(posterior, out, 2, "--threads", 1, mpi=n)
         outputs[n] = [np.load(out / f"subject_{kind}.npz")["arr_0"] for kind in ("denoised", "uncertainty")]
     for one, two in zip(outputs[1], outputs[2]):
         np.testing.assert_array_equal(one, two)

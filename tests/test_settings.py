@@ -138,6 +138,7 @@ def test_a_table_tuned_on_ensemble_means_sets_the_default_ensemble_size():
     assert settings.recommended_members(metadata(), "bcdpm") == 1
     # the resolver's ensemble size defaults to it (here: the ensemble respacing), a given size wins
     assert settings.resolve_settings({}, tuned, "bcdpm")["timestep_respacing"] == "ddim10"
+    assert settings.resolve_settings({}, tuned, "bcdpm").estimate is None  # BC-DPM's image: the members' mean
     assert settings.resolve_settings(dict(members=1), tuned, "bcdpm")["timestep_respacing"] == "100"
 
 

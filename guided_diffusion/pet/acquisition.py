@@ -420,7 +420,7 @@ def simulate_scan(phantom, scan: ScanSettings, drfs, seed, counts_per_mm, model_
     if oracle_draws < 0 or (oracle_draws and not drfs):
         raise ValueError(f"oracle_draws must be >= 0 and needs a low dose, got {oracle_draws} with DRFs {list(drfs)}")
     images, prompts = _acquire(phantom.activity, phantom.mu, scan, drfs, total_counts, slab, seed, oracle_draws)
-    if oracle_draws:  # the draws' mean: the post-filter and resampling are linear
+    if oracle_draws:  # the draws' mean, before the post-filter (linear) and any resampling
         images = np.concatenate([images[:1 + len(drfs)], images[1 + len(drfs):].mean(axis=0, keepdims=True)])
         prompts = prompts[:1 + len(drfs)]
     images = post_filter(images, scan.post_filter_mm, scan.voxel_mm)

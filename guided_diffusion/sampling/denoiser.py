@@ -361,13 +361,13 @@ class VolumeDenoiser:
             members.append(volume)
             infos.append(info)
         stack = np.stack(members)
-        image = stack.mean(axis=0).astype(np.float32)
         std = (ensemble_std(stack, volumes.voxel_sizes(affine), self.settings.std_fwhm_mm)
                if len(members) > 1 else None)
-        source = {"image": "members' mean"}
         if self.estimate is not None and len(members) > 1:
             image, _, _, estimate = self.estimate.denoise(suv, affine, seeds[:1])
             source = {"image": "one-member estimate", "estimate": estimate["members"][0]}
+        else:
+            image, source = stack.mean(axis=0).astype(np.float32), {"image": "members' mean"}
         return image, std, members, dict(members=infos, negative_fraction=prepared["negative_fraction"],
                                          resampled=prepared["resampled"],
                                          model_shape_zxy=list(prepared["y0"].shape[2:]), **source)

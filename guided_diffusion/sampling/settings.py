@@ -15,9 +15,9 @@ from the first of these that has a value (``None`` means "no value"):
    (``given["members"]``, else :func:`recommended_members`, >= 2) the sidecar's
    ``ensemble_respacing`` (and ``ensemble_flips`` for ``flips``) comes first: a posterior sampler
    may recommend a one-step posterior-mean estimate for one member (averaged over mirrored
-   inputs) and a sampling chain for an ensemble, whose spread is the uncertainty; the
-   ensemble's image is then that one-member estimate (``Resolved.estimate``), not the mean of
-   its samples (a Monte Carlo estimate of the same posterior mean, with their spread in it);
+   inputs) and a sampling chain for an ensemble, whose spread is the uncertainty; in paired
+   mode the ensemble's image is then that one-member estimate (``Resolved.estimate``), not the
+   mean of its samples (a Monte Carlo estimate of the same posterior mean, with their spread in it);
 4. :data:`DEFAULTS`.
 
 The acquisition that BC-DPM and data consistency simulate resolves the same way per key
@@ -208,9 +208,10 @@ def resolve_settings(given, metadata, mode, low_dose=None, defaults=None, affine
     estimate = None
     if ensemble and sources["timestep_respacing"] == "checkpoint":
         sources["timestep_respacing"] = ENSEMBLE_SOURCE
-        # the ensemble's width is its own: the estimate keeps the trained blend
-        estimate = resolve_settings(dict(given, members=1, x0_skip_sigma=None), metadata, mode, low_dose, defaults,
-                                    affine)
+        if mode == "paired":  # a posterior-mean estimate; one BC-DPM member is a sample
+            # the ensemble's width is its own: the estimate keeps the trained blend; one paired
+            # member looks nothing up by the input's noise
+            estimate = resolve_settings(dict(given, members=1, x0_skip_sigma=None), metadata, mode, None, defaults)
     if values["use_ddim"] is None:
         values["use_ddim"] = str(values["timestep_respacing"]).startswith("ddim")
         sources["use_ddim"] = sources["timestep_respacing"]
